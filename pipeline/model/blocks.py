@@ -1,0 +1,116 @@
+"""Multiway transformer block: pre-LN shared self-attention, then an FFN chosen by modality.
+
+Shapes: B batch, N tokens (all modalities, concatenated in ``Segment`` order), D hidden, H heads,
+K head dim, S = B*n tokens of one FFN call.
+
+FFN routing per block (``ModelConfig.ffn_keys``):
+- MoE layer, ``routing: shared``: every token through the single pool ``shared``.
+- fusion layer with >1 modality present: every token through the shared VL-FFN ``vl``.
+- otherwise: each modality's tokens through its own FFN (dense or MoE, own router).
+Each FFN call gets all B*n tokens of its span, padding included (``used`` masks it out of capacity), so
+the calls and token counts depend only on the mode and batch shape, never on the data.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.model.config import ModelConfig
+from pipeline.model.moe import build_ffn, run_ffn
+
+
+@dataclasses.dataclass
+class Segment:
+    """A contiguous span [start, end) of the joint sequence holding one modality's tokens."""
+
+    modality: str
+    start: int
+    end: int
+    valid: torch.Tensor | None  # [B, end-start] bool, None = all valid
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.attn_dropout = cfg.attn_dropout
+
+    def forward(self, x_bnd: torch.Tensor, mask_b1nn: torch.Tensor | None) -> torch.Tensor:
+        b, n, d = x_bnd.shape
+        qkv = self.qkv(x_bnd).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        out_bhnk = F.scaled_dot_product_attention(
+            qkv[0], qkv[1], qkv[2], attn_mask=mask_b1nn,
+            dropout_p=self.attn_dropout if self.training else 0.0)
+        return self.proj(out_bhnk.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.index = index
+        sparse = index in cfg.moe_layers
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn = nn.ModuleDict({key: build_ffn(cfg, sparse) for key in cfg.ffn_keys(index)})
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def _spans(self, segments: list[Segment]) -> list[tuple[str, list[Segment]]]:
+        """(ffn key, segments it processes) in call order."""
+        if "shared" in self.ffn:
+            return [("shared", segments)]
+        if "vl" in self.ffn and len(segments) > 1:
+            return [("vl", segments)]
+        return [(seg.modality, [seg]) for seg in segments]
+
+    def forward(self, x_bnd: torch.Tensor, segments: list[Segment], mask_b1nn: torch.Tensor | None
+                ) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]:
+        x_bnd = x_bnd + self.drop(self.attn(self.norm1(x_bnd), mask_b1nn))
+        h_bnd = self.norm2(x_bnd)
+        b, _, d = h_bnd.shape
+        outs, aux, counts = [], [], {}
+        for key, segs in self._spans(segments):
+            start, end = segs[0].start, segs[-1].end
+            used_s = None
+            if any(s.valid is not None for s in segs):
+                used_s = torch.cat([s.valid if s.valid is not None else
+                                    torch.ones(b, s.end - s.start, dtype=torch.bool, device=h_bnd.device)
+                                    for s in segs], dim=1).reshape(-1)
+            y_sd, l_aux, count_e = run_ffn(self.ffn[key], h_bnd[:, start:end].reshape(-1, d), used_s)
+            outs.append(y_sd.view(b, end - start, d))
+            if l_aux is not None:
+                aux.append(l_aux)
+                counts[f"layer{self.index}/{key}"] = count_e
+        return x_bnd + self.drop(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]), aux, counts
+
+
+def attention_mask(segments: list[Segment], batch: int, causal: bool, device: torch.device
+                   ) -> torch.Tensor | None:
+    """Boolean SDPA mask [B,1,N,N] (True = may attend) or None when every token sees every token.
+
+    Keys that are padding are hidden; with ``causal`` text tokens see earlier text tokens (and all
+    non-text tokens) and non-text tokens do not see text. Every query always sees itself, so a fully
+    padded text never yields an all-masked row (NaN).
+    """
+    if not causal and all(s.valid is None for s in segments):
+        return None
+    n = segments[-1].end
+    valid_bn = torch.cat([s.valid if s.valid is not None else
+                          torch.ones(batch, s.end - s.start, dtype=torch.bool, device=device)
+                          for s in segments], dim=1)
+    allowed_bnn = valid_bn[:, None, :].expand(batch, n, n).clone()
+    if causal:
+        for seg in (s for s in segments if s.modality == "text"):
+            span = slice(seg.start, seg.end)
+            length = seg.end - seg.start
+            tri = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            allowed_bnn[:, span, span] &= tri
+            allowed_bnn[:, :seg.start, span] = False
+            allowed_bnn[:, seg.end:, span] = False
+    allowed_bnn |= torch.eye(n, dtype=torch.bool, device=device)
+    return allowed_bnn[:, None]

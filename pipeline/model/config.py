@@ -1,0 +1,140 @@
+"""Typed model configuration: ``ModelConfig`` (the transformer) and ``MoEConfig`` (its sparse FFNs).
+
+Defaults are the demo size: hidden 192, 6 layers, 6 heads, mlp_ratio 4, image 64 with patch 8 (64 patches
++ CLS), text up to 32 tokens, 2 fusion layers, and 4 experts in every other layer (layers 1, 3, 5), top-1.
+Load from recipes with ``pipeline.config_utils.from_dict(ModelConfig, data)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+from typing import Literal
+
+KNOWN_MODALITIES = ("image", "text")  # modalities with an embedding implemented (audio comes next)
+
+
+@dataclasses.dataclass
+class MoEConfig:
+    """Sparse Mixture-of-Experts FFNs (``deepspeed.moe.layer.MoE``), one router per modality."""
+
+    num_experts: int = field(default=4, metadata={"help": "experts per MoE FFN (all MoE layers alike)"})
+    every: int = field(default=2, metadata={
+        "help": "every N-th block is MoE (blocks N-1, 2N-1, ...); 0 = no MoE layers (dense baseline)"})
+    layers: list[int] | None = field(default=None, metadata={
+        "help": "explicit 0-based MoE block indices; overrides `every` when set ([] = dense)"})
+    top_k: int = field(default=1, metadata={"help": "experts per token: 1 or 2"})
+    capacity_factor: float = field(default=1.0, metadata={"help": "expert capacity factor in training"})
+    eval_capacity_factor: float = field(default=1.0, metadata={"help": "expert capacity factor in eval"})
+    min_capacity: int = field(default=4, metadata={
+        "help": "minimum tokens per expert; every MoE call must carry at least this many tokens"})
+    use_residual: bool = field(default=False, metadata={"help": "residual MoE (PR-MoE): dense MLP + experts"})
+    noisy_gate_policy: Literal["Jitter", "RSample"] | None = field(default=None, metadata={
+        "help": "router noise in training: Jitter, RSample or null"})
+    drop_tokens: bool = field(default=True, metadata={
+        "help": "drop tokens over capacity; false = capacity grows to fit (all-reduced over the EP group)"})
+    use_rts: bool = field(default=True, metadata={"help": "random token selection when over capacity (top-1)"})
+    aux_loss_coef: float = field(default=0.01, metadata={"help": "weight of the load-balancing aux loss"})
+    ep_size: int = field(default=1, metadata={"help": "expert-parallel group size (ranks sharing experts)"})
+    routing: Literal["per_modality", "shared"] = field(default="per_modality", metadata={
+        "help": "per_modality: a router + experts per modality (VL-MoE); shared: one pool for all (LIMoE)"})
+    dispatch: Literal["indexed", "deepspeed"] = field(default="deepspeed", metadata={
+        "help": "indexed: our gather/scatter dispatch (same gating, all-to-all, names); deepspeed: stock"})
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            raise ValueError(f"moe.num_experts must be >= 1, got {self.num_experts}")
+        if self.every < 0:
+            raise ValueError(f"moe.every must be >= 0, got {self.every}")
+        if self.layers is not None and any(i < 0 for i in self.layers):
+            raise ValueError(f"moe.layers must be 0-based block indices, got {self.layers}")
+        if self.top_k not in (1, 2):
+            raise ValueError(f"moe.top_k must be 1 or 2, got {self.top_k}")
+        if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
+            raise ValueError("moe.capacity_factor and moe.eval_capacity_factor must be > 0")
+        if self.min_capacity < 0:
+            raise ValueError(f"moe.min_capacity must be >= 0, got {self.min_capacity}")
+        if self.ep_size < 1:
+            raise ValueError(f"moe.ep_size must be >= 1, got {self.ep_size}")
+        if self.num_experts % self.ep_size:
+            raise ValueError(f"moe.num_experts ({self.num_experts}) must be divisible by moe.ep_size "
+                             f"({self.ep_size})")
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        """0-based indices of the MoE blocks in a model with ``num_layers`` blocks."""
+        if self.layers is not None:
+            bad = [i for i in self.layers if i >= num_layers]
+            if bad:
+                raise ValueError(f"moe.layers {bad} out of range for num_layers={num_layers}")
+            return sorted(set(self.layers))
+        if self.every == 0:
+            return []
+        return [i for i in range(num_layers) if i % self.every == self.every - 1]
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """VL-MoE multiway transformer: shared attention, FFN chosen by modality, MoE in some layers."""
+
+    hidden_size: int = field(default=192, metadata={"help": "model width D"})
+    num_layers: int = field(default=6, metadata={"help": "transformer blocks"})
+    num_heads: int = field(default=6, metadata={"help": "attention heads (hidden_size divisible by it)"})
+    mlp_ratio: float = field(default=4.0, metadata={"help": "FFN inner width / hidden_size"})
+    num_fusion_layers: int = field(default=2, metadata={
+        "help": "top blocks using one shared VL-FFN when image and text are fused (VLMo: 2 of 12)"})
+    modalities: list[str] = field(default_factory=lambda: list(KNOWN_MODALITIES), metadata={
+        "help": "modalities with their own embedding and FFNs, in MoE call order"})
+    image_size: int = field(default=64, metadata={"help": "largest image side (positions are sized for it)"})
+    patch_size: int = field(default=8, metadata={"help": "image patch side"})
+    num_channels: int = field(default=3, metadata={"help": "image channels"})
+    vocab_size: int = field(default=8192, metadata={"help": "text vocabulary size (>= the tokenizer's)"})
+    max_text_len: int = field(default=32, metadata={"help": "text positions (>= data.text_len)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout after attention and FFN"})
+    attn_dropout: float = field(default=0.0, metadata={"help": "attention-probability dropout"})
+    layer_norm_eps: float = field(default=1e-6, metadata={"help": "LayerNorm epsilon"})
+    init_std: float = field(default=0.02, metadata={"help": "std of the truncated-normal weight init"})
+    moe: MoEConfig = field(default_factory=MoEConfig, metadata={"help": "sparse FFN settings"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                             f"({self.num_heads})")
+        if not 0 <= self.num_fusion_layers <= self.num_layers:
+            raise ValueError(f"num_fusion_layers must be in [0, num_layers={self.num_layers}], "
+                             f"got {self.num_fusion_layers}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size "
+                             f"({self.patch_size})")
+        unknown = [m for m in self.modalities if m not in KNOWN_MODALITIES]
+        if unknown or not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities {self.modalities}: must be distinct names from "
+                             f"{list(KNOWN_MODALITIES)}")
+        if self.mlp_ratio <= 0 or self.vocab_size < 1 or self.max_text_len < 1:
+            raise ValueError("mlp_ratio, vocab_size and max_text_len must be positive")
+        self.moe.layer_indices(self.num_layers)  # validates explicit indices
+
+    @property
+    def ffn_size(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return self.moe.layer_indices(self.num_layers)
+
+    def is_fusion_layer(self, index: int) -> bool:
+        return index >= self.num_layers - self.num_fusion_layers
+
+    def ffn_keys(self, index: int) -> list[str]:
+        """Names of the FFNs block ``index`` holds: one per modality, plus ``vl`` in fusion layers; an
+        MoE layer with shared routing holds the single pool ``shared`` instead."""
+        if index in self.moe_layers and self.moe.routing == "shared":
+            return ["shared"]
+        keys = list(self.modalities)
+        if self.is_fusion_layer(index) and len(self.modalities) > 1:
+            keys.append("vl")
+        return keys

@@ -1,0 +1,58 @@
+"""Per-modality embeddings: each turns raw inputs into tokens [B, N, D] plus a validity mask.
+
+Shapes: B batch, C channels, H/W image side, P patches, L text length, N tokens, D hidden, V vocab.
+A new modality (audio) adds one class here with the same ``forward(...) -> (tokens, mask)`` contract and
+one entry in ``EMBEDDINGS``; nothing else in the model counts modalities.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.model.config import ModelConfig
+
+PIXEL_MEAN = (0.5, 0.5, 0.5)
+PIXEL_STD = (0.5, 0.5, 0.5)
+
+
+class ImageEmbedding(nn.Module):
+    """Conv patchify + CLS + learned positions (ViT layout): [B,C,H,W] -> [B, 1+P, D], mask None."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.image_size = cfg.image_size
+        self.patch = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        self.position = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, cfg.hidden_size))
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if pixel_values.dim() != 4 or pixel_values.shape[-1] != self.image_size \
+                or pixel_values.shape[-2] != self.image_size:
+            raise ValueError(f"pixel_values must be [B, C, {self.image_size}, {self.image_size}], "
+                             f"got {list(pixel_values.shape)}")
+        patches_bpd = self.patch(pixel_values.to(self.patch.weight.dtype)).flatten(2).transpose(1, 2)
+        cls_b1d = self.cls.expand(patches_bpd.shape[0], -1, -1)
+        return torch.cat([cls_b1d, patches_bpd], dim=1) + self.position, None
+
+
+class TextEmbedding(nn.Module):
+    """Token + learned position embeddings: ids [B,L] (+ mask [B,L]) -> [B, L, D], mask bool [B,L]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.token = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position = nn.Embedding(cfg.max_text_len, cfg.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        length = input_ids.shape[1]
+        if length > self.position.num_embeddings:
+            raise ValueError(f"text length {length} exceeds max_text_len={self.position.num_embeddings}")
+        positions = torch.arange(length, device=input_ids.device)
+        tokens_bld = self.token(input_ids) + self.position(positions)[None]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return tokens_bld, attention_mask.bool()
+
+
+EMBEDDINGS: dict[str, type[nn.Module]] = {"image": ImageEmbedding, "text": TextEmbedding}

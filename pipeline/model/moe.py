@@ -1,0 +1,82 @@
+"""FFNs: the dense MLP and the sparse MoE FFN built on ``deepspeed.moe.layer.MoE``.
+
+Shapes: S tokens in one call (always B*N of the caller, padding included), D hidden, F FFN width,
+E experts, C capacity per expert.
+
+``SparseFFN`` *is* a DeepSpeed ``MoE`` (so the engine finds it, creates its expert-parallel groups and
+saves experts as ``deepspeed_moe.experts.deepspeed_experts.N``); with ``dispatch: indexed`` its inner
+``MOELayer`` is replaced by ``IndexedMOELayer`` (pipeline.model.dispatch), which keeps DeepSpeed's gate,
+all-to-all and parameter names and only changes how tokens are moved into and out of expert buffers.
+"""
+from __future__ import annotations
+
+import torch
+from deepspeed.moe.layer import MoE
+from torch import nn
+
+from pipeline.model.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """fc1 -> GELU (exact, as ViT/BERT) -> fc2: [..., D] -> [..., D]."""
+
+    def __init__(self, hidden_size: int, ffn_size: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, ffn_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(ffn_size, hidden_size)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.act(self.fc1(x))))
+
+
+class SparseFFN(MoE):
+    """DeepSpeed MoE FFN configured from ``cfg.moe``; ``forward(x_sd, used_s) -> (y_sd, l_aux, counts_e)``.
+
+    ``used_s`` (0/1 per token) keeps padding out of expert capacity; DeepSpeed's top-1 gate honours it,
+    its top-2 gate routes padding like any token. Every call must carry >= ``min_capacity`` tokens.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        moe = cfg.moe
+        super().__init__(
+            hidden_size=cfg.hidden_size, expert=MLP(cfg.hidden_size, cfg.ffn_size, cfg.dropout),
+            num_experts=moe.num_experts, ep_size=moe.ep_size, k=moe.top_k,
+            capacity_factor=moe.capacity_factor, eval_capacity_factor=moe.eval_capacity_factor,
+            min_capacity=moe.min_capacity, use_residual=moe.use_residual,
+            noisy_gate_policy=moe.noisy_gate_policy, drop_tokens=moe.drop_tokens, use_rts=moe.use_rts)
+        if moe.dispatch == "indexed":
+            from pipeline.model.dispatch import IndexedMOELayer
+            self.deepspeed_moe.__class__ = IndexedMOELayer
+
+    @property
+    def experts(self) -> nn.ModuleList:
+        """The local experts (``num_experts // ep_size`` of them on this rank)."""
+        return self.deepspeed_moe.experts.deepspeed_experts
+
+    @property
+    def router(self) -> nn.Linear:
+        return self.deepspeed_moe.gate.wg
+
+    def forward(self, x_sd: torch.Tensor, used_s: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if x_sd.shape[0] < self.deepspeed_moe.gate.min_capacity:
+            raise ValueError(f"MoE call with {x_sd.shape[0]} tokens < moe.min_capacity="
+                             f"{self.deepspeed_moe.gate.min_capacity}; use more tokens or lower min_capacity")
+        if used_s is not None:
+            used_s = used_s.reshape(-1).long() if self.deepspeed_moe.gate.k == 1 else None
+        out, l_aux, counts = super().forward(x_sd, used_s)
+        return out, l_aux, counts
+
+
+def build_ffn(cfg: ModelConfig, sparse: bool) -> nn.Module:
+    return SparseFFN(cfg) if sparse else MLP(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
+
+
+def run_ffn(ffn: nn.Module, x_sd: torch.Tensor, used_s: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Uniform call for dense and sparse FFNs: (y, l_aux or None, expert counts or None)."""
+    if isinstance(ffn, SparseFFN):
+        return ffn(x_sd, used_s)
+    return ffn(x_sd), None, None

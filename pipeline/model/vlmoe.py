@@ -1,0 +1,125 @@
+"""VL-MoE: the multiway transformer (VLMo) with sparse per-modality MoE FFNs (arXiv 2303.07226).
+
+Shapes: B batch, N joint tokens, D hidden, E experts, C/H/W image, L text length.
+
+    model = VLMoE(ModelConfig())                 # demo size: 192 wide, 6 blocks, 4 experts every 2nd
+    out = model.encode_image(pixels_bchw)        # image tower only
+    out = model.encode_text(ids_bl, mask_bl)     # text tower only (causal=True for generation)
+    out = model.fuse(pixels_bchw, ids_bl, mask_bl)  # joint sequence: image tokens, then text tokens
+    loss = task_loss + cfg.moe.aux_loss_coef * out.aux_loss
+
+The generic entry is ``encode({modality: inputs})``; modalities are encoded in ``cfg.modalities`` order.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.model.blocks import Block, Segment, attention_mask
+from pipeline.model.config import ModelConfig
+from pipeline.model.embeddings import EMBEDDINGS
+from pipeline.model.moe import SparseFFN
+
+
+@dataclasses.dataclass
+class EncoderOutput:
+    hidden: torch.Tensor  # [B, N, D] final (normed) hidden states, modalities in cfg order
+    cls: torch.Tensor  # [B, D] first token of the sequence
+    num_image_tokens: int  # image tokens at the start of ``hidden`` (0 without image)
+    aux_loss: torch.Tensor  # scalar: sum of l_aux over every MoE call (0 without MoE)
+    expert_counts: dict[str, torch.Tensor]  # "layer{L}/{ffn key}" -> [E] tokens routed per expert
+    token_mask: torch.Tensor  # [B, N] bool, False for padding
+    spans: dict[str, tuple[int, int]]  # modality -> [start, end) in ``hidden``
+
+
+class VLMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = nn.ModuleDict({m: EMBEDDINGS[m](cfg) for m in cfg.modalities})
+        self.modality_type = nn.Embedding(len(cfg.modalities), cfg.hidden_size)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_layers)])
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.reset_parameters()
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.embeddings["text"].token
+
+    def reset_parameters(self) -> None:
+        """From-scratch init: truncated normal for every weight, each expert drawn independently
+        (DeepSpeed deep-copies one expert, so copies would start identical without this)."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for emb in self.embeddings.values():
+            for name, param in emb.named_parameters(recurse=False):
+                nn.init.trunc_normal_(param, std=std, a=-2 * std, b=2 * std)
+
+    def sparse_ffns(self) -> dict[str, SparseFFN]:
+        """"blocks.{i}.ffn.{key}" -> every MoE FFN of the model."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, SparseFFN)}
+
+    def encode(self, inputs: dict[str, tuple[Any, ...]], causal: bool = False) -> EncoderOutput:
+        """``inputs``: modality -> positional args of its embedding (image: (pixels,), text: (ids, mask))."""
+        unknown = sorted(set(inputs) - set(self.cfg.modalities))
+        if unknown or not inputs:
+            raise ValueError(f"inputs for {unknown or 'no modality'}; model modalities: {self.cfg.modalities}")
+        tokens, segments, start = [], [], 0
+        for type_id, modality in enumerate(self.cfg.modalities):
+            if modality not in inputs:
+                continue
+            x_bnd, valid_bn = self.embeddings[modality](*inputs[modality])
+            x_bnd = x_bnd + self.modality_type.weight[type_id]
+            tokens.append(x_bnd)
+            segments.append(Segment(modality, start, start + x_bnd.shape[1], valid_bn))
+            start += x_bnd.shape[1]
+        x_bnd = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
+        batch = x_bnd.shape[0]
+        if len({t.shape[0] for t in tokens}) != 1:
+            raise ValueError(f"modalities have different batch sizes: {[t.shape[0] for t in tokens]}")
+        mask_b1nn = attention_mask(segments, batch, causal, x_bnd.device)
+        aux_losses, counts = [], {}
+        for block in self.blocks:
+            x_bnd, block_aux, block_counts = block(x_bnd, segments, mask_b1nn)
+            aux_losses += block_aux
+            counts.update(block_counts)
+        hidden = self.norm(x_bnd)
+        aux = torch.stack([a.float() for a in aux_losses]).sum() if aux_losses \
+            else hidden.new_zeros((), dtype=torch.float32)
+        token_mask = torch.cat([s.valid if s.valid is not None else
+                                torch.ones(batch, s.end - s.start, dtype=torch.bool, device=hidden.device)
+                                for s in segments], dim=1)
+        spans = {s.modality: (s.start, s.end) for s in segments}
+        num_image = spans["image"][1] - spans["image"][0] if "image" in spans else 0
+        return EncoderOutput(hidden, hidden[:, 0], num_image, aux, counts, token_mask, spans)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        return self.encode({"image": (pixel_values,)})
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    causal: bool = False) -> EncoderOutput:
+        return self.encode({"text": (input_ids, attention_mask)}, causal=causal)
+
+    def fuse(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+             attention_mask: torch.Tensor | None = None, causal: bool = False) -> EncoderOutput:
+        return self.encode({"image": (pixel_values,), "text": (input_ids, attention_mask)}, causal=causal)
+
+    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, causal: bool = False) -> EncoderOutput:
+        """Dispatch on what is given (so a DeepSpeed engine wrapping the model can be called directly)."""
+        inputs: dict[str, tuple[Any, ...]] = {}
+        if pixel_values is not None:
+            inputs["image"] = (pixel_values,)
+        if input_ids is not None:
+            inputs["text"] = (input_ids, attention_mask)
+        return self.encode(inputs, causal=causal)

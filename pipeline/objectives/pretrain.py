@@ -1,0 +1,200 @@
+"""VLMo/VL-MoE pretraining objectives: ITC, ITM with hard negatives, MLM.
+
+Shapes: B local batch, W data-parallel world size, G = B*W global batch, P projection dim, L text length,
+D hidden, V vocab, M masked tokens.
+
+- ITC: InfoNCE both ways between local features and the features of the whole DP group, gathered WITH
+  gradient (``torch.distributed.nn.functional.all_gather``), learnable temperature from ``ITCHead``.
+- ITM: for each image a negative text, for each text a negative image, sampled from the global batch with
+  probability softmax(ITC similarity) (the positive excluded); 3B fused pairs, label 1 for the B positives.
+- MLM: BERT masking (15%, of which 80% [MASK], 10% random token, 10% kept) never touching special or
+  padding tokens; loss over masked positions through the tied decoder.
+Every function takes the DP ``group`` explicitly (None = default group; not initialised = single process).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather as all_gather_with_grad
+
+IGNORE = -100
+
+
+def _world(group: Any) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def gather_with_grad(x: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """[B, ...] on every rank -> [W*B, ...] in rank order; gradients flow back to each rank's slice."""
+    if _world(group)[1] == 1:
+        return x
+    return torch.cat(all_gather_with_grad(x.contiguous(), group=group), dim=0)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """[B, ...] -> [W*B, ...] without gradient (inputs for ITM negatives)."""
+    world = _world(group)[1]
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=0)
+
+
+@dataclasses.dataclass
+class ITCResult:
+    loss: torch.Tensor  # scalar: (image->text CE + text->image CE) / 2
+    sim_i2t: torch.Tensor  # [B, G] detached scaled similarities, local images vs all texts
+    sim_t2i: torch.Tensor  # [B, G] local texts vs all images
+    accuracy: torch.Tensor  # scalar: mean of i2t and t2i top-1 accuracy on the global batch
+
+
+def itc_loss(image_bp: torch.Tensor, text_bp: torch.Tensor, logit_scale: torch.Tensor,
+             group: Any = None) -> ITCResult:
+    """Contrastive loss with global negatives. Features must be L2-normalised (ITCHead does it)."""
+    rank, _ = _world(group)
+    images_gp, texts_gp = gather_with_grad(image_bp, group), gather_with_grad(text_bp, group)
+    logits_i2t = logit_scale * image_bp @ texts_gp.t()
+    logits_t2i = logit_scale * text_bp @ images_gp.t()
+    targets = torch.arange(image_bp.shape[0], device=image_bp.device) + rank * image_bp.shape[0]
+    loss = (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets)) / 2
+    with torch.no_grad():
+        acc = ((logits_i2t.argmax(-1) == targets).float().mean()
+               + (logits_t2i.argmax(-1) == targets).float().mean()) / 2
+    return ITCResult(loss, logits_i2t.detach(), logits_t2i.detach(), acc)
+
+
+@torch.no_grad()
+def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, rank: int = 0,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global indices (into the gathered batch) of a negative text per local image and a negative image
+    per local text, drawn with probability softmax(similarity) over all non-positive pairs."""
+    b, g = sim_i2t.shape
+    if g < 2:
+        raise ValueError("ITM hard negatives need a global batch of at least 2 samples")
+    positives = torch.arange(b, device=sim_i2t.device) + rank * b
+    picks = []
+    for sim in (sim_i2t, sim_t2i):
+        weights = torch.softmax(sim.float(), dim=1)
+        weights[torch.arange(b), positives] = 0
+        weights = weights + 1e-12  # all-zero rows (collapsed similarities) stay samplable
+        weights[torch.arange(b), positives] = 0
+        picks.append(torch.multinomial(weights, 1, generator=generator).squeeze(1))
+    return picks[0], picks[1]
+
+
+def itm_batch(pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              itc: ITCResult, group: Any = None, generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pixels [3B,...], ids [3B,L], mask [3B,L], labels [3B]): positives, (image, hard negative text),
+    (hard negative image, text). Shapes are fixed (3B) on every rank."""
+    rank, _ = _world(group)
+    neg_text_idx, neg_image_idx = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, rank, generator)
+    all_pixels = gather_no_grad(pixel_values, group)
+    all_ids, all_mask = gather_no_grad(input_ids, group), gather_no_grad(attention_mask, group)
+    pixels = torch.cat([pixel_values, pixel_values, all_pixels[neg_image_idx]])
+    ids = torch.cat([input_ids, all_ids[neg_text_idx], input_ids])
+    mask = torch.cat([attention_mask, all_mask[neg_text_idx], attention_mask])
+    b = pixel_values.shape[0]
+    labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)])
+    return pixels, ids, mask, labels.to(pixel_values.device)
+
+
+def itm_loss(logits_b2: torch.Tensor, labels_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, accuracy)."""
+    acc = (logits_b2.argmax(-1) == labels_b).float().mean().detach()
+    return F.cross_entropy(logits_b2.float(), labels_b), acc
+
+
+@torch.no_grad()
+def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: list[int] | torch.Tensor,
+                mask_id: int, vocab_size: int, prob: float = 0.15,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking -> (masked ids [B,L], labels [B,L] with IGNORE where not predicted).
+
+    Only real (attention_mask=1), non-special tokens are candidates; each with ``prob``; of those 80%
+    become ``mask_id``, 10% a random non-special token, 10% stay."""
+    device = input_ids.device
+    special = torch.as_tensor(special_ids, dtype=input_ids.dtype, device=device)
+    candidates = attention_mask.bool() & ~torch.isin(input_ids, special)
+
+    def draw(shape: torch.Size) -> torch.Tensor:
+        return torch.rand(shape, generator=generator, device=device)
+
+    chosen = candidates & (draw(input_ids.shape) < prob)
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
+    replace = chosen & (draw(input_ids.shape) < 0.8)
+    randomise = chosen & ~replace & (draw(input_ids.shape) < 0.5)
+    masked = torch.where(replace, torch.full_like(input_ids, mask_id), input_ids)
+    allowed = torch.ones(vocab_size, dtype=torch.bool, device=device)
+    allowed[special[special < vocab_size]] = False
+    pool = allowed.nonzero().squeeze(1)
+    random_ids = pool[torch.randint(len(pool), input_ids.shape, generator=generator, device=device)]
+    masked = torch.where(randomise, random_ids.to(input_ids.dtype), masked)
+    return masked, labels
+
+
+def mlm_loss(mlm_head: torch.nn.Module, text_hidden_bld: torch.Tensor, labels_bl: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean CE over masked positions, accuracy); 0 (with a graph) when nothing is masked."""
+    selected = labels_bl != IGNORE
+    targets_m = labels_bl[selected]
+    logits_mv = mlm_head(text_hidden_bld[selected]).float()
+    count = targets_m.numel()
+    loss = F.cross_entropy(logits_mv, targets_m, reduction="sum") / max(count, 1)
+    acc = ((logits_mv.argmax(-1) == targets_m).float().sum() / max(count, 1)).detach()
+    return loss, acc
+
+
+def _merge_counts(total: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
+    for key, value in new.items():
+        total[key] = total[key] + value if key in total else value
+
+
+def vl_pretrain_losses(model: torch.nn.Module, heads: torch.nn.ModuleDict, batch: dict[str, torch.Tensor],
+                       weights: dict[str, float], group: Any = None,
+                       generator: torch.Generator | None = None) -> dict[str, Any]:
+    """One VLMo pretraining micro-step. ``batch``: pixel_values, input_ids, attention_mask and, for MLM,
+    mlm_input_ids / mlm_labels (from ``mask_tokens``). ``heads``: itc, itm, mlm as needed by ``weights``.
+
+    Returns {"loss": weighted sum (no aux), "terms": {name: detached}, "aux_loss", "expert_counts"}.
+    Model calls per step (same on every rank): encode_image(B), encode_text(B) for ITC;
+    fuse(3B) for ITM; fuse(B) for MLM."""
+    pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+    terms: dict[str, torch.Tensor] = {}
+    counts: dict[str, torch.Tensor] = {}
+    loss = pixels.new_zeros((), dtype=torch.float32)
+    aux = pixels.new_zeros((), dtype=torch.float32)
+    itc = None
+    if weights.get("itc", 0) or weights.get("itm", 0):
+        image_out, text_out = model.encode_image(pixels), model.encode_text(ids, mask)
+        itc = itc_loss(*heads["itc"](image_out.cls, text_out.cls), group=group)
+        aux = aux + image_out.aux_loss + text_out.aux_loss
+        _merge_counts(counts, image_out.expert_counts)
+        _merge_counts(counts, text_out.expert_counts)
+        terms.update(itc=itc.loss.detach(), itc_acc=itc.accuracy)
+        if weights.get("itc", 0):
+            loss = loss + weights["itc"] * itc.loss
+    if weights.get("itm", 0):
+        assert itc is not None
+        pairs = itm_batch(pixels, ids, mask, itc, group, generator)
+        fused = model.fuse(*pairs[:3])
+        term, acc = itm_loss(heads["itm"](fused.cls), pairs[3])
+        loss, aux = loss + weights["itm"] * term, aux + fused.aux_loss
+        _merge_counts(counts, fused.expert_counts)
+        terms.update(itm=term.detach(), itm_acc=acc)
+    if weights.get("mlm", 0):
+        fused = model.fuse(pixels, batch["mlm_input_ids"], mask)
+        start, end = fused.spans["text"]
+        term, acc = mlm_loss(heads["mlm"], fused.hidden[:, start:end], batch["mlm_labels"])
+        loss, aux = loss + weights["mlm"] * term, aux + fused.aux_loss
+        _merge_counts(counts, fused.expert_counts)
+        terms.update(mlm=term.detach(), mlm_acc=acc)
+    return {"loss": loss, "terms": terms, "aux_loss": aux, "expert_counts": counts}

@@ -1,0 +1,97 @@
+"""VLMoE shapes, modes, masks, aux loss / expert counts, config validation."""
+import pytest
+import torch
+
+from pipeline.config_utils import ConfigError, from_dict
+from pipeline.model import EncoderOutput, ModelConfig, MoEConfig, VLMoE
+
+TINY = dict(hidden_size=32, num_layers=4, num_heads=2, image_size=16, patch_size=8, vocab_size=50,
+            max_text_len=8, num_fusion_layers=1)
+
+
+def tiny(**moe) -> ModelConfig:
+    return ModelConfig(**TINY, moe=MoEConfig(**{"num_experts": 4, "min_capacity": 1, **moe}))
+
+
+def inputs(b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(b, 3, 16, 16, generator=g)
+    ids = torch.randint(5, 50, (b, 8), generator=g)
+    mask = torch.ones(b, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[2] = 0  # a fully padded text
+    return pixels, ids, mask
+
+
+def test_modes_shapes_and_counts():
+    torch.manual_seed(0)
+    model = VLMoE(tiny())
+    pixels, ids, mask = inputs()
+    img, txt, joint = model.encode_image(pixels), model.encode_text(ids, mask), model.fuse(pixels, ids, mask)
+    assert isinstance(img, EncoderOutput)
+    assert img.hidden.shape == (3, 5, 32) and img.num_image_tokens == 5 and img.cls.shape == (3, 32)
+    assert txt.hidden.shape == (3, 8, 32) and txt.num_image_tokens == 0
+    assert joint.hidden.shape == (3, 13, 32) and joint.spans == {"image": (0, 5), "text": (5, 13)}
+    # MoE blocks 1 and 3; block 3 is the fusion block: the joint pass uses the shared VL-FFN there.
+    assert set(joint.expert_counts) == {"layer1/image", "layer1/text", "layer3/vl"}
+    assert set(txt.expert_counts) == {"layer1/text", "layer3/text"}
+    # top-1 with used_token: padding is never routed
+    assert int(txt.expert_counts["layer1/text"].sum()) == int(mask.sum())
+    assert int(joint.expert_counts["layer3/vl"].sum()) == 3 * 5 + int(mask.sum())
+    for out in (img, txt, joint):
+        assert torch.isfinite(out.hidden).all() and out.aux_loss.dim() == 0 and out.aux_loss > 0
+
+
+def test_padding_does_not_change_real_tokens():
+    torch.manual_seed(0)
+    model = VLMoE(tiny(drop_tokens=False)).eval()
+    pixels, ids, mask = inputs()
+    out = model.encode_text(ids, mask)
+    ids2 = ids.clone()
+    ids2[1, 5:] = 7  # change only padded positions
+    out2 = model.encode_text(ids2, mask)
+    torch.testing.assert_close(out.hidden[1, :5], out2.hidden[1, :5])
+
+
+def test_causal_text_ignores_future_tokens():
+    torch.manual_seed(0)
+    model = VLMoE(tiny(every=0)).eval()
+    pixels, ids, mask = inputs()
+    mask = torch.ones_like(mask)
+    ids2 = ids.clone()
+    ids2[:, 4:] = 9
+    a = model.fuse(pixels, ids, mask, causal=True)
+    b = model.fuse(pixels, ids2, mask, causal=True)
+    torch.testing.assert_close(a.hidden[:, :5 + 4], b.hidden[:, :5 + 4])
+    assert not torch.allclose(a.hidden[:, 10:], b.hidden[:, 10:])
+
+
+def test_shared_routing_uses_one_pool():
+    model = VLMoE(tiny(routing="shared"))
+    pixels, ids, mask = inputs()
+    joint = model.fuse(pixels, ids, mask)
+    assert set(joint.expert_counts) == {"layer1/shared", "layer3/shared"}
+    assert "shared" in dict(model.blocks[1].ffn.named_children())
+
+
+def test_dense_baseline_has_no_moe():
+    model = VLMoE(tiny(every=0))
+    out = model.fuse(*inputs())
+    assert out.expert_counts == {} and float(out.aux_loss) == 0.0
+    assert not model.sparse_ffns()
+
+
+def test_experts_initialised_independently():
+    model = VLMoE(tiny())
+    experts = model.blocks[1].ffn["image"].experts
+    assert not torch.equal(experts[0].fc1.weight, experts[1].fc1.weight)
+
+
+def test_config_validation_and_from_dict():
+    cfg = from_dict(ModelConfig, {"hidden_size": 64, "num_heads": 4, "moe": {"num_experts": 8, "top_k": 2}})
+    assert cfg.moe.num_experts == 8 and cfg.moe_layers == [1, 3, 5]
+    assert ModelConfig(moe=MoEConfig(layers=[0, 2])).moe_layers == [0, 2]
+    for bad in ({"moe": {"top_k": 3}}, {"moe": {"num_experts": 6, "ep_size": 4}}, {"hidden_size": 100},
+                {"moe": {"bogus": 1}}, {"modalities": ["image", "smell"]}, {"moe": {"layers": [9]}}):
+        with pytest.raises(ConfigError):
+            from_dict(ModelConfig, bad)
