@@ -1,0 +1,83 @@
+"""Merge a DeepSpeed MoE checkpoint (any EP size) into one plain state dict that loads into an EP=1 model.
+
+DeepSpeed writes the dense weights to ``mp_rank_00_model_states.pt`` (key ``module``, experts left out)
+and every expert of every MoE layer to ``layer_{L}_expert_{G}_mp_rank_00_model_states.pt``, its keys
+already renamed to the **global** expert id G (``...deepspeed_experts.{G}...``). With EP=1 every expert is
+local and local id == global id, so the union of those files is exactly an EP=1 state dict.
+``zero_to_fp32.py`` and universal checkpoints do not handle MoE (DeepSpeed issues #4497, #5716).
+
+    state = merge_moe_checkpoint(resolve_checkpoint("runs/demo/vqa"))   # newest COMPLETE checkpoint
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DENSE_FILE = "mp_rank_00_model_states.pt"
+EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
+EXPERT_KEY = re.compile(r"^(.*\.deepspeed_experts)\.(\d+)\.(.*)$")
+COMPLETE_MARKER = "COMPLETE"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``RUN_DIR`` -> its newest complete ``checkpoints/step_*``; ``RUN_DIR/TAG`` or a checkpoint folder
+    -> that folder. Raises FileNotFoundError naming what was looked for."""
+    path = Path(path)
+    if (path / DENSE_FILE).is_file():
+        return path
+    if (path.parent / "checkpoints" / path.name / DENSE_FILE).is_file():
+        return path.parent / "checkpoints" / path.name
+    ckpt_root = path / "checkpoints"
+    candidates = sorted(p for p in ckpt_root.glob("*") if (p / COMPLETE_MARKER).is_file()
+                        and (p / DENSE_FILE).is_file()) if ckpt_root.is_dir() else []
+    if not candidates:
+        raise FileNotFoundError(f"{path}: no checkpoint ({DENSE_FILE}) here, and no complete checkpoint "
+                                f"(with a {COMPLETE_MARKER} marker) under {ckpt_root}")
+    return candidates[-1]
+
+
+def run_dir_of(checkpoint_dir: Path) -> Path:
+    """``RUN/checkpoints/step_X`` -> ``RUN``."""
+    checkpoint_dir = Path(checkpoint_dir)
+    return checkpoint_dir.parent.parent if checkpoint_dir.parent.name == "checkpoints" else checkpoint_dir.parent
+
+
+def _load(path: Path) -> dict:
+    # our own run's files; DeepSpeed pickles non-tensor client state into them, so weights_only=False
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def merge_moe_checkpoint(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Dense weights + every per-expert file -> one state dict with global expert ids (EP=1 names).
+    Checks that each MoE module has experts 0..E-1 with nothing missing or duplicated."""
+    checkpoint_dir = Path(checkpoint_dir)
+    dense = _load(checkpoint_dir / DENSE_FILE)
+    state: dict[str, torch.Tensor] = dict(dense["module"] if "module" in dense else dense)
+    experts: dict[str, set[int]] = defaultdict(set)
+    files = sorted(p for p in checkpoint_dir.iterdir() if EXPERT_FILE.match(p.name))
+    for path in files:
+        for key, tensor in _load(path).items():
+            m = EXPERT_KEY.match(key)
+            if m is None:
+                raise ValueError(f"{path}: key {key!r} is not an expert parameter")
+            if key in state:
+                raise ValueError(f"{path}: {key!r} appears twice in the checkpoint")
+            experts[m.group(1)].add(int(m.group(2)))
+            state[key] = tensor
+    for module, ids in experts.items():
+        if ids != set(range(len(ids))):
+            raise ValueError(f"{checkpoint_dir}: {module} has experts {sorted(ids)}, expected 0..{len(ids) - 1}")
+    log.info("merged %s: %d dense tensors + %d expert files (%d MoE modules)", checkpoint_dir,
+             len(state) - sum(1 for k in state if EXPERT_KEY.match(k)), len(files), len(experts))
+    return state
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Keys under ``prefix`` (e.g. ``"model."``) with the prefix removed; other keys dropped."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -1,0 +1,80 @@
+"""Pure helpers shared by the downstream tasks (VQA, retrieval, NLVR2, classification): fixed-shape image
+and text tensors, answer/class files, and summing the MoE outputs of several model calls.
+
+Shape letters: N texts, L text length, H=W image size, E experts.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.config_utils import ConfigError
+from pipeline.model import PIXEL_MEAN, PIXEL_STD
+from pipeline.tasks.base import SkipSample
+
+
+def image_tensor(image: Any, size: int) -> torch.Tensor:
+    """PIL image -> [3, size, size] float, ``(x/255 - mean) / std``."""
+    if not isinstance(image, Image.Image):
+        raise SkipSample("image_not_decoded")
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+    mean = torch.as_tensor(PIXEL_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.as_tensor(PIXEL_STD, dtype=torch.float32).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+def blank_image(size: int) -> torch.Tensor:
+    return torch.zeros(3, size, size)
+
+
+def tokenize(tokenizer: Any, texts: list[str], text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """texts -> input_ids [N, L] long, attention_mask [N, L] long, padded/truncated to exactly L."""
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=text_len, return_tensors="pt")
+    return enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+def blank_text(text_len: int, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padding text: a single non-masked token so attention never sees an all-masked row."""
+    shape = (text_len,) if n is None else (n, text_len)
+    ids = torch.zeros(shape, dtype=torch.long)
+    mask = torch.zeros(shape, dtype=torch.long)
+    mask[..., 0] = 1
+    return ids, mask
+
+
+def read_json_file(data_dir: Path | None, name: str, key: str, task: str) -> list:
+    """``data_dir/name`` -> its ``key`` list, with a clear error naming the file."""
+    if data_dir is None:
+        raise ConfigError(f"task {task}: needs data.train[0].path (a folder with {name})")
+    path = Path(data_dir) / name
+    if not path.is_file():
+        raise ConfigError(f"task {task}: {path} not found (written by data_prep next to manifest.json)")
+    with open(path) as fh:
+        data = json.load(fh)
+    if not isinstance(data, dict) or not isinstance(data.get(key), list) or not data[key]:
+        raise ConfigError(f"task {task}: {path} must hold a non-empty list under {key!r}")
+    return data[key]
+
+
+def sum_counts(*counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum ``expert_counts`` dicts of several model calls (same keys add up)."""
+    total: dict[str, torch.Tensor] = {}
+    for c in counts:
+        for key, value in c.items():
+            total[key] = total[key] + value if key in total else value.clone()
+    return total
+
+
+def sample_json(sample: dict[str, Any]) -> dict[str, Any]:
+    meta = sample.get("json")
+    if not isinstance(meta, dict):
+        raise SkipSample("missing_json")
+    return meta

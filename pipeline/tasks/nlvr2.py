@@ -1,0 +1,77 @@
+"""NLVR2 as in VLMo: two fuse passes (img0 + sentence, img1 + sentence), their joint CLS vectors
+concatenated -> Linear(2D, 2D) -> LayerNorm -> GELU -> Linear(2D, 2); cross-entropy on true/false.
+
+Shape letters: B batch, L text length, D hidden.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.metrics.nlvr2 import nlvr2_metrics
+from pipeline.tasks.base import LossOutput, SkipSample, Task
+from pipeline.tasks.downstream_common import (blank_image, blank_text, image_tensor, sample_json,
+                                              sum_counts, tokenize)
+
+
+def parse_label(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise SkipSample("bad_label")
+
+
+class NLVR2Task(Task):
+    name = "nlvr2"
+    fields = ("img0.jpg", "img1.jpg", "txt", "json")
+
+    def build_heads(self, model: nn.Module) -> nn.ModuleDict:
+        d = self.ctx.model_cfg.hidden_size
+        return nn.ModuleDict({"nlvr2": nn.Sequential(nn.Linear(2 * d, 2 * d), nn.LayerNorm(2 * d), nn.GELU(),
+                                                     nn.Linear(2 * d, 2))})
+
+    def prepare_sample(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
+        meta = sample_json(sample)
+        sentence = sample.get("txt") or meta.get("sentence")
+        if not sentence:
+            raise SkipSample("missing_sentence")
+        ids, mask = tokenize(self.ctx.tokenizer, [sentence], self.ctx.text_len)
+        return {"pixel_values0": image_tensor(sample.get("img0.jpg"), self.ctx.image_size),
+                "pixel_values1": image_tensor(sample.get("img1.jpg"), self.ctx.image_size),
+                "input_ids": ids[0], "attention_mask": mask[0],
+                "label": torch.tensor(int(parse_label(meta.get("label")))),
+                "identifier": str(meta.get("identifier", sample.get("__key__", "")))}
+
+    def padding_sample(self) -> dict[str, Any]:
+        ids, mask = blank_text(self.ctx.text_len)
+        return {"pixel_values0": blank_image(self.ctx.image_size), "pixel_values1": blank_image(self.ctx.image_size),
+                "input_ids": ids, "attention_mask": mask, "label": torch.tensor(0), "identifier": "pad-0-0-0"}
+
+    def _logits(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]):
+        out0 = model.fuse(batch["pixel_values0"], batch["input_ids"], batch["attention_mask"])
+        out1 = model.fuse(batch["pixel_values1"], batch["input_ids"], batch["attention_mask"])
+        logits = heads["nlvr2"](torch.cat([out0.cls, out1.cls], dim=-1)).float()
+        return logits, out0.aux_loss + out1.aux_loss, sum_counts(out0.expert_counts, out1.expert_counts)
+
+    def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
+        logits, aux, counts = self._logits(model, heads, batch)
+        label = batch["label"].long()
+        loss = F.cross_entropy(logits, label)
+        acc = (logits.argmax(dim=1) == label).float().mean()
+        return LossOutput(loss=loss, terms={"nlvr2_ce": loss.detach(), "nlvr2_acc": acc.detach()},
+                          aux_loss=aux, expert_counts=counts)
+
+    @torch.no_grad()
+    def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:
+        logits, _, _ = self._logits(model, heads, batch)
+        return {"pred": logits.argmax(dim=1), "label": batch["label"].long(),
+                "identifier": list(batch["identifier"])}
+
+    def metrics(self, outputs: dict[str, Any]) -> dict[str, float]:
+        preds = [bool(p) for p in torch.as_tensor(outputs["pred"]).tolist()]
+        labels = [bool(y) for y in torch.as_tensor(outputs["label"]).tolist()]
+        return nlvr2_metrics(preds, labels, list(outputs["identifier"]))

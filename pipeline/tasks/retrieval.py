@@ -1,0 +1,169 @@
+"""Image-text retrieval (COCO / Flickr30k Karpathy) as in VLMo: fine-tune the dual encoder with ITC
+(global negatives across the DP group) and the joint encoder with ITM (hard negatives from ITC
+similarities); evaluate R@1/5/10 both ways over the whole split with the 5-captions-per-image protocol,
+optionally re-ranking each query's top-k candidates with ITM (``itm_rerank``).
+
+Training samples: image + one caption drawn from its captions. Eval samples: image + its first
+``captions_per_image`` captions, ``input_ids`` [K, L] with ``caption_valid`` [K] marking real ones.
+Shape letters: B batch, K captions per image, L text length, P projection dim, N images, T captions.
+Options (``task_options``): ``captions_per_image`` (5), ``keep_inputs`` (false; needed for re-ranking).
+"""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.metrics.retrieval import retrieval_recall
+from pipeline.model.heads import ITCHead, ITMHead
+from pipeline.objectives.pretrain import itc_loss, itm_batch, itm_loss
+from pipeline.tasks.base import LossOutput, SkipSample, Task
+from pipeline.tasks.downstream_common import (blank_image, blank_text, image_tensor, sample_json, sum_counts,
+                                              tokenize)
+
+
+def flatten_captions(text_emb_bkp: torch.Tensor, caption_valid_bk: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K, P] caption embeddings + [N, K] validity -> ([T, P] real captions, [T] their image index)."""
+    n, k = caption_valid_bk.shape
+    valid = caption_valid_bk.bool().reshape(-1)
+    image_index = torch.arange(n).repeat_interleave(k)[valid]
+    return text_emb_bkp.reshape(n * k, -1)[valid], image_index
+
+
+class RetrievalTask(Task):
+    name = "retrieval"
+    fields = ("jpg", "txt", "json")
+
+    @property
+    def captions_per_image(self) -> int:
+        return int(self.ctx.options.get("captions_per_image", 5))
+
+    def build_heads(self, model: nn.Module) -> nn.ModuleDict:
+        d = self.ctx.model_cfg.hidden_size
+        return nn.ModuleDict({"itc": ITCHead(d), "itm": ITMHead(d)})
+
+    def _captions(self, sample: dict[str, Any]) -> list[str]:
+        meta = sample_json(sample)
+        captions = [c for c in (meta.get("captions") or []) if isinstance(c, str) and c.strip()]
+        if not captions and sample.get("txt"):
+            captions = [sample["txt"]]
+        if not captions:
+            raise SkipSample("no_caption")
+        return captions
+
+    def prepare_sample(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
+        captions = self._captions(sample)
+        pixels = image_tensor(sample.get("jpg"), self.ctx.image_size)
+        if train:
+            ids, mask = tokenize(self.ctx.tokenizer, [random.choice(captions)], self.ctx.text_len)
+            return {"pixel_values": pixels, "input_ids": ids[0], "attention_mask": mask[0]}
+        k = self.captions_per_image
+        captions = captions[:k]
+        ids, mask = blank_text(self.ctx.text_len, k)
+        real_ids, real_mask = tokenize(self.ctx.tokenizer, captions, self.ctx.text_len)
+        ids[:len(captions)], mask[:len(captions)] = real_ids, real_mask
+        valid = torch.zeros(k, dtype=torch.bool)
+        valid[:len(captions)] = True
+        return {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask, "caption_valid": valid,
+                "image_id": str(sample_json(sample).get("image_id", sample.get("__key__", "")))}
+
+    def padding_sample(self) -> dict[str, Any]:
+        k = self.captions_per_image
+        ids, mask = blank_text(self.ctx.text_len, k)
+        return {"pixel_values": blank_image(self.ctx.image_size), "input_ids": ids, "attention_mask": mask,
+                "caption_valid": torch.zeros(k, dtype=torch.bool), "image_id": ""}
+
+    def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
+        weights = self.ctx.objectives or {"itc": 1.0, "itm": 1.0}
+        pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+        image_out, text_out = model.encode_image(pixels), model.encode_text(ids, mask)
+        itc = itc_loss(*heads["itc"](image_out.cls, text_out.cls), group=self.ctx.dist.group)
+        loss = weights.get("itc", 0.0) * itc.loss
+        aux = image_out.aux_loss + text_out.aux_loss
+        counts = sum_counts(image_out.expert_counts, text_out.expert_counts)
+        terms = {"itc": itc.loss.detach(), "itc_acc": itc.accuracy}
+        if weights.get("itm", 0.0):
+            pairs = itm_batch(pixels, ids, mask, itc, group=self.ctx.dist.group)
+            fused = model.fuse(*pairs[:3])
+            itm, acc = itm_loss(heads["itm"](fused.cls), pairs[3])
+            loss = loss + weights["itm"] * itm
+            aux = aux + fused.aux_loss
+            counts = sum_counts(counts, fused.expert_counts)
+            terms.update(itm=itm.detach(), itm_acc=acc)
+        return LossOutput(loss=loss, terms=terms, aux_loss=aux, expert_counts=counts)
+
+    @torch.no_grad()
+    def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:
+        pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+        b, k, length = ids.shape
+        image_emb = heads["itc"].embed_image(model.encode_image(pixels).cls)
+        text_emb = heads["itc"].embed_text(model.encode_text(ids.reshape(b * k, length),
+                                                             mask.reshape(b * k, length)).cls)
+        out = {"image_emb": image_emb, "text_emb": text_emb.reshape(b, k, -1),
+               "caption_valid": batch["caption_valid"].bool(), "image_id": list(batch["image_id"])}
+        if self.ctx.options.get("keep_inputs", False):
+            out.update(pixel_values=pixels, input_ids=ids, attention_mask=mask)
+        return out
+
+    @staticmethod
+    def similarity(outputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """([N, T] cosine similarities, [T] image index of each caption) over the gathered split."""
+        text_emb, text_image = flatten_captions(outputs["text_emb"], outputs["caption_valid"])
+        return outputs["image_emb"].float() @ text_emb.float().t(), text_image
+
+    def metrics(self, outputs: dict[str, Any]) -> dict[str, float]:
+        sim, text_image = self.similarity(outputs)
+        return {**retrieval_recall(sim, text_image), "num_images": float(sim.shape[0]),
+                "num_captions": float(sim.shape[1])}
+
+    @torch.no_grad()
+    def itm_rerank(self, model: nn.Module, heads: nn.ModuleDict, outputs: dict[str, Any], top_k: int,
+                   batch_size: int, progress: Any = None) -> dict[str, float]:
+        """Re-rank each query's top-k dual-encoder candidates by ITM (match logit margin + similarity),
+        VLMo/ALBEF style. Needs ``keep_inputs``. Every rank scores its share of the (identical) pair list
+        in batches of exactly ``batch_size`` (the MoE fixed-shape invariant) and all ranks gather all
+        scores; candidates outside a query's top-k keep their rank order below every re-ranked one."""
+        sim, text_image = self.similarity(outputs)
+        n_img, n_txt = sim.shape
+        k_i2t, k_t2i = min(top_k, n_txt), min(top_k, n_img)
+        pairs = set()
+        top_txt = sim.topk(k_i2t, dim=1).indices  # [N, k]
+        top_img = sim.topk(k_t2i, dim=0).indices  # [k, T]
+        pairs.update((i, int(t)) for i in range(n_img) for t in top_txt[i])
+        pairs.update((int(i), t) for t in range(n_txt) for i in top_img[:, t])
+        pair_list = sorted(pairs)
+        scores = self._score_pairs(model, heads, outputs, pair_list, batch_size, progress)
+        reranked = sim - sim.max() + sim.min() - 1e4  # everything not re-ranked sits below, order kept
+        for (i, t), s in zip(pair_list, scores.tolist()):
+            reranked[i, t] = s + sim[i, t]
+        return {f"itm_{k}": v for k, v in retrieval_recall(reranked, text_image).items()}
+
+    def _score_pairs(self, model, heads, outputs, pair_list, batch_size, progress) -> torch.Tensor:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        pixels = outputs["pixel_values"]
+        valid = outputs["caption_valid"].bool().reshape(-1)
+        ids = outputs["input_ids"].reshape(-1, outputs["input_ids"].shape[-1])[valid]
+        mask = outputs["attention_mask"].reshape(-1, outputs["attention_mask"].shape[-1])[valid]
+        per_rank = -(-len(pair_list) // world)
+        per_rank = -(-per_rank // batch_size) * batch_size
+        mine = pair_list[rank * per_rank:(rank + 1) * per_rank]
+        mine = mine + [pair_list[0]] * (per_rank - len(mine))
+        local = []
+        for start in range(0, per_rank, batch_size):
+            chunk = mine[start:start + batch_size]
+            img_idx = torch.tensor([p[0] for p in chunk])
+            txt_idx = torch.tensor([p[1] for p in chunk])
+            logits = heads["itm"](model.fuse(pixels[img_idx], ids[txt_idx], mask[txt_idx]).cls).float()
+            local.append(logits[:, 1] - logits[:, 0])
+            if progress is not None:
+                progress.update(1)
+        local_t = torch.cat(local) if local else torch.zeros(0)
+        if world > 1:
+            parts = [torch.empty_like(local_t) for _ in range(world)]
+            dist.all_gather(parts, local_t.contiguous())
+            local_t = torch.cat(parts)
+        return local_t[:len(pair_list)]

@@ -1,0 +1,98 @@
+"""VQA fine-tuning as in VLMo: a classifier over the answer vocabulary on the joint CLS, trained with
+binary cross-entropy against the soft scores (loss x A), predicting the argmax answer string.
+
+Shape letters: B batch, L text length, D hidden, A answers.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.metrics.vqa import vqa_accuracy
+from pipeline.tasks.base import LossOutput, SkipSample, Task, TaskContext
+from pipeline.tasks.downstream_common import (blank_image, blank_text, image_tensor, read_json_file,
+                                              sample_json, tokenize)
+
+
+def vqa_head(hidden: int, num_answers: int) -> nn.Module:
+    """VLMo's VQA classifier: Linear(D, 2D) -> LayerNorm -> GELU -> Linear(2D, A)."""
+    return nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.LayerNorm(2 * hidden), nn.GELU(),
+                         nn.Linear(2 * hidden, num_answers))
+
+
+def soft_target_vector(targets: dict[str, float], answer_index: dict[str, int]) -> torch.Tensor:
+    """``{normalised answer: soft score}`` -> [A]; answers outside the vocabulary are dropped."""
+    vec = torch.zeros(len(answer_index))
+    for answer, score in targets.items():
+        idx = answer_index.get(answer)
+        if idx is not None:
+            vec[idx] = float(score)
+    return vec
+
+
+class VQATask(Task):
+    name = "vqa"
+    fields = ("jpg", "txt", "json")
+
+    def __init__(self, ctx: TaskContext):
+        super().__init__(ctx)
+        self.answers: list[str] = read_json_file(ctx.data_dir, "answers.json", "answers", self.name)
+        self.answer_index = {a: i for i, a in enumerate(self.answers)}
+
+    def build_heads(self, model: nn.Module) -> nn.ModuleDict:
+        return nn.ModuleDict({"vqa": vqa_head(self.ctx.model_cfg.hidden_size, len(self.answers))})
+
+    def prepare_sample(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
+        meta = sample_json(sample)
+        question = sample.get("txt") or meta.get("question")
+        if not question:
+            raise SkipSample("missing_question")
+        targets = soft_target_vector(meta.get("targets") or {}, self.answer_index)
+        ids, mask = tokenize(self.ctx.tokenizer, [question], self.ctx.text_len)
+        return {
+            "pixel_values": image_tensor(sample.get("jpg"), self.ctx.image_size),
+            "input_ids": ids[0], "attention_mask": mask[0], "targets": targets,
+            "question_id": int(meta.get("question_id", -1)),
+            "answers": list(meta.get("answers") or []),
+            "answer_type": str(meta.get("answer_type", "unknown")),
+            "question_type": str(meta.get("question_type", "unknown")),
+        }
+
+    def padding_sample(self) -> dict[str, Any]:
+        ids, mask = blank_text(self.ctx.text_len)
+        return {"pixel_values": blank_image(self.ctx.image_size), "input_ids": ids, "attention_mask": mask,
+                "targets": torch.zeros(len(self.answers)), "question_id": -1, "answers": [],
+                "answer_type": "padding", "question_type": "padding"}
+
+    def _logits(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]):
+        out = model.fuse(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        return heads["vqa"](out.cls).float(), out
+
+    def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
+        logits, out = self._logits(model, heads, batch)
+        targets = batch["targets"].float()
+        # VLMo: mean BCE over B x A, times A (= sum over answers, mean over questions)
+        bce = F.binary_cross_entropy_with_logits(logits, targets) * targets.shape[1]
+        score = targets.gather(1, logits.argmax(dim=1, keepdim=True)).mean()
+        return LossOutput(loss=bce, terms={"vqa_bce": bce.detach(), "vqa_score": score.detach()},
+                          aux_loss=out.aux_loss, expert_counts=out.expert_counts)
+
+    @torch.no_grad()
+    def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:
+        logits, _ = self._logits(model, heads, batch)
+        return {"pred": logits.argmax(dim=1), "question_id": list(batch["question_id"]),
+                "answers": list(batch["answers"]), "answer_type": list(batch["answer_type"]),
+                "question_type": list(batch["question_type"])}
+
+    def answer_strings(self, outputs: dict[str, Any]) -> list[str]:
+        return [self.answers[int(i)] for i in torch.as_tensor(outputs["pred"]).tolist()]
+
+    def metrics(self, outputs: dict[str, Any]) -> dict[str, float]:
+        return vqa_accuracy(self.answer_strings(outputs), outputs["answers"], outputs["answer_type"])
+
+    def predictions(self, outputs: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"question_id": int(q), "answer": a}
+                for q, a in zip(outputs["question_id"], self.answer_strings(outputs))]
