@@ -1,0 +1,88 @@
+"""Output-folder bookkeeping: shard names, atomic JSON files, per-shard stats, manifest and sizes.json."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SIZES = "sizes.json"
+STATS_DIR = ".stats"  # per-shard stats, written just before a shard's rename; lets a rerun skip it
+TMP_SUFFIX = ".tmp"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def dumps(obj: Any) -> str:
+    """Stable JSON text (sorted keys, UTF-8) so reruns give identical bytes."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=1) + "\n"
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write `obj` as stable JSON to `path` via a temporary file and a rename."""
+    tmp = path + TMP_SUFFIX
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(dumps(obj))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stats_path(out_dir: str, shard: str) -> str:
+    return os.path.join(out_dir, STATS_DIR, shard + ".json")
+
+
+def load_finished_stats(out_dir: str, shard: str, fingerprint: str) -> dict | None:
+    """The stats of `shard` if it was finished by a run with the same fingerprint, else None."""
+    path = stats_path(out_dir, shard)
+    try:
+        stats = read_json(path)
+    except (OSError, ValueError):
+        return None
+    if stats.get("fingerprint") != fingerprint:
+        return None
+    if stats.get("num_samples", 0) > 0 and not os.path.isfile(os.path.join(out_dir, shard)):
+        return None
+    return stats
+
+
+def build_manifest(task: str, command: str, options: dict, splits: dict[str, dict], skipped: dict[str, int],
+                   fields: list[str], files: dict[str, str], checksums: dict[str, str]) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "task": task,
+        "command": command,
+        "options": options,
+        "splits": splits,
+        "skipped": {k: v for k, v in sorted(skipped.items()) if v},
+        "fields": fields,
+        "files": files,
+        "checksums": checksums,
+    }
+
+
+def load_manifest(out_dir: str) -> dict:
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no manifest (not a data_prep output folder, or the run did not finish)")
+    manifest = read_json(path)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return manifest

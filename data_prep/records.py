@@ -1,0 +1,95 @@
+"""What readers hand to the writer: records to encode, skips to count, and input-format errors.
+
+A reader yields, in a deterministic order, either a ``Record`` (one output sample before image
+encoding) or a ``Skip`` (a bad input record, counted by reason). A malformed input file raises
+``InputFormatError`` naming the file, the line and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Union
+
+# Skip reasons (manifest "skipped" keys).
+MISSING_FILE = "missing_file"
+CORRUPT_IMAGE = "corrupt_image"
+NOT_AN_IMAGE = "not_an_image"
+TOO_MANY_PIXELS = "too_many_pixels"
+EMPTY_CAPTION = "empty_caption"
+BAD_ENCODING = "bad_encoding"
+MISSING_FIELD = "missing_field"
+BAD_LABEL = "bad_label"
+SKIP_REASONS = (MISSING_FILE, CORRUPT_IMAGE, NOT_AN_IMAGE, TOO_MANY_PIXELS, EMPTY_CAPTION, BAD_ENCODING,
+                MISSING_FIELD, BAD_LABEL)
+
+
+class InputFormatError(ValueError):
+    """A malformed input file: the message names the file, the line (when known) and what was expected."""
+
+    def __init__(self, path: str, line: int | None, problem: str):
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {problem}")
+        self.path, self.line, self.problem = str(path), line, problem
+
+
+class SkipSample(Exception):
+    """Raised inside image encoding when a record must be skipped; carries the reason."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """A bad input record: counted under `reason` in the manifest, never written."""
+
+    reason: str
+    detail: str = ""
+
+
+# An image source: a file path, the raw file bytes, or an object with `render() -> PIL.Image` (synth).
+ImageSource = Union[str, bytes, Any]
+
+
+@dataclasses.dataclass
+class Record:
+    """One sample before encoding.
+
+    images: {field: source}, e.g. {"jpg": "/data/a.jpg"} or {"img0.jpg": b"...", "img1.jpg": ...}.
+    text:   the `txt` field (caption, question, sentence), already validated.
+    meta:   the `json` field without "key" (the writer adds the key).
+    extra:  other text fields, e.g. {"cls": "3"}.
+    """
+
+    images: dict[str, ImageSource]
+    text: str | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    extra: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+ReaderItem = Union[Record, Skip]
+
+
+def check_text(value: Any, field: str) -> str | Skip:
+    """A caption/question/sentence as clean text, or the Skip explaining why it is unusable.
+
+    bytes must be UTF-8; str must not hold lone surrogates (undecodable bytes read with
+    ``errors="surrogateescape"``); empty or whitespace-only text is an empty caption.
+    """
+    if value is None:
+        return Skip(MISSING_FIELD, f"no {field!r}")
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return Skip(BAD_ENCODING, f"{field!r} is not UTF-8")
+    if not isinstance(value, str):
+        return Skip(MISSING_FIELD, f"{field!r} is {type(value).__name__}, expected text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return Skip(BAD_ENCODING, f"{field!r} is not UTF-8")
+    value = " ".join(value.split())
+    if not value:
+        return Skip(EMPTY_CAPTION, f"{field!r} is empty")
+    return value

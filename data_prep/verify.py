@@ -1,0 +1,136 @@
+"""`data_prep verify DIR`: check an output folder against its manifest; exit 1 on any mismatch.
+
+    python -m data_prep verify runs/demo/data/vqa
+
+Checks: every listed shard exists and has the recorded sha256; every sample has exactly the manifest
+fields, a dot-free key equal to its json "key", UTF-8 text and fully decodable images; per-shard counts
+match sizes.json and split totals match the manifest; extra files (answers.json, classes.json) load.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import tarfile
+
+from PIL import Image
+
+from data_prep import manifest as mf
+from data_prep.shards import iter_tar_samples
+
+KEY_RE = re.compile(r"^[A-Za-z0-9_]+$")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+JSON_KEYS = {
+    "pairs": ("key",),
+    "vqa": ("key", "question", "question_id", "image_id", "question_type", "answer_type", "answers", "targets"),
+    "retrieval": ("key", "image_id", "filename", "captions"),
+    "nlvr2": ("key", "identifier", "sentence", "label"),
+    "classification": ("key", "label", "label_name"),
+}
+MAX_REPORTED = 20
+
+
+def check_sample(key: str, fields: dict[str, bytes], expected: set[str], json_keys: tuple) -> list[str]:
+    """Problems with one sample (empty list when fine)."""
+    problems = []
+    if not KEY_RE.match(key):
+        problems.append(f"key {key!r} has characters other than letters, digits, underscore")
+    if set(fields) != expected:
+        problems.append(f"{key}: fields {sorted(fields)} != manifest fields {sorted(expected)}")
+    for ext, data in fields.items():
+        if ext.rsplit(".", 1)[-1] in IMAGE_EXTS:
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    img.load()
+            except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad image
+                problems.append(f"{key}.{ext}: image does not decode ({exc})")
+        elif ext in ("txt", "cls", "json"):
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                problems.append(f"{key}.{ext}: not UTF-8")
+                continue
+            if ext == "json":
+                problems += _check_json(key, text, json_keys)
+    return problems
+
+
+def _check_json(key: str, text: str, json_keys: tuple) -> list[str]:
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        return [f"{key}.json: invalid JSON ({exc})"]
+    if not isinstance(meta, dict):
+        return [f"{key}.json: not an object"]
+    problems = [f"{key}.json: missing {k!r}" for k in json_keys if k not in meta]
+    if meta.get("key") != key:
+        problems.append(f"{key}.json: key {meta.get('key')!r} != {key!r}")
+    return problems
+
+
+def verify(out_dir: str) -> tuple[list[str], dict]:
+    """(problems, counts) for an output folder."""
+    manifest = mf.load_manifest(out_dir)
+    problems: list[str] = []
+    sizes = mf.read_json(os.path.join(out_dir, mf.SIZES))
+    checksums = manifest.get("checksums", {})
+    expected, json_keys = set(manifest["fields"]), JSON_KEYS.get(manifest["task"], ("key",))
+    counts = {"shards": 0, "samples": 0}
+    for split, info in manifest["splits"].items():
+        split_total = 0
+        for name in info["shards"]:
+            path = os.path.join(out_dir, name)
+            if not os.path.isfile(path):
+                problems.append(f"{name}: listed in the manifest but missing")
+                continue
+            if name in checksums and mf.file_sha256(path) != checksums[name]:
+                problems.append(f"{name}: sha256 differs from the manifest (modified after writing)")
+            n = 0
+            try:
+                for key, fields in iter_tar_samples(path):
+                    n += 1
+                    problems += check_sample(key, fields, expected, json_keys)
+            except (tarfile.TarError, OSError) as exc:
+                problems.append(f"{name}: unreadable tar ({exc})")
+            if sizes.get(name) != n:
+                problems.append(f"{name}: {n} samples, sizes.json says {sizes.get(name)}")
+            split_total += n
+            counts["shards"] += 1
+        if split_total != info["num_samples"]:
+            problems.append(f"split {split}: {split_total} samples, manifest says {info['num_samples']}")
+        counts["samples"] += split_total
+    listed = {n for info in manifest["splits"].values() for n in info["shards"]}
+    if set(sizes) != listed:
+        problems.append(f"sizes.json lists {sorted(set(sizes) ^ listed)} differently from the manifest")
+    for role, name in manifest.get("files", {}).items():
+        try:
+            mf.read_json(os.path.join(out_dir, name))
+        except (OSError, ValueError) as exc:
+            problems.append(f"{role} file {name}: {exc}")
+    return problems, counts
+
+
+def run(args: argparse.Namespace) -> int:
+    status = 0
+    for out_dir in args.dirs:
+        problems, counts = verify(out_dir)
+        leftovers = sorted(f for f in os.listdir(out_dir) if f.endswith(mf.TMP_SUFFIX))
+        if leftovers:
+            print(f"verify {out_dir}: note: unfinished temporary files (ignored): {leftovers[:5]}")
+        for problem in problems[:MAX_REPORTED]:
+            print(f"verify {out_dir}: {problem}")
+        if len(problems) > MAX_REPORTED:
+            print(f"verify {out_dir}: ... and {len(problems) - MAX_REPORTED} more problems")
+        state = "OK" if not problems else f"FAILED ({len(problems)} problems)"
+        print(f"verify {out_dir}: {state}: {counts['samples']} samples in {counts['shards']} shards")
+        status = status or (1 if problems else 0)
+    return status
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("verify", help="check output folders against their manifests",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="data_prep output folders")
+    p.set_defaults(func=run)
