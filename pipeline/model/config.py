@@ -37,7 +37,7 @@ class MoEConfig:
     ep_size: int = field(default=1, metadata={"help": "expert-parallel group size (ranks sharing experts)"})
     routing: Literal["per_modality", "shared"] = field(default="per_modality", metadata={
         "help": "per_modality: a router + experts per modality (VL-MoE); shared: one pool for all (LIMoE)"})
-    dispatch: Literal["indexed", "deepspeed"] = field(default="deepspeed", metadata={
+    dispatch: Literal["indexed", "deepspeed"] = field(default="indexed", metadata={
         "help": "indexed: our gather/scatter dispatch (same gating, all-to-all, names); deepspeed: stock"})
 
     def __post_init__(self) -> None:
