@@ -1,0 +1,170 @@
+"""Initialisation from pretrained weights: HF ViT (VLMo-style), BERT token embeddings, sparse upcycling.
+
+    model = VLMoE(cfg)                                    # from-scratch init first (routers stay fresh)
+    init_from_vit(model, "path/to/vit")                   # a transformers.ViTModel save_pretrained folder
+    init_text_embeddings(model, "path/to/bert")           # optional, vocab must match
+    load_upcycled(model, dense_state_dict)                # any dense VLMoE state dict -> this (MoE) model
+
+Upcycling (arXiv 2212.05055): every expert of an MoE FFN starts as a copy of the dense FFN it replaces
+(residual MoE: its dense branch too); routers and residual coefficients keep their fresh init. FFNs with no
+dense source of their own (text / vl / shared from a ViT) copy the first modality's FFN (image).
+Anything that does not fit raises ``PretrainedMismatch`` naming every offending weight.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_VIT_BLOCK = {  # on-disk ViTModel names (also written by transformers 5) -> ours, per block
+    "layernorm_before": "norm1", "layernorm_after": "norm2", "attention.output.dense": "attn.proj",
+    "intermediate.dense": "ffn.image.fc1", "output.dense": "ffn.image.fc2"}
+_VIT_TOP = {"embeddings.cls_token": "embeddings.image.cls",
+            "embeddings.position_embeddings": "embeddings.image.position",
+            "embeddings.patch_embeddings.projection.weight": "embeddings.image.patch.weight",
+            "embeddings.patch_embeddings.projection.bias": "embeddings.image.patch.bias",
+            "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
+_FFN_PARAM = re.compile(r"^blocks\.(\d+)\.ffn\.([a-z_]+)\.(.+)$")
+_FRESH = re.compile(r"(deepspeed_moe\.gate\.wg\.|\.coefficient\.)")  # routers: never copied
+
+
+class PretrainedMismatch(ValueError):
+    """Pretrained weights that do not fit the model (missing, unexpected or wrong shape)."""
+
+
+def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a HF model folder (model.safetensors, sharded safetensors, or pytorch_model.bin)."""
+    folder = Path(folder)
+    from safetensors.torch import load_file
+    if (folder / "model.safetensors").exists():
+        return load_file(folder / "model.safetensors")
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(load_file(folder / shard))
+        return state
+    if (folder / "pytorch_model.bin").exists():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def vit_to_dense_state(vit_state: dict[str, torch.Tensor], num_heads_check: int | None = None
+                       ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """ViTModel tensors -> our dense layout (FFN under ``ffn.image``); also the ViT keys left unused."""
+    vit_state = {k.removeprefix("vit."): v for k, v in vit_state.items()}
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for src, dst in _VIT_TOP.items():
+        if src in vit_state:
+            out[dst] = vit_state[src]
+            used.add(src)
+    layers = sorted({int(m.group(1)) for k in vit_state if (m := re.match(r"encoder\.layer\.(\d+)\.", k))})
+    for i in layers:
+        pre = f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            for src, dst in _VIT_BLOCK.items():
+                if pre + f"{src}.{kind}" in vit_state:
+                    out[f"blocks.{i}.{dst}.{kind}"] = vit_state[pre + f"{src}.{kind}"]
+                    used.add(pre + f"{src}.{kind}")
+            qkv = [pre + f"attention.attention.{p}.{kind}" for p in ("query", "key", "value")]
+            if all(k in vit_state for k in qkv):
+                out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([vit_state[k] for k in qkv])
+                used.update(qkv)
+    unused = sorted(k for k in set(vit_state) - used if not k.startswith("pooler."))
+    return out, unused
+
+
+def _source_key(key: str, dense: dict[str, torch.Tensor], fallback_ffn: str) -> str | None:
+    """Dense-state key that model parameter ``key`` is copied from (None = keep fresh init)."""
+    if _FRESH.search(key):
+        return None
+    match = _FFN_PARAM.match(key)
+    if not match:
+        return key
+    layer, ffn, rest = match.groups()
+    param = re.sub(r"^(deepspeed_moe\.experts\.deepspeed_experts\.\d+\.|mlp\.)", "", rest)
+    own = f"blocks.{layer}.ffn.{ffn}.{param}"
+    return own if own in dense else f"blocks.{layer}.ffn.{fallback_ffn}.{param}"
+
+
+@torch.no_grad()
+def load_upcycled(model: nn.Module, dense: dict[str, torch.Tensor], keep_fresh: tuple[str, ...] = (),
+                  unexpected: list[str] | None = None) -> list[str]:
+    """Copy ``dense`` into ``model``, replicating each dense FFN into every expert that replaces it.
+
+    ``keep_fresh``: key prefixes that may be absent from ``dense`` (they keep their init). Returns the
+    model keys left at their fresh init. Raises PretrainedMismatch listing every problem."""
+    fallback = model.cfg.modalities[0]
+    problems = [f"unexpected: {k}" for k in unexpected or []]
+    fresh, consumed = [], set()
+    for key, param in model.state_dict().items():
+        src = _source_key(key, dense, fallback)
+        if src is None or (src not in dense and key.startswith(keep_fresh)):
+            fresh.append(key)
+            continue
+        if src not in dense:
+            problems.append(f"missing: {key} (expected source {src})")
+        elif dense[src].shape != param.shape:
+            problems.append(f"shape: {key} {list(param.shape)} <- {src} {list(dense[src].shape)}")
+        else:
+            param.copy_(dense[src].to(param.dtype))
+            consumed.add(src)
+    problems += [f"unexpected: {k}" for k in sorted(set(dense) - consumed)]
+    if problems:
+        raise PretrainedMismatch("pretrained weights do not fit the model:\n  " + "\n  ".join(problems))
+    return fresh
+
+
+def _check_vit_config(cfg, vit_cfg: dict) -> None:
+    expect = {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+              "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.ffn_size,
+              "patch_size": cfg.patch_size, "num_channels": cfg.num_channels, "hidden_act": "gelu",
+              "qkv_bias": True}
+    bad = [f"{k}={vit_cfg.get(k)!r} (model needs {v!r})" for k, v in expect.items()
+           if k in vit_cfg and vit_cfg[k] != v]
+    if bad:
+        raise PretrainedMismatch("ViT config does not fit the model: " + ", ".join(bad))
+    if abs(vit_cfg.get("layer_norm_eps", cfg.layer_norm_eps) - cfg.layer_norm_eps) > 1e-15:
+        logger.warning("ViT layer_norm_eps=%s differs from model layer_norm_eps=%s",
+                       vit_cfg.get("layer_norm_eps"), cfg.layer_norm_eps)
+
+
+@torch.no_grad()
+def init_from_vit(model: nn.Module, folder: str | Path) -> list[str]:
+    """VLMo-style init from a ``transformers.ViTModel`` folder: image embeddings, shared attention, norms and
+    image FFNs; text/VL FFNs start as copies of the image FFNs; MoE FFNs are sparse-upcycled. The
+    modality-type embeddings are zeroed (ViT has none), so image-only outputs match ViT exactly.
+    Returns the keys left at fresh init (text embeddings, routers)."""
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        _check_vit_config(model.cfg, json.loads((folder / "config.json").read_text()))
+    dense, unused = vit_to_dense_state(read_state_dict(folder))
+    fresh = load_upcycled(model, dense, keep_fresh=("embeddings.text.", "modality_type."), unexpected=unused)
+    model.modality_type.weight.zero_()
+    logger.info("initialised from ViT %s; fresh: %d tensors", folder, len(fresh))
+    return fresh
+
+
+@torch.no_grad()
+def init_text_embeddings(model: nn.Module, folder: str | Path, vocab_size: int | None = None) -> None:
+    """Token (and position) embeddings from a BERT-family folder; vocabularies must match exactly."""
+    state = {k.split("embeddings.", 1)[1]: v for k, v in read_state_dict(folder).items() if "embeddings." in k}
+    words = state.get("word_embeddings.weight")
+    emb = model.embeddings["text"]
+    if words is None:
+        raise PretrainedMismatch(f"{folder}: no embeddings.word_embeddings.weight")
+    if words.shape != emb.token.weight.shape or (vocab_size is not None and words.shape[0] != vocab_size):
+        raise PretrainedMismatch(f"{folder}: word embeddings {list(words.shape)} do not fit the model's "
+                                 f"{list(emb.token.weight.shape)} (tokenizer vocab {vocab_size})")
+    emb.token.weight.copy_(words)
+    positions = state.get("position_embeddings.weight")
+    if positions is not None and positions.shape[1] == emb.position.weight.shape[1] \
+            and positions.shape[0] >= emb.position.weight.shape[0]:
+        emb.position.weight.copy_(positions[: emb.position.weight.shape[0]])

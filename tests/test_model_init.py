@@ -1,0 +1,94 @@
+"""Init from a saved transformers.ViTModel (oracle: equal hidden states), sparse upcycling, BERT
+embeddings, clear mismatch errors."""
+import pytest
+import torch
+from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+
+from pipeline.model import ModelConfig, MoEConfig, VLMoE
+from pipeline.model.pretrained import (PretrainedMismatch, init_from_vit, init_text_embeddings,
+                                       load_upcycled)
+
+VIT = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, image_size=16,
+           patch_size=4, layer_norm_eps=1e-6)
+
+
+@pytest.fixture(scope="module")
+def vit_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(**VIT)).eval()
+    with torch.no_grad():  # non-trivial biases / norms so a wrong mapping cannot pass
+        for p in vit.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    folder = tmp_path_factory.mktemp("vit")
+    vit.save_pretrained(folder)
+    return folder, vit
+
+
+def our_cfg(**moe) -> ModelConfig:
+    return ModelConfig(hidden_size=32, num_layers=3, num_heads=4, mlp_ratio=2, image_size=16, patch_size=4,
+                       vocab_size=40, max_text_len=8, num_fusion_layers=1,
+                       moe=MoEConfig(**{"min_capacity": 1, **moe}))
+
+
+@pytest.mark.parametrize("moe", [dict(every=0), dict(every=1, num_experts=4, top_k=2, drop_tokens=False)],
+                         ids=["dense", "upcycled_top2"])
+def test_matches_vit_hidden_states(vit_dir, moe):
+    folder, vit = vit_dir
+    torch.manual_seed(1)
+    model = VLMoE(our_cfg(**moe)).eval()
+    fresh = init_from_vit(model, folder)
+    assert any(k.startswith("embeddings.text.") for k in fresh)
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = vit(pixel_values=pixels).last_hidden_state
+        ours = model.encode_image(pixels).hidden
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_upcycled_experts_are_copies_and_text_ffn_copies_image(vit_dir):
+    folder, _ = vit_dir
+    model = VLMoE(our_cfg(every=1, num_experts=2))
+    init_from_vit(model, folder)
+    image_ffn, text_ffn = model.blocks[0].ffn["image"], model.blocks[0].ffn["text"]
+    for ffn in (image_ffn, text_ffn):
+        assert torch.equal(ffn.experts[0].fc1.weight, ffn.experts[1].fc1.weight)
+    assert torch.equal(image_ffn.experts[0].fc2.bias, text_ffn.experts[1].fc2.bias)
+    assert not torch.equal(image_ffn.router.weight, text_ffn.router.weight)  # routers fresh, independent
+
+
+def test_dense_model_upcycles_into_moe_model():
+    torch.manual_seed(0)
+    dense = VLMoE(our_cfg(every=0)).eval()
+    sparse = VLMoE(our_cfg(every=1, num_experts=4, top_k=2, drop_tokens=False)).eval()
+    load_upcycled(sparse, dense.state_dict())
+    ids, mask = torch.randint(0, 40, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse.fuse(pixels, ids, mask).hidden, dense.fuse(pixels, ids, mask).hidden)
+
+
+def test_mismatches_are_named(vit_dir, tmp_path):
+    folder, _ = vit_dir
+    with pytest.raises(PretrainedMismatch, match="num_hidden_layers"):
+        init_from_vit(VLMoE(ModelConfig(**{**our_cfg().__dict__, "num_layers": 2, "num_fusion_layers": 0})),
+                      folder)
+    dense = VLMoE(our_cfg(every=0)).state_dict()
+    dense["blocks.0.attn.qkv.weight"] = torch.zeros(3, 3)
+    dense["bogus.weight"] = torch.zeros(1)
+    del dense["norm.bias"]
+    with pytest.raises(PretrainedMismatch) as err:
+        load_upcycled(VLMoE(our_cfg()), dense)
+    text = str(err.value)
+    assert "shape: blocks.0.attn.qkv.weight" in text and "unexpected: bogus.weight" in text
+    assert "missing: norm.bias" in text
+
+
+def test_bert_text_embeddings(tmp_path):
+    bert = BertModel(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                intermediate_size=64))
+    bert.save_pretrained(tmp_path / "bert")
+    model = VLMoE(our_cfg())
+    init_text_embeddings(model, tmp_path / "bert", vocab_size=40)
+    assert torch.equal(model.token_embedding.weight, bert.embeddings.word_embeddings.weight)
+    with pytest.raises(PretrainedMismatch, match="vocab"):
+        init_text_embeddings(model, tmp_path / "bert", vocab_size=41)
