@@ -145,6 +145,10 @@ class DatasetWriter:
             record_digest(record, h)
         return h.hexdigest()
 
+    def add_skipped(self, reason: str, count: int) -> None:
+        """Count skips found outside any split (e.g. records with an invalid split name)."""
+        self.skipped[reason] += count
+
     def _count_skip(self, skip: Skip) -> None:
         self.skipped[skip.reason] += 1
         self._log_skip(skip)
