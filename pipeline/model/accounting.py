@@ -1,0 +1,153 @@
+"""Model size accounting for the planner and MFU: parameters (total, active per token), FLOPs per sample,
+and the parallelism checks DeepSpeed-MoE needs. Nothing here allocates real weights.
+
+Shapes: N tokens in one pass, P image patches, L text length, D hidden, F FFN width, E experts, k top-k.
+
+    acc = count_parameters(cfg, image_size=224, text_len=40)          # meta-device model, instant
+    acc.total_params, acc.active_params_per_token, acc.flops_per_sample
+
+Definitions
+- total_params: every parameter of the model with all E experts of every MoE FFN (global, not per rank).
+- expert_params: the part of it inside experts (sharded by ep_size across an EP group).
+- active_params_per_token: parameters a token of one modality touches in its own pass (that modality's
+  embedding, shared attention and norms, its FFN per block: dense MLP, or router + k experts (+ the
+  residual MLP)), averaged over modalities. Heads are not part of the model and not counted.
+- flops_per_sample: forward + backward (3x forward) matmul FLOPs (2 per multiply-add) of the passes of one
+  training sample; MoE FFNs cost k expert MLPs per token (capacity padding and dropping ignored).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from pipeline.model.config import ModelConfig
+
+#: model passes per sample for each mode. vl_pretrain = pipeline.objectives.pretrain.vl_pretrain_losses
+#: with ITC+ITM+MLM: encode_image + encode_text (ITC), 3 fused pairs (ITM), 1 fused masked pair (MLM).
+PASSES: dict[str, dict[str, int]] = {
+    "vl_pretrain": {"image": 1, "text": 1, "fuse": 4},
+    "image": {"image": 1}, "text": {"text": 1}, "fuse": {"fuse": 1},
+}
+
+
+@dataclasses.dataclass
+class ModelSize:
+    total_params: int
+    expert_params: int
+    active_params_per_token: int
+    flops_per_sample: float
+    active_params_by_modality: dict[str, int]
+
+
+def build_meta_model(cfg: ModelConfig) -> nn.Module:
+    """The model with every expert (ep_size forced to 1) on the meta device: no memory, no init time."""
+    from accelerate import init_empty_weights
+
+    from pipeline.model.vlmoe import VLMoE
+    global_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, ep_size=1))
+    with init_empty_weights(include_buffers=True):
+        return VLMoE(global_cfg)
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _ffn_active(ffn: nn.Module) -> int:
+    """Parameters one token uses in this FFN (dense: all; MoE: router + k experts + residual branch)."""
+    from pipeline.model.moe import SparseFFN
+    if not isinstance(ffn, SparseFFN):
+        return _numel(ffn)
+    gate = ffn.deepspeed_moe.gate
+    per_expert = _numel(ffn.experts[0])
+    residual = _numel(ffn.mlp) + _numel(ffn.coefficient) if ffn.use_residual else 0
+    return _numel(gate) + gate.k * per_expert + residual
+
+
+def _active_by_modality(model: nn.Module) -> dict[str, int]:
+    result = {}
+    for modality in model.cfg.modalities:
+        count = _numel(model.embeddings[modality]) + model.cfg.hidden_size + _numel(model.norm)
+        for block in model.blocks:
+            count += _numel(block.norm1) + _numel(block.attn) + _numel(block.norm2)
+            key = modality if modality in block.ffn else "shared"
+            count += _ffn_active(block.ffn[key])
+        result[modality] = count
+    return result
+
+
+def _pass_flops(model: nn.Module, segments: dict[str, int]) -> float:
+    """Forward FLOPs of one pass over one sample; ``segments``: modality -> tokens."""
+    cfg = model.cfg
+    d, n = cfg.hidden_size, sum(segments.values())
+    flops = 0.0
+    if "image" in segments:
+        flops += 2 * cfg.num_patches * cfg.num_channels * cfg.patch_size ** 2 * d
+    for block in model.blocks:
+        flops += 2 * n * d * 4 * d + 4 * n * n * d  # qkv + proj, QK^T + AV
+        if "shared" in block.ffn:
+            spans = [("shared", n)]
+        elif "vl" in block.ffn and len(segments) > 1:
+            spans = [("vl", n)]
+        else:
+            spans = list(segments.items())
+        for key, tokens in spans:
+            flops += 2 * tokens * _ffn_active_matmul(block.ffn[key])
+    return flops
+
+
+def _ffn_active_matmul(ffn: nn.Module) -> int:
+    """Multiply-adds per token in this FFN's weight matrices (biases and norms ignored)."""
+    return sum(p.numel() for p in _ffn_weight_params(ffn))
+
+
+def _ffn_weight_params(ffn: nn.Module) -> list[torch.Tensor]:
+    from pipeline.model.moe import SparseFFN
+    if not isinstance(ffn, SparseFFN):
+        return [p for p in ffn.parameters() if p.dim() == 2]
+    gate = ffn.deepspeed_moe.gate
+    weights = [gate.wg.weight] + [p for p in ffn.experts[0].parameters() if p.dim() == 2] * gate.k
+    if ffn.use_residual:
+        weights += [p for p in ffn.mlp.parameters() if p.dim() == 2] + [ffn.coefficient.weight]
+    return weights
+
+
+def count_parameters(cfg: ModelConfig, image_size: int | None = None, text_len: int | None = None,
+                     mode: str = "vl_pretrain", model: nn.Module | None = None) -> ModelSize:
+    """Sizes of ``cfg`` (built on the meta device unless ``model`` is given) for samples of
+    ``image_size`` x ``image_size`` images and ``text_len`` tokens (defaults: cfg.image_size,
+    cfg.max_text_len) in ``mode`` (a key of PASSES)."""
+    if mode not in PASSES:
+        raise ValueError(f"mode {mode!r}: valid modes are {sorted(PASSES)}")
+    if image_size is not None and image_size != cfg.image_size:
+        cfg = dataclasses.replace(cfg, image_size=image_size)
+        model = None
+    model = model or build_meta_model(cfg)
+    from pipeline.model.moe import SparseFFN
+    total = _numel(model)
+    experts = sum(_numel(m.experts) for m in model.modules() if isinstance(m, SparseFFN))
+    active = _active_by_modality(model)
+    tokens = {"image": 1 + cfg.num_patches, "text": text_len or cfg.max_text_len}
+    forward = 0.0
+    for kind, count in PASSES[mode].items():
+        present = [m for m in cfg.modalities if m in tokens] if kind == "fuse" else [kind]
+        forward += count * _pass_flops(model, {m: tokens[m] for m in present})
+    return ModelSize(total_params=total, expert_params=experts,
+                     active_params_per_token=round(sum(active.values()) / len(active)),
+                     flops_per_sample=3.0 * forward, active_params_by_modality=active)
+
+
+def check_parallelism(model_cfg: ModelConfig, zero_stage: int, world_size: int) -> None:
+    """Reject settings DeepSpeed-MoE cannot run (before launch, with the reason)."""
+    moe = model_cfg.moe
+    has_moe = bool(model_cfg.moe_layers)
+    if has_moe and zero_stage >= 3:
+        raise ValueError(f"ZeRO stage {zero_stage} with MoE layers {model_cfg.moe_layers}: DeepSpeed's native "
+                         "MoE does not support ZeRO-3; use zero_optimization.stage 0, 1 or 2")
+    if moe.num_experts % moe.ep_size:
+        raise ValueError(f"moe.num_experts={moe.num_experts} is not divisible by moe.ep_size={moe.ep_size}")
+    if world_size % moe.ep_size:
+        raise ValueError(f"world size {world_size} is not divisible by moe.ep_size={moe.ep_size} "
+                         "(expert-parallel groups are consecutive ranks)")

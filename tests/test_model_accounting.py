@@ -1,0 +1,58 @@
+"""Size accounting on the meta device and the pre-launch parallelism checks."""
+import dataclasses
+import time
+
+import pytest
+
+from pipeline.model import ModelConfig, MoEConfig, VLMoE
+from pipeline.model.accounting import build_meta_model, check_parallelism, count_parameters
+
+BASE = dict(hidden_size=768, num_layers=12, num_heads=12, image_size=224, patch_size=16, vocab_size=30522,
+            max_text_len=40, num_fusion_layers=2)
+
+
+def test_base_moe_vs_dense_baseline():
+    start = time.perf_counter()
+    sparse = count_parameters(ModelConfig(**BASE, moe=MoEConfig(num_experts=32, every=2, ep_size=8)))
+    dense = count_parameters(ModelConfig(**BASE, moe=MoEConfig(every=0)))
+    assert time.perf_counter() - start < 20  # meta device: no 1.5B-parameter allocation
+    assert abs(sparse.active_params_per_token / dense.active_params_per_token - 1) < 0.05
+    assert sparse.total_params > 5 * dense.total_params
+    assert sparse.expert_params > 0.8 * sparse.total_params and dense.expert_params == 0
+    assert abs(sparse.flops_per_sample / dense.flops_per_sample - 1) < 0.05
+
+
+def test_total_matches_real_model_and_ep_is_ignored():
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, image_size=16, vocab_size=50, max_text_len=8,
+                      num_fusion_layers=1, moe=MoEConfig(num_experts=4, every=1, top_k=2, use_residual=True))
+    size = count_parameters(cfg)
+    assert size.total_params == sum(p.numel() for p in VLMoE(cfg).parameters())
+    assert next(build_meta_model(cfg).parameters()).is_meta
+
+
+def test_dense_flops_by_hand():
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, mlp_ratio=4, image_size=16, patch_size=8,
+                      vocab_size=50, max_text_len=8, num_fusion_layers=0, moe=MoEConfig(every=0))
+    d, f, n = 32, 128, 5  # image pass: 4 patches + CLS
+    per_block = 2 * n * d * 4 * d + 4 * n * n * d + 2 * n * 2 * d * f
+    expected = 3 * (2 * 4 * 3 * 8 * 8 * d + 2 * per_block)
+    assert count_parameters(cfg, mode="image").flops_per_sample == expected
+    more = count_parameters(cfg, image_size=32, mode="image")  # bigger images cost more
+    assert more.flops_per_sample > expected
+
+
+@pytest.mark.parametrize("moe,zero,world,match", [
+    (dict(num_experts=4), 3, 2, "ZeRO-3"),
+    (dict(num_experts=4, ep_size=4), 2, 6, "not divisible by moe.ep_size"),
+])
+def test_check_parallelism_rejects(moe, zero, world, match):
+    with pytest.raises(ValueError, match=match):
+        check_parallelism(ModelConfig(moe=MoEConfig(**moe)), zero, world)
+
+
+def test_check_parallelism_accepts():
+    check_parallelism(ModelConfig(moe=MoEConfig(num_experts=4, ep_size=2)), 2, 4)
+    check_parallelism(ModelConfig(moe=MoEConfig(every=0)), 3, 3)  # dense model: ZeRO-3 fine
+    cfg = ModelConfig(moe=MoEConfig(num_experts=4, ep_size=2))
+    with pytest.raises(ValueError, match="num_experts"):
+        check_parallelism(dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=3)), 2, 2)
