@@ -36,7 +36,7 @@ def open_image(source: ImageSource, max_pixels: int) -> Image.Image:
         return source.render().convert("RGB")
     if isinstance(source, str):
         if not os.path.isfile(source):
-            raise SkipSample(MISSING_FILE, source)
+            raise SkipSample(MISSING_FILE, "no such file")
         with open(source, "rb") as f:
             data = f.read()
     else:
@@ -51,7 +51,7 @@ def open_image(source: ImageSource, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise SkipSample(TOO_MANY_PIXELS, str(exc)) from None
     except UnidentifiedImageError:
-        raise SkipSample(NOT_AN_IMAGE, str(source)[:200] if isinstance(source, str) else "") from None
+        raise SkipSample(NOT_AN_IMAGE, "not a known image format") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise SkipSample(CORRUPT_IMAGE, str(exc)) from None
     if img.mode != "RGB":

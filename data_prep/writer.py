@@ -50,7 +50,9 @@ def encode_record(record: Record, key: str, opts: ImageOptions) -> dict[str, byt
         for field, source in record.images.items():
             sample[field] = process_image(source, opts)
     except SkipSample as exc:
-        return Skip(exc.reason, exc.detail)
+        where = record.meta.get("source") or record.meta.get("identifier") or f"record {key}"
+        name = f" {field}={source}" if isinstance(source, str) else f" {field}"
+        return Skip(exc.reason, f"{where}{name}: {exc.detail}")
     if record.text is not None:
         sample["txt"] = record.text.encode("utf-8")
     for field, value in record.extra.items():
