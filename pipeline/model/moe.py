@@ -45,7 +45,8 @@ class SparseFFN(MoE):
             num_experts=moe.num_experts, ep_size=moe.ep_size, k=moe.top_k,
             capacity_factor=moe.capacity_factor, eval_capacity_factor=moe.eval_capacity_factor,
             min_capacity=moe.min_capacity, use_residual=moe.use_residual,
-            noisy_gate_policy=moe.noisy_gate_policy, drop_tokens=moe.drop_tokens, use_rts=moe.use_rts)
+            noisy_gate_policy=moe.noisy_gate_policy, drop_tokens=moe.drop_tokens, use_rts=moe.use_rts,
+            top2_2nd_expert_sampling=moe.top2_2nd_expert_sampling)
         if moe.dispatch == "indexed":
             from pipeline.model.dispatch import IndexedMOELayer
             self.deepspeed_moe.__class__ = IndexedMOELayer

@@ -1,0 +1,42 @@
+"""Helpers shared by the rank-side scripts (run under the real `deepspeed` launcher)."""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+
+from pipeline.model import ModelConfig, MoEConfig
+
+TINY = dict(hidden_size=32, num_layers=4, num_heads=2, image_size=16, patch_size=8, vocab_size=60,
+            max_text_len=8, num_fusion_layers=1)
+
+
+def init_dist() -> tuple[int, int]:
+    import deepspeed
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=90))
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def tiny_cfg(**moe) -> ModelConfig:
+    return ModelConfig(**TINY, moe=MoEConfig(**{"num_experts": 4, "min_capacity": 1, **moe}))
+
+
+def setup_expert_parallel(model: torch.nn.Module) -> None:
+    """What deepspeed.initialize does for MoE modules: create/attach the EP process groups."""
+    for module in model.modules():
+        if hasattr(module, "set_deepspeed_parallelism"):
+            module.set_deepspeed_parallelism()
+
+
+def batch(b: int, seed: int, real_lengths: list[int]) -> dict[str, torch.Tensor]:
+    """Random pixels/ids; text i has real_lengths[i] real tokens ([CLS] first), the rest padding (id 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 60, (b, 8), generator=g)
+    mask = torch.zeros(b, 8, dtype=torch.long)
+    for i, length in enumerate(real_lengths):
+        mask[i, :length] = 1
+    ids = torch.where(mask.bool(), ids, torch.zeros_like(ids))
+    ids[:, 0] = torch.where(mask[:, 0].bool(), 2, 0)
+    return {"pixel_values": torch.randn(b, 3, 16, 16, generator=g), "input_ids": ids, "attention_mask": mask}
