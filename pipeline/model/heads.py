@@ -20,7 +20,8 @@ class ITCHead(nn.Module):
         proj_dim = proj_dim or hidden_size
         self.image_proj = nn.Linear(hidden_size, proj_dim, bias=False)
         self.text_proj = nn.Linear(hidden_size, proj_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        # shape [1], not []: DeepSpeed's bf16 broadcast of parameters cannot view a 0-dim tensor as bytes
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
         self.max_log_scale = math.log(max_logit_scale)
         for lin in (self.image_proj, self.text_proj):
             nn.init.trunc_normal_(lin.weight, std=0.02)
@@ -32,7 +33,7 @@ class ITCHead(nn.Module):
         return F.normalize(self.text_proj(text_cls_bd).float(), dim=-1)
 
     def scale(self) -> torch.Tensor:
-        return self.logit_scale.float().clamp(max=self.max_log_scale).exp()
+        return self.logit_scale.float().clamp(max=self.max_log_scale).exp().squeeze(0)
 
     def forward(self, image_cls_bd: torch.Tensor, text_cls_bd: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
