@@ -102,6 +102,8 @@ def verify(out_dir: str) -> tuple[list[str], dict]:
             problems.append(f"split {split}: {split_total} samples, manifest says {info['num_samples']}")
         counts["samples"] += split_total
     listed = {n for info in manifest["splits"].values() for n in info["shards"]}
+    for name in sorted(f for f in os.listdir(out_dir) if f.endswith(".tar") and f not in listed):
+        problems.append(f"{name}: shard file not listed in the manifest")
     if set(sizes) != listed:
         problems.append(f"sizes.json lists {sorted(set(sizes) ^ listed)} differently from the manifest")
     for role, name in manifest.get("files", {}).items():

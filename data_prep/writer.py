@@ -16,6 +16,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import time
 from typing import Any, Iterable, Iterator
 
@@ -233,6 +234,7 @@ class DatasetWriter:
     def finish(self, files: dict[str, tuple[str, Any]] | None = None) -> dict:
         """Write extra JSON files ({role: (file name, object)}), sizes.json, then the manifest."""
         files = files or {}
+        self._remove_stale_shards()
         for _, (name, obj) in sorted(files.items()):
             mf.write_json_atomic(os.path.join(self.out_dir, name), obj)
         mf.write_json_atomic(os.path.join(self.out_dir, mf.SIZES), dict(sorted(self.sizes.items())))
@@ -242,6 +244,16 @@ class DatasetWriter:
         mf.write_json_atomic(os.path.join(self.out_dir, mf.MANIFEST), manifest)
         print(self.summary_line(), flush=True)
         return manifest
+
+    def _remove_stale_shards(self) -> None:
+        """Delete `{split}-NNNNNN.tar[.tmp]` of the written splits left by earlier runs with another plan."""
+        listed = {name for info in self.splits.values() for name in info["shards"]}
+        shard_re = re.compile(r"^(?P<split>.+)-\d{6}\.tar(\.tmp)?$")
+        for name in sorted(os.listdir(self.out_dir)):
+            m = shard_re.match(name)
+            if m and m["split"] in self.splits and name not in listed:
+                log.warning("removing %s: not part of this run's output", name)
+                os.remove(os.path.join(self.out_dir, name))
 
     def summary_line(self) -> str:
         seconds = time.monotonic() - self.started

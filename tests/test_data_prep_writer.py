@@ -111,3 +111,12 @@ def test_resume_after_kill_gives_identical_result(tmp_path):
         assert without_run_details(manifest(killed / part)) == without_run_details(manifest(fresh / part))
         assert not list((killed / part).glob("*.tmp"))
         assert verify(str(killed / part))[0] == []
+
+
+def test_stale_shards_of_an_earlier_plan_are_removed(pairs_input, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli(*pairs_args(pairs_input, out)) == 0
+    (out / "train-000009.tar.tmp").write_bytes(b"partial")
+    assert run_cli("pairs", "--input", pairs_input, "--output", out, "--image-size", 24, "--shard-size", 20) == 0
+    assert sorted(p.name for p in out.glob("train-*")) == ["train-000000.tar", "train-000001.tar"]
+    assert verify(str(out))[0] == []
