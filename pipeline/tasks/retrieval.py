@@ -146,8 +146,8 @@ class RetrievalTask(Task):
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         pixels = outputs["pixel_values"]
         valid = outputs["caption_valid"].bool().reshape(-1)
-        ids = outputs["input_ids"].reshape(-1, outputs["input_ids"].shape[-1])[valid]
-        mask = outputs["attention_mask"].reshape(-1, outputs["attention_mask"].shape[-1])[valid]
+        ids = outputs["input_ids"].reshape(-1, outputs["input_ids"].shape[-1])[valid].long()
+        mask = outputs["attention_mask"].reshape(-1, outputs["attention_mask"].shape[-1])[valid].long()
         per_rank = -(-len(pair_list) // world)
         per_rank = -(-per_rank // batch_size) * batch_size
         mine = pair_list[rank * per_rank:(rank + 1) * per_rank]

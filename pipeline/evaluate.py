@@ -1,0 +1,144 @@
+"""Evaluate a fine-tuned checkpoint on a downstream split, whatever EP size it was trained with.
+
+    python -m pipeline.evaluate --checkpoint runs/demo/vqa --task vqa --data runs/demo/data/vqa --split val
+    python -m pipeline.evaluate --checkpoint runs/demo/retrieval/step_000200 --task retrieval \
+        --data runs/demo/data/retrieval --split test --itm-rerank 16 --output retrieval_test.json
+    deepspeed --num_gpus 2 --module pipeline.evaluate --checkpoint ... (same flags; ranks split the data)
+
+The model is rebuilt from the run's ``resolved_recipe.yaml`` with ``moe.ep_size=1`` and loaded from the
+merged DeepSpeed files (dense + one file per expert, ``pipeline.checkpoint_merge``), so no all-to-all
+happens at eval and any world size works. Each rank evaluates its share of the split in fixed-size
+padded batches; outputs are gathered and every rank computes the metrics; rank 0 prints a table with the
+task's baseline next to each score and writes the metrics JSON (+ predictions where the task has a
+results format, e.g. VQA ``[{"question_id", "answer"}]``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.checkpoint_merge import merge_moe_checkpoint, resolve_checkpoint, run_dir_of
+from pipeline.config_utils import ConfigError
+from pipeline.eval_baselines import baseline_for
+from pipeline.tasks import TASKS
+
+log = logging.getLogger("pipeline.evaluate")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR (newest complete checkpoint) or RUN_DIR/TAG")
+    p.add_argument("--task", required=True, choices=[t for t in TASKS if t not in ("text_mlm", "vl_pretrain")])
+    p.add_argument("--data", required=True, help="data_prep output folder (manifest.json) to evaluate on")
+    p.add_argument("--split", default="val", help="split name in the manifest")
+    p.add_argument("--output", default=None, help="metrics JSON path (default RUN/eval/<task>_<split>_<tag>.json)")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per rank per forward (fixed)")
+    p.add_argument("--itm-rerank", type=int, default=0, help="retrieval: re-rank each query's top-K by ITM")
+    p.add_argument("--eval-capacity-factor", type=float, default=None,
+                   help="override moe.eval_capacity_factor (e.g. num_experts: no token dropping at eval)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 when the run's ds_config trained in bf16, else fp32")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.batch_size <= 0 or args.itm_rerank < 0:
+        p.error("--batch-size must be > 0 and --itm-rerank >= 0")
+    return args
+
+
+def eval_dtype(choice: str, ckpt_dir: Path) -> torch.dtype:
+    if choice != "auto":
+        return torch.bfloat16 if choice == "bf16" else torch.float32
+    for folder in (ckpt_dir, run_dir_of(ckpt_dir)):
+        path = folder / "ds_config.json"
+        if path.is_file():
+            return torch.bfloat16 if json.loads(path.read_text()).get("bf16", {}).get("enabled") else torch.float32
+    return torch.float32
+
+
+def format_table(metrics: dict[str, float], baseline: dict[str, float], baseline_name: str) -> str:
+    rows = [("metric", "score", baseline_name)]
+    for key, value in metrics.items():
+        if key.startswith("num_"):
+            rows.append((key, f"{value:.0f}", ""))
+            continue
+        base = baseline.get(key)
+        rows.append((key, f"{100 * value:6.2f}", f"{100 * base:6.2f}" if base is not None else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from pipeline.data import build_eval_loader, num_samples
+    from pipeline.distributed import init_distributed, single_process
+    from pipeline.eval_loop import load_for_eval, run_eval
+    from pipeline.recipe import SourceConfig
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by the deepspeed launcher
+    dist = init_distributed() if launched else single_process()
+    ckpt_dir = resolve_checkpoint(args.checkpoint)
+    overrides = [f"task_options.keep_inputs={str(args.itm_rerank > 0).lower()}"]
+    if args.eval_capacity_factor is not None:
+        overrides.append(f"model.moe.eval_capacity_factor={args.eval_capacity_factor}")
+    run = load_for_eval(ckpt_dir, dist, overrides)
+    if run.recipe.task != args.task:
+        raise ConfigError(f"{ckpt_dir} was trained for task {run.recipe.task!r}, not {args.task!r}")
+    run.module.to(eval_dtype(args.dtype, ckpt_dir))
+    source = SourceConfig(path=args.data, split=args.split)
+    loader = build_eval_loader(source, run.recipe.data, run.task, args.batch_size, dist.rank, dist.world_size)
+    count = num_samples(args.data, args.split)
+    steps = -(-count // (args.batch_size * dist.world_size)) if count else None
+    show = not args.no_progress and dist.is_main
+    started = time.time()
+    metrics, outputs = run_eval(run.module, run.task,
+                                tqdm(loader, total=steps, desc=f"eval {args.task}/{args.split}", unit="batch",
+                                     file=sys.stderr, disable=not show),
+                                dist, args.batch_size)
+    if args.task == "retrieval" and args.itm_rerank:
+        with tqdm(desc="itm re-rank", unit="batch", file=sys.stderr, disable=not show) as bar:
+            metrics.update(run.task.itm_rerank(run.module.model, run.module.heads, outputs, args.itm_rerank,
+                                               args.batch_size, bar))
+    baseline_name, baseline = baseline_for(args.task, run.task, outputs, Path(args.data), run.recipe)
+    result = {"task": args.task, "checkpoint": str(ckpt_dir), "data": args.data, "split": args.split,
+              "world_size": dist.world_size, "seconds": round(time.time() - started, 2),
+              "metrics": metrics, "baseline": {"name": baseline_name, "metrics": baseline}}
+    if dist.is_main:
+        print(format_table(metrics, baseline, baseline_name), flush=True)
+        out_path = Path(args.output) if args.output else \
+            run_dir_of(ckpt_dir) / "eval" / f"{args.task}_{args.split}_{ckpt_dir.name}.json"
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        predictions = run.task.predictions(outputs)
+        if predictions is not None:
+            pred_path = out_path.with_name(out_path.stem + "_predictions.json")
+            pred_path.write_text(json.dumps(predictions))
+            result["predictions"] = str(pred_path)
+        out_path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {out_path}", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        evaluate(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
