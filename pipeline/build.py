@@ -1,0 +1,149 @@
+"""Build what a run needs from a recipe: tokenizer, task, model + heads (``TaskModel``), optimizer param
+groups (weight decay, head lr multiplier, freeze patterns, MoE groups), the DeepSpeed engine."""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config_utils import ConfigError
+from pipeline.schedule import LrFactor
+from pipeline.tasks import DistInfo, Task, TaskContext, get_task_class
+
+log = logging.getLogger(__name__)
+
+
+class TaskModel(nn.Module):
+    """The model and the task's heads as one module (what DeepSpeed wraps and checkpoints).
+    ``forward(batch, mode)`` runs ``task.training_loss`` ("train") or ``task.eval_outputs`` ("eval")."""
+
+    def __init__(self, model: nn.Module, task: Task):
+        super().__init__()
+        self.model = model
+        self.heads = task.build_heads(model)
+        self.task = task  # plain attribute: not a module
+        promote_scalar_params(self)
+
+    def forward(self, batch: dict[str, Any], mode: str = "train") -> Any:
+        if mode == "train":
+            return self.task.training_loss(self.model, self.heads, batch)
+        return self.task.eval_outputs(self.model, self.heads, batch)
+
+
+def promote_scalar_params(module: nn.Module) -> list[str]:
+    """0-dim parameters (e.g. a logit scale) -> shape [1]: DeepSpeed's initial broadcast views every
+    parameter as bytes, which fails for 0-dim tensors. Broadcasting keeps the maths unchanged."""
+    names = []
+    for owner_name, owner in module.named_modules():
+        for name, param in list(owner.named_parameters(recurse=False)):
+            if param.dim() == 0:
+                setattr(owner, name, nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
+                names.append(f"{owner_name}.{name}".lstrip("."))
+    return names
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise ConfigError(f"data.tokenizer: {path} is not a folder (make one with `python -m data_prep "
+                          "tokenizer`)")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def build_task(recipe: Any, model_cfg: Any, tokenizer: Any, dist: DistInfo) -> Task:
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                          f"{len(tokenizer)} tokens: set model.vocab_size >= {len(tokenizer)}")
+    if recipe.data.text_len > model_cfg.max_text_len or recipe.data.image_size > model_cfg.image_size:
+        raise ConfigError("data.text_len/image_size exceed model.max_text_len/image_size")
+    first = recipe.data.eval or recipe.data.train[0]
+    data_dir = Path(first.path) if Path(first.path).is_dir() else None
+    ctx = TaskContext(model_cfg=model_cfg, tokenizer=tokenizer, text_len=recipe.data.text_len,
+                      image_size=recipe.data.image_size, data_dir=data_dir, objectives=dict(recipe.objectives),
+                      dist=dist, options=dict(recipe.task_options))
+    return get_task_class(recipe.task)(ctx)
+
+
+def build_task_model(recipe: Any, model_cfg: Any, task: Task, seed: int) -> TaskModel:
+    from pipeline.model import VLMoE
+
+    torch.manual_seed(seed)  # identical dense init on every rank; experts differ per EP rank anyway
+    return TaskModel(VLMoE(model_cfg), task)
+
+
+def apply_freeze(module: nn.Module, patterns: list[str]) -> list[str]:
+    """Set requires_grad=False on parameters whose name matches any regex; returns the frozen names."""
+    regexes = [re.compile(p) for p in patterns]
+    frozen = []
+    for name, param in module.named_parameters():
+        if any(r.search(name) for r in regexes):
+            param.requires_grad_(False)
+            frozen.append(name)
+    unused = [p for p, r in zip(patterns, regexes) if not any(r.search(n) for n, _ in module.named_parameters())]
+    if unused:
+        raise ConfigError(f"freeze: pattern(s) {unused} match no parameter (names look like "
+                          f"{next(iter(dict(module.named_parameters())))!r})")
+    return frozen
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    return param.ndim < 2 or "embedding" in name or "position" in name or name.endswith(".cls") \
+        or "logit_scale" in name or "norm" in name
+
+
+def param_groups(module: TaskModel, optim: Any) -> list[dict[str, Any]]:
+    """AdamW groups: (body|heads) x (decay|no decay), heads at lr * head_lr_mult, then split into
+    DeepSpeed MoE groups (expert params must sit in their own groups)."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    groups: dict[tuple[bool, bool], dict[str, Any]] = {}
+    seen: set[int] = set()
+    for name, param in module.named_parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        is_head = name.startswith("heads.")
+        no_decay = _no_decay(name, param)
+        group = groups.setdefault((is_head, no_decay), {
+            "name": f"{'heads' if is_head else 'body'}_{'no_decay' if no_decay else 'decay'}",
+            "params": [], "lr": optim.lr * (optim.head_lr_mult if is_head else 1.0),
+            "weight_decay": 0.0 if no_decay else optim.weight_decay})
+        group["params"].append(param)
+    return split_params_into_different_moe_groups_for_optimizer(list(groups.values()))
+
+
+def build_optimizer(module: TaskModel, recipe: Any, ds_config: dict[str, Any]) -> torch.optim.Optimizer:
+    optim = recipe.optim
+    groups = param_groups(module, optim)
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    if offload == "cpu":
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        except Exception as exc:  # op not buildable here: torch AdamW (zero_force_ds_cpu_optimizer=false)
+            log.warning("DeepSpeedCPUAdam unavailable (%s); using torch AdamW with offload", exc)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Any) -> torch.optim.lr_scheduler.LambdaLR:
+    s = recipe.schedule
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, LrFactor(recipe.train.steps, s.warmup_steps, s.kind, s.min_lr_ratio))
+
+
+def build_engine(module: TaskModel, recipe: Any, ds_config: dict[str, Any]) -> tuple[Any, Any]:
+    """(engine, lr_scheduler): deepspeed.initialize with our optimizer and schedule."""
+    import deepspeed
+
+    optimizer = build_optimizer(module, recipe, ds_config)
+    scheduler = build_scheduler(optimizer, recipe)
+    engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+    return engine, scheduler

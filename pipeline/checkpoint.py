@@ -1,0 +1,168 @@
+"""Checkpoints: DeepSpeed engine state + our run state, a COMPLETE marker written last, last-K pruning,
+``--resume auto`` and weights-only ``init_from``.
+
+Layout: ``RUN/checkpoints/step_000100/`` holds the DeepSpeed files (``mp_rank_00_model_states.pt``, one
+file per MoE expert, ZeRO optimizer shards), ``run_state.json`` (step, samples seen, data seed, ...),
+``rng/rank_00000.pt`` (python/numpy/torch RNG of each rank), copies of the resolved recipe and
+ds_config, and ``COMPLETE``. A folder without ``COMPLETE`` is never picked.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.distributed import Dist, barrier
+
+log = logging.getLogger(__name__)
+
+TAG_RE = re.compile(r"^step_(\d+)$")
+COMPLETE = "COMPLETE"
+RUN_STATE = "run_state.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def complete_tags(ckpt_root: Path) -> list[str]:
+    """Tags of complete checkpoints, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    tags = [p.name for p in ckpt_root.iterdir()
+            if TAG_RE.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
+
+
+def latest_complete(ckpt_root: Path) -> str | None:
+    tags = complete_tags(ckpt_root)
+    return tags[-1] if tags else None
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """(checkpoints folder, tag) for ``RUN``, ``RUN/TAG`` or ``RUN/checkpoints/TAG`` (complete only)."""
+    path = Path(path)
+    if TAG_RE.match(path.name):
+        if not (path / COMPLETE).is_file():
+            raise FileNotFoundError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
+        return path.parent, path.name
+    for candidate in (path / "checkpoints", path):
+        tag = latest_complete(candidate)
+        if tag:
+            return candidate, tag
+    raise FileNotFoundError(f"{path}: no complete checkpoint under {path / 'checkpoints'}")
+
+
+# ------------------------------------------------------------------------------------------ RNG
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, keys, *rest = state["python"]
+    random.setstate((version, tuple(keys), *rest))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------- save
+def save_checkpoint(engine: Any, run_dir: Path, step: int, run_state: dict[str, Any], keep_last: int,
+                    dist: Dist) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder."""
+    ckpt_root = run_dir / "checkpoints"
+    tag = tag_for(step)
+    folder = ckpt_root / tag
+    if dist.is_main and folder.exists():  # a half-written one from a killed run
+        shutil.rmtree(folder)
+    barrier()
+    engine.save_checkpoint(str(ckpt_root), tag=tag, save_latest=False)
+    (folder / "rng").mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), folder / "rng" / f"rank_{dist.rank:05d}.pt")
+    if dist.is_main:
+        (folder / RUN_STATE).write_text(json.dumps(run_state, indent=2))
+        for name in ("resolved_recipe.yaml", "ds_config.json"):
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, folder / name)
+    barrier()  # every rank's files are on disk before the marker
+    if dist.is_main:
+        (folder / COMPLETE).write_text(f"{step}\n")
+        prune(ckpt_root, keep_last)
+    barrier()
+    log.info("saved checkpoint %s", folder)
+    return folder
+
+
+def prune(ckpt_root: Path, keep_last: int) -> None:
+    tags = complete_tags(ckpt_root)
+    for tag in tags[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(ckpt_root / tag, ignore_errors=True)
+    newest = int(TAG_RE.match(tags[-1]).group(1)) if tags else -1
+    for path in ckpt_root.iterdir():  # incomplete leftovers older than the newest complete one
+        match = TAG_RE.match(path.name)
+        if match and int(match.group(1)) < newest and not (path / COMPLETE).is_file():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------- load
+def resume(engine: Any, run_dir: Path, dist: Dist) -> dict[str, Any] | None:
+    """Restore engine (module, optimizer, scheduler) and RNG from the newest complete checkpoint of
+    ``run_dir``; returns its run state, or None when there is none (fresh start)."""
+    ckpt_root = run_dir / "checkpoints"
+    tag = latest_complete(ckpt_root)
+    if tag is None:
+        return None
+    load_path, _ = engine.load_checkpoint(str(ckpt_root), tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load {ckpt_root / tag}")
+    rng_file = ckpt_root / tag / "rng" / f"rank_{dist.rank:05d}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        log.warning("%s missing: RNG not restored on rank %d (world size changed?)", rng_file, dist.rank)
+    state = json.loads((ckpt_root / tag / RUN_STATE).read_text())
+    log.info("resumed from %s (step %d)", ckpt_root / tag, state["step"])
+    return state
+
+
+def load_weights(engine: Any, init_from: str | Path) -> Path:
+    """Weights only from another run's checkpoint (EP size and world size may differ). Missing keys
+    (e.g. heads of another task) keep their fresh init and are logged; unexpected ones are ignored."""
+    ckpt_root, tag = resolve_checkpoint(init_from)
+    folder = ckpt_root / tag
+    saved = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    saved_keys = set(saved["module"])
+    del saved
+    load_path, _ = engine.load_checkpoint(str(ckpt_root), tag=tag, load_module_only=True,
+                                          load_module_strict=False, load_optimizer_states=False,
+                                          load_lr_scheduler_states=False)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load weights from {folder}")
+    expert = re.compile(r"\.deepspeed_experts\.")
+    own_keys = {k for k in engine.module.state_dict() if not expert.search(k)}
+    missing = sorted(own_keys - saved_keys)
+    unexpected = sorted(k for k in saved_keys - own_keys if not expert.search(k))
+    if missing:
+        log.info("init_from %s: %d parameters not in the checkpoint keep their fresh init: %s",
+                 folder, len(missing), _summary(missing))
+    if unexpected:
+        log.info("init_from %s: %d checkpoint tensors unused: %s", folder, len(unexpected), _summary(unexpected))
+    log.info("initialised weights from %s", folder)
+    return folder
+
+
+def _summary(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit})" if len(keys) > limit else "")

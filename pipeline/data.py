@@ -1,0 +1,241 @@
+"""webdataset streaming from data_prep manifests into fixed-shape batches.
+
+Training (one list of stages, open_clip style)::
+
+    per source: resampled shards (seeded per rank+worker) -> tar to samples -> seeded shuffle
+    mix sources by weight (seeded) -> decode (images/txt/json/cls only) -> task.prepare_sample
+    -> batch of exactly micro_batch_size (task.collate, partial batches dropped) -> DataLoader workers
+
+Evaluation: every (rank, worker) reads the shard list in order and keeps sample i when
+``i % (world_size * workers) == its slot``: an exact single pass whatever the shard count; batches
+are lists of prepared samples that ``pipeline.eval_loop`` pads to a fixed size.
+
+Rank, world size and seeds are arguments: this module never reads the environment. Shard content is
+never unpickled; ``pipe:`` URLs are refused unless the recipe allows them. Corrupt shards/samples and
+``SkipSample`` are logged, counted and skipped by a handler that does not sleep.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import io
+import json
+import logging
+import random
+import signal
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pipeline.config_utils import ConfigError
+from pipeline.tasks.base import SkipSample, Task
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+PREFETCH_FACTOR = 2
+WORKER_SEED_STRIDE = 1000  # seed = base + rank * stride + worker
+
+
+# ----------------------------------------------------------------------------------- manifests, urls
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder}: no manifest.json (is this a data_prep output folder?)")
+    return json.loads(path.read_text())
+
+
+def shard_urls(path: str, split: str, allow_pipe_urls: bool = False) -> list[str]:
+    """Shard URLs of ``split``: from the manifest when ``path`` is a folder, else a webdataset URL spec."""
+    folder = Path(path)
+    if folder.is_dir():
+        manifest = read_manifest(folder)
+        if split not in manifest.get("splits", {}):
+            raise ConfigError(f"{path}: split {split!r} not in manifest (has {sorted(manifest['splits'])})")
+        urls = [str(folder / name) for name in manifest["splits"][split]["shards"]]
+    else:
+        urls = list(wds.shardlists.expand_urls(path))
+    for url in urls:
+        if url.startswith("pipe:") and not allow_pipe_urls:
+            raise ConfigError(f"shard URL {url!r} runs a shell command: set data.allow_pipe_urls=true "
+                              "in the recipe if you trust it")
+    if not urls:
+        raise ConfigError(f"{path}: split {split!r} has no shards")
+    return urls
+
+
+def num_samples(path: str, split: str) -> int | None:
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    return read_manifest(folder)["splits"][split].get("num_samples")
+
+
+# ------------------------------------------------------------------------------- errors and decoding
+class ErrorCounter:
+    """Webdataset handler: log (rate-limited), count by reason, continue; never sleeps."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __call__(self, exn: BaseException) -> bool:
+        reason = exn.reason if isinstance(exn, SkipSample) else type(exn).__name__
+        self.counts[reason] += 1
+        total = sum(self.counts.values())
+        if total <= 10 or total % 100 == 0:
+            log.warning("%s: skipped sample/shard (%s: %s); %d skipped so far", self.what, reason, exn, total)
+        return True
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def decode_sample(sample: dict[str, Any], fields: Iterable[str]) -> dict[str, Any]:
+    """Decode only the task's fields: images -> PIL RGB, txt -> str, json -> obj, cls -> int."""
+    out: dict[str, Any] = {"__key__": sample.get("__key__")}
+    for name in fields:
+        if name not in sample:
+            raise SkipSample(f"missing_{name}")
+        data = sample[name]
+        ext = name.rsplit(".", 1)[-1]
+        if ext in IMAGE_EXTS:
+            with Image.open(io.BytesIO(data)) as image:
+                out[name] = image.convert("RGB")
+        elif ext == "txt":
+            out[name] = data.decode("utf-8")
+        elif ext == "json":
+            out[name] = json.loads(data)
+        elif ext == "cls":
+            out[name] = int(data.decode("utf-8").strip())
+        else:
+            raise ConfigError(f"field {name!r}: only images, txt, json and cls are decoded")
+    return out
+
+
+def _prepare(sample: dict[str, Any], task: Task, train: bool) -> dict[str, Any]:
+    return task.prepare_sample(decode_sample(sample, task.fields), train=train)
+
+
+# ------------------------------------------------------------------------------------ seeded stages
+def _worker_slot() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def worker_seed(base: int, rank: int) -> int:
+    return base + rank * WORKER_SEED_STRIDE + _worker_slot()[0]
+
+
+def _seeded_shuffle(src: Iterator[Any], bufsize: int, base_seed: int, rank: int) -> Iterator[Any]:
+    rng = random.Random(worker_seed(base_seed, rank))
+    buf: list[Any] = []
+    for sample in src:
+        buf.append(sample)
+        if len(buf) >= bufsize:
+            index = rng.randrange(len(buf))
+            buf[index], buf[-1] = buf[-1], buf[index]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+class WeightedMix(torch.utils.data.IterableDataset):
+    """Draw samples from several infinite sources with probabilities proportional to ``weights``."""
+
+    def __init__(self, sources: list[Any], weights: list[float], base_seed: int, rank: int):
+        super().__init__()
+        self.sources, self.weights = sources, weights
+        self.base_seed, self.rank = base_seed, rank
+
+    def __iter__(self) -> Iterator[Any]:
+        iters = [iter(s) for s in self.sources]
+        if len(iters) == 1:
+            yield from iters[0]
+            return
+        rng = random.Random(worker_seed(self.base_seed + 17, self.rank))
+        while True:
+            (it,) = rng.choices(iters, weights=self.weights)
+            yield next(it)
+
+
+def _select_slot(src: Iterator[Any], rank: int, world_size: int) -> Iterator[Any]:
+    worker, num_workers = _worker_slot()
+    slots = world_size * num_workers
+    slot = rank * num_workers + worker
+    for index, sample in enumerate(src):
+        if index % slots == slot:
+            yield sample
+
+
+def _tag_worker(src: Iterator[dict[str, Any]], counter: ErrorCounter) -> Iterator[dict[str, Any]]:
+    for batch in src:
+        batch["__worker__"] = (_worker_slot()[0], counter.total)
+        yield batch
+
+
+def _restore_default(signum: int, _frame: Any) -> None:
+    signal.signal(signum, signal.SIG_DFL)
+
+
+def _ignore_preemption_signals(_: int) -> None:
+    """Worker init: a preemption SIGTERM sent to the whole process group must not kill the workers
+    before the trainer has checkpointed; the first SIGTERM is swallowed (a second one terminates, as
+    DataLoader shutdown expects), SIGUSR1 is ignored."""
+    signal.signal(signal.SIGTERM, _restore_default)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def _loader(pipeline: Any, num_workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        pipeline, batch_size=None, num_workers=num_workers, worker_init_fn=_ignore_preemption_signals,
+        prefetch_factor=PREFETCH_FACTOR if num_workers else None, persistent_workers=False)
+
+
+# ----------------------------------------------------------------------------------------- loaders
+def build_train_loader(data_cfg: Any, task: Task, micro_batch_size: int, rank: int, world_size: int,
+                       seed: int) -> torch.utils.data.DataLoader:
+    """Infinite loader of fixed-shape training batches (dicts of tensors + ``__worker__`` stats)."""
+    counter = ErrorCounter(f"train data (rank {rank})")
+    sources = []
+    for index, source in enumerate(data_cfg.train):
+        urls = shard_urls(source.path, source.split, data_cfg.allow_pipe_urls)
+        source_seed = seed + 104729 * (index + 1)
+        sources.append(wds.DataPipeline(
+            wds.ResampledShards(urls, seed=source_seed, deterministic=True,
+                                worker_seed=functools.partial(worker_seed, 0, rank)),
+            wds.tarfile_to_samples(handler=counter),
+            wds.pipelinefilter(_seeded_shuffle)(data_cfg.shuffle_buffer, source_seed, rank),
+        ))
+    pipeline = wds.DataPipeline(
+        WeightedMix(sources, [s.weight for s in data_cfg.train], seed, rank),
+        wds.map(functools.partial(_prepare, task=task, train=True), handler=counter),
+        wds.batched(micro_batch_size, collation_fn=task.collate, partial=False),
+        wds.pipelinefilter(_tag_worker)(counter),
+    )
+    return _loader(pipeline, data_cfg.num_workers)
+
+
+def build_eval_loader(source: Any, data_cfg: Any, task: Task, batch_size: int, rank: int,
+                      world_size: int) -> torch.utils.data.DataLoader:
+    """One exact pass over ``source`` split across ranks and workers; yields lists of prepared samples
+    (at most ``batch_size``), padded and collated by ``pipeline.eval_loop``."""
+    counter = ErrorCounter(f"eval data (rank {rank})")
+    urls = shard_urls(source.path, source.split, data_cfg.allow_pipe_urls)
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.tarfile_to_samples(handler=counter),
+        wds.pipelinefilter(_select_slot)(rank, world_size),
+        wds.map(functools.partial(_prepare, task=task, train=False), handler=counter),
+        wds.batched(batch_size, collation_fn=list, partial=True),
+    )
+    return _loader(pipeline, data_cfg.num_workers)
+
+
+def strip_meta(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in batch.items() if not k.startswith("__")}
+

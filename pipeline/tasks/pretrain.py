@@ -1,0 +1,154 @@
+"""Pretraining tasks: ``text_mlm`` (text-only MLM warm-up) and ``vl_pretrain`` (ITC + ITM + MLM, VLMo).
+
+Losses come from ``pipeline.objectives.pretrain``. Eval masks text with a fixed generator so every eval
+sees the same masks. Shapes: B batch, L text length, H/W image side, D hidden, P projection dim.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from pipeline.model import PIXEL_MEAN, PIXEL_STD
+from pipeline.model.heads import ITCHead, ITMHead, MLMHead
+from pipeline.objectives.pretrain import IGNORE, itm_loss, mask_tokens, mlm_loss, vl_pretrain_losses
+from pipeline.tasks.base import LossOutput, SkipSample, Task, TaskContext
+
+EVAL_MASK_SEED = 1234
+MLM_PROB_OPTION = "mlm_prob"
+
+
+def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """PIL RGB -> [3, size, size] float normalised with the model's pixel mean/std."""
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    return (array - mean) / std
+
+
+class _TextMixin:
+    ctx: TaskContext
+
+    def tokenize(self, text: str) -> dict[str, torch.Tensor]:
+        enc = self.ctx.tokenizer(text, max_length=self.ctx.text_len, padding="max_length", truncation=True,
+                                 return_tensors="pt")
+        return {"input_ids": enc["input_ids"][0].long(), "attention_mask": enc["attention_mask"][0].long()}
+
+    def mask(self, batch: dict[str, Any], generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.ctx.tokenizer
+        return mask_tokens(batch["input_ids"], batch["attention_mask"], tok.all_special_ids, tok.mask_token_id,
+                           len(tok), prob=float(self.ctx.options.get(MLM_PROB_OPTION, 0.15)),
+                           generator=generator)
+
+    def eval_generator(self, device: torch.device) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(EVAL_MASK_SEED)
+
+
+def _mlm_per_sample(labels_bl: torch.Tensor, hidden_bld: torch.Tensor,
+                    head: nn.Module) -> dict[str, torch.Tensor]:
+    selected = labels_bl != IGNORE
+    logits = head(hidden_bld).float()  # [B, L, V]
+    loss = F.cross_entropy(logits.transpose(1, 2), labels_bl.clamp(min=0), reduction="none") * selected
+    correct = (logits.argmax(-1) == labels_bl) & selected
+    return {"mlm_loss_sum": loss.sum(1), "mlm_correct": correct.sum(1).float(),
+            "mlm_count": selected.sum(1).float()}
+
+
+def _mlm_metrics(outputs: dict[str, Any]) -> dict[str, float]:
+    count = outputs["mlm_count"].sum().clamp(min=1)
+    return {"mlm_acc": float(outputs["mlm_correct"].sum() / count),
+            "mlm_loss": float(outputs["mlm_loss_sum"].sum() / count)}
+
+
+class TextMLMTask(_TextMixin, Task):
+    name = "text_mlm"
+    fields = ("txt",)
+
+    def build_heads(self, model: nn.Module) -> nn.ModuleDict:
+        return nn.ModuleDict({"mlm": MLMHead(model.token_embedding, model.cfg.layer_norm_eps)})
+
+    def prepare_sample(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
+        text = sample["txt"].strip()
+        if not text:
+            raise SkipSample("empty_text")
+        return self.tokenize(text)
+
+    def padding_sample(self) -> dict[str, Any]:
+        return self.tokenize("")
+
+    def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
+        masked, labels = self.mask(batch, None)
+        out = model.encode_text(masked, batch["attention_mask"])
+        loss, acc = mlm_loss(heads["mlm"], out.hidden, labels)
+        return LossOutput(loss=loss, terms={"mlm": loss.detach(), "mlm_acc": acc}, aux_loss=out.aux_loss,
+                          expert_counts=out.expert_counts)
+
+    @torch.no_grad()
+    def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:
+        masked, labels = self.mask(batch, self.eval_generator(batch["input_ids"].device))
+        out = model.encode_text(masked, batch["attention_mask"])
+        return _mlm_per_sample(labels, out.hidden, heads["mlm"])
+
+    def metrics(self, outputs: dict[str, Any]) -> dict[str, float]:
+        return _mlm_metrics(outputs)
+
+
+class VLPretrainTask(_TextMixin, Task):
+    name = "vl_pretrain"
+    fields = ("jpg", "txt")
+
+    def build_heads(self, model: nn.Module) -> nn.ModuleDict:
+        hidden = model.cfg.hidden_size
+        return nn.ModuleDict({"itc": ITCHead(hidden), "itm": ITMHead(hidden),
+                              "mlm": MLMHead(model.token_embedding, model.cfg.layer_norm_eps)})
+
+    def prepare_sample(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
+        text = sample["txt"].strip()
+        if not text:
+            raise SkipSample("empty_text")
+        return {"pixel_values": image_to_tensor(sample["jpg"], self.ctx.image_size), **self.tokenize(text)}
+
+    def padding_sample(self) -> dict[str, Any]:
+        size = self.ctx.image_size
+        return {"pixel_values": torch.zeros(3, size, size), **self.tokenize("")}
+
+    def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
+        batch = dict(batch)
+        if self.ctx.objectives.get("mlm", 0):
+            batch["mlm_input_ids"], batch["mlm_labels"] = self.mask(batch, None)
+        out = vl_pretrain_losses(model, heads, batch, self.ctx.objectives, group=self.ctx.dist.group)
+        return LossOutput(loss=out["loss"], terms=out["terms"], aux_loss=out["aux_loss"],
+                          expert_counts=out["expert_counts"])
+
+    @torch.no_grad()
+    def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:
+        pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+        image_bp, text_bp, scale = heads["itc"](model.encode_image(pixels).cls, model.encode_text(ids, mask).cls)
+        # ITM: each image with its own text and with the next sample's text (a negative)
+        neg_ids, neg_mask = ids.roll(1, dims=0), mask.roll(1, dims=0)
+        fused = model.fuse(torch.cat([pixels, pixels]), torch.cat([ids, neg_ids]), torch.cat([mask, neg_mask]))
+        pos_logits, neg_logits = heads["itm"](fused.cls).float().chunk(2)
+        masked, labels = self.mask(batch, self.eval_generator(ids.device))
+        fused_mlm = model.fuse(pixels, masked, mask)
+        start, end = fused_mlm.spans["text"]
+        return {"image_emb": image_bp, "text_emb": text_bp, "logit_scale": scale.expand(len(ids)),
+                "itm_pos_correct": (pos_logits.argmax(-1) == 1).float(),
+                "itm_neg_correct": (neg_logits.argmax(-1) == 0).float(),
+                **_mlm_per_sample(labels, fused_mlm.hidden[:, start:end], heads["mlm"])}
+
+    def metrics(self, outputs: dict[str, Any]) -> dict[str, float]:
+        image, text = outputs["image_emb"].float(), outputs["text_emb"].float()
+        sim = image @ text.t()
+        targets = torch.arange(len(sim))
+        scale = outputs["logit_scale"].float()[0] if len(sim) else torch.tensor(1.0)
+        itc = (F.cross_entropy(scale * sim, targets) + F.cross_entropy(scale * sim.t(), targets)) / 2
+        itm_acc = (outputs["itm_pos_correct"].mean() + outputs["itm_neg_correct"].mean()) / 2
+        return {"itc_loss": float(itc), "i2t_r1": float((sim.argmax(1) == targets).float().mean()),
+                "t2i_r1": float((sim.argmax(0) == targets).float().mean()), "itm_acc": float(itm_acc),
+                **_mlm_metrics(outputs)}

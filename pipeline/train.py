@@ -1,0 +1,63 @@
+"""Train one stage: the single entry point for every recipe (pretraining and fine-tuning).
+
+    deepspeed --num_gpus 2 --module pipeline.train --recipe launch/recipes/vl_pretrain.yaml \
+        --ds-config ds_configs/zero2_bf16.json --output-dir runs/vl [--set train.steps=50] [--resume auto]
+
+Without CUDA the launcher starts CPU ranks over gloo (DS_ACCELERATOR=cpu). SIGTERM/SIGUSR1 save a
+checkpoint at the next step boundary and exit 0. Run folder layout: docs/INTERFACES.md section 5.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config_utils import ConfigError
+
+log = logging.getLogger("pipeline.train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pipeline.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", required=True, help="stage recipe YAML (launch/recipes/*.yaml)")
+    parser.add_argument("--ds-config", required=True, help="engine settings JSON (ds_configs/*.json)")
+    parser.add_argument("--output-dir", required=True, help="run folder (checkpoints, logs, evals)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. --set train.steps=10 (repeatable)")
+    parser.add_argument("--resume", choices=["auto", "never"], default="never",
+                        help="auto: continue from the newest complete checkpoint in --output-dir")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # launcher arg
+    return parser.parse_args(argv)
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        force=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pipeline.distributed import init_distributed
+    from pipeline.trainer import Trainer
+
+    dist = init_distributed()
+    setup_logging(dist.rank)
+    try:
+        trainer = Trainer.create(args.recipe, args.ds_config, Path(args.output_dir), args.overrides,
+                                 args.resume == "auto", dist)
+    except ConfigError as exc:
+        if dist.is_main:
+            print(f"pipeline.train: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

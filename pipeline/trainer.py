@@ -1,0 +1,242 @@
+"""The training loop behind ``pipeline.train``: build, (resume | init_from), then steps with periodic
+log / eval / checkpoint, and a checkpoint + clean exit on SIGTERM/SIGUSR1.
+
+MoE invariant: every rank runs the same number of steps (stop decisions are all-reduced) and
+fixed-shape batches; eval pads to equal batch counts (``pipeline.eval_loop``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import checkpoint
+from pipeline.build import apply_freeze, build_engine, build_task, build_task_model, load_tokenizer
+from pipeline.config_utils import to_dict
+from pipeline.data import build_eval_loader, build_train_loader, strip_meta
+from pipeline.distributed import Dist, all_reduce_max, all_reduce_sum, barrier
+from pipeline.ds_config import build_ds_config, load_engine_json, precision
+from pipeline.eval_loop import run_eval, to_device, write_eval
+from pipeline.recipe import dump_recipe, load_recipe
+from pipeline.tasks import DistInfo
+from pipeline.tb_logging import MetricsSink, console_line, expert_load_scalars, measure_peak_tflops
+
+log = logging.getLogger(__name__)
+
+DATA_SEED_STRIDE = 1_000_003  # data stream seed = seed + stride * step at which the loader started
+
+
+@dataclasses.dataclass
+class RunState:
+    step: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    data_seed: int = 0
+    resumes: int = 0
+    world_size: int = 1
+
+
+class Trainer:
+    def __init__(self, recipe: Any, model_cfg: Any, ds_config: dict[str, Any], run_dir: Path, dist: Dist,
+                 engine: Any, task: Any, state: RunState):
+        self.recipe, self.model_cfg, self.ds_config = recipe, model_cfg, ds_config
+        self.run_dir, self.dist, self.engine, self.task, self.state = run_dir, dist, engine, task, state
+        self.sink = MetricsSink(run_dir, dist.is_main)
+        self.stop_signal: int | None = None
+        self.flops_per_sample = _train_flops_per_sample(model_cfg, recipe)
+        self.peak_tflops = recipe.train.peak_tflops or measure_peak_tflops(dist.device, _dtype(ds_config))
+        self.window: dict[str, Any] = _empty_window()
+        self.worker_skips: dict[int, int] = {}
+        self.loader_iter = None
+
+    # ------------------------------------------------------------------------------------- build
+    @classmethod
+    def create(cls, recipe_path: str, ds_config_path: str, run_dir: Path, overrides: list[str],
+               resume: bool, dist: Dist) -> "Trainer":
+        recipe, model_cfg = load_recipe(recipe_path, overrides)
+        ds_config = build_ds_config(recipe, model_cfg, load_engine_json(ds_config_path), dist.world_size)
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "resolved_recipe.yaml").write_text(dump_recipe(recipe))
+            (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        torch.manual_seed(recipe.train.seed)
+        tokenizer = load_tokenizer(recipe.data.tokenizer)
+        task = build_task(recipe, model_cfg, tokenizer, DistInfo(dist.rank, dist.world_size, None))
+        module = build_task_model(recipe, model_cfg, task, recipe.train.seed)
+        frozen = apply_freeze(module, recipe.freeze)
+        if frozen:
+            log.info("frozen %d parameters (%s)", len(frozen), ", ".join(recipe.freeze))
+        engine, _ = build_engine(module, recipe, ds_config)
+        state = RunState(world_size=dist.world_size)
+        saved = checkpoint.resume(engine, run_dir, dist) if resume else None
+        if saved is not None:
+            state = RunState(**{**saved, "resumes": saved.get("resumes", 0) + 1, "world_size": dist.world_size})
+        elif recipe.init_from:
+            checkpoint.load_weights(engine, recipe.init_from)
+        barrier()
+        return cls(recipe, model_cfg, ds_config, run_dir, dist, engine, task, state)
+
+    def close(self) -> None:
+        self.loader_iter = None  # shuts the DataLoader workers down now, not in interpreter teardown
+        self.sink.close()
+
+    # -------------------------------------------------------------------------------------- loop
+    def fit(self) -> None:
+        steps = self.recipe.train.steps
+        self._install_signal_handlers()
+        self._restart_data()
+        log.info("training %s from step %d to %d on %d ranks (global batch %d)", self.recipe.task,
+                 self.state.step, steps, self.dist.world_size, self.ds_config["train_batch_size"])
+        while self.state.step < steps:
+            self.train_step()
+            step = self.state.step
+            if step % self.recipe.train.log_every == 0 or step == steps:
+                self.log_window()
+            if self._stop_requested():
+                log.info("signal %s: checkpointing at step %d and exiting", self.stop_signal, step)
+                self.save()
+                return
+            if step < steps and self.recipe.train.eval_every and step % self.recipe.train.eval_every == 0:
+                self.evaluate()
+            if step < steps and self.recipe.train.save_every and step % self.recipe.train.save_every == 0:
+                self.save()
+                self._restart_data()  # data stream is a function of (seed, step): resume is exact
+        self.evaluate()
+        self.save()
+
+    def train_step(self) -> None:
+        engine, coef = self.engine, self.model_cfg.moe.aux_loss_coef
+        start = time.perf_counter()
+        for _ in range(self.recipe.batch.grad_accum):
+            wait_start = time.perf_counter()
+            batch = next(self.loader_iter)
+            self.window["data_wait"] += time.perf_counter() - wait_start
+            self._note_worker(batch)
+            batch = to_device(strip_meta(batch), self.dist.device)
+            batch["valid"] = torch.ones(len(next(iter(batch.values()))), dtype=torch.bool, device=self.dist.device)
+            out = engine(batch, mode="train")
+            engine.backward(out.loss + coef * out.aux_loss)
+            engine.step()
+            self._accumulate(out, batch)
+        self.state.step += 1
+        self.state.samples_seen += self.ds_config["train_batch_size"]
+        norm = engine.get_global_grad_norm()
+        self.window["grad_norm"] += float(norm) if norm is not None else 0.0
+        self.window["steps"] += 1
+        self.window["time"] += time.perf_counter() - start
+
+    def _accumulate(self, out: Any, batch: dict[str, Any]) -> None:
+        w = self.window
+        w["terms"]["loss"] += float(out.loss.detach())
+        w["terms"]["aux_loss"] += float(out.aux_loss.detach())
+        for key, value in out.terms.items():
+            w["terms"][key] += float(value)
+        for key, value in out.expert_counts.items():
+            w["counts"][key] = w["counts"].get(key, 0) + value.detach().double().cpu()
+        w["micro"] += 1
+        w["tokens"] += _tokens_in(batch, self.model_cfg)
+
+    def _note_worker(self, batch: dict[str, Any]) -> None:
+        worker, skipped = batch.get("__worker__", (0, 0))
+        self.worker_skips[worker] = skipped
+
+    # ----------------------------------------------------------------------------------- logging
+    def log_window(self) -> None:
+        """Collective (all ranks): averages loss terms over ranks, sums expert counts, writes on rank 0."""
+        w, device = self.window, self.dist.device
+        if not w["steps"]:
+            return
+        names = sorted(w["terms"])
+        terms = all_reduce_sum(torch.tensor([w["terms"][n] / w["micro"] for n in names]), device)
+        values = {f"train/{n}": float(v) / self.dist.world_size for n, v in zip(names, terms)}
+        keys = sorted(w["counts"])
+        counts = {k: all_reduce_sum(w["counts"][k], device) for k in keys}
+        tokens = float(all_reduce_sum(torch.tensor([float(w["tokens"])]), device)[0])
+        skipped = float(all_reduce_sum(torch.tensor([float(sum(self.worker_skips.values()))]), device)[0])
+        step_time = w["time"] / w["steps"]
+        samples_per_s = self.ds_config["train_batch_size"] / step_time
+        values.update({
+            "train/lr": self.engine.get_lr()[0], "train/grad_norm": w["grad_norm"] / w["steps"],
+            "train/samples_per_s": samples_per_s, "train/tokens_per_s": tokens / w["time"],
+            "train/data_wait_frac": w["data_wait"] / w["time"], "train/step_time_s": step_time,
+            "data/skipped_samples": skipped, "train/samples_seen": float(self.state.samples_seen)})
+        if self.flops_per_sample:
+            values["train/mfu"] = (samples_per_s * self.flops_per_sample
+                                   / (self.peak_tflops * 1e12 * self.dist.world_size))
+        values.update(expert_load_scalars(counts, self.model_cfg.moe.capacity_factor
+                                          if self.model_cfg.moe.drop_tokens else None))
+        self.sink.scalars(values, self.state.step)
+        if self.dist.is_main:
+            log.info(console_line(self.state.step, self.recipe.train.steps, values))
+        self.window = _empty_window()
+
+    # ------------------------------------------------------------------------------ eval, ckpt
+    def evaluate(self) -> dict[str, float]:
+        source = self.recipe.data.eval
+        if source is None:
+            return {}
+        batch_size = self.recipe.batch.micro_batch_size
+        loader = build_eval_loader(source, self.recipe.data, self.task, batch_size, self.dist.rank,
+                                   self.dist.world_size)
+        start = time.perf_counter()
+        metrics, outputs = run_eval(self.engine, self.task, loader, self.dist, batch_size,
+                                    self.recipe.train.eval_max_batches)
+        metrics["eval_seconds"] = time.perf_counter() - start
+        if self.dist.is_main:
+            write_eval(self.run_dir, checkpoint.tag_for(self.state.step), metrics, self.task, outputs)
+            self.sink.scalars({f"eval/{k}": v for k, v in metrics.items()}, self.state.step)
+            log.info("eval step %d: %s", self.state.step,
+                     ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+        return metrics
+
+    def save(self) -> None:
+        checkpoint.save_checkpoint(self.engine, self.run_dir, self.state.step, dataclasses.asdict(self.state),
+                                   self.recipe.train.keep_last, self.dist)
+
+    def _restart_data(self) -> None:
+        self.state.data_seed = self.recipe.train.seed + DATA_SEED_STRIDE * self.state.step
+        loader = build_train_loader(self.recipe.data, self.task, self.recipe.batch.micro_batch_size,
+                                    self.dist.rank, self.dist.world_size, self.state.data_seed)
+        self.loader_iter = iter(loader)
+
+    # ----------------------------------------------------------------------------------- signals
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum: int, _frame: Any) -> None:
+            self.stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def _stop_requested(self) -> bool:
+        return all_reduce_max(1.0 if self.stop_signal is not None else 0.0, self.dist.device) > 0
+
+
+def _empty_window() -> dict[str, Any]:
+    return {"terms": defaultdict(float), "counts": {}, "micro": 0, "steps": 0, "tokens": 0, "time": 0.0,
+            "data_wait": 0.0, "grad_norm": 0.0}
+
+
+def _tokens_in(batch: dict[str, Any], model_cfg: Any) -> int:
+    tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+    images = sum(v.shape[0] for k, v in batch.items() if k.startswith("pixel_values"))
+    return tokens + images * (model_cfg.num_patches + 1)
+
+
+def _dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds_config)]
+
+
+def _train_flops_per_sample(model_cfg: Any, recipe: Any) -> float | None:
+    """3 x forward FLOPs (forward + backward) of one sample, from the model's own accounting."""
+    try:
+        from pipeline.plan import forward_flops_per_sample
+    except ImportError:
+        return None
+    return 3.0 * forward_flops_per_sample(model_cfg, recipe)
