@@ -15,6 +15,7 @@ import io
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -50,28 +51,36 @@ def make_inputs(photos: Path, out: Path, count: int, size: tuple[int, int]) -> l
     return files
 
 
-def bare_loop(files: list[str], size: int, quality: int) -> float:
-    """The reference: open, decode, resize the shorter side, encode; seconds for all files."""
-    start = time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (pool workers), user + system."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(fn, *args) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of fn(*args)."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    fn(*args)
+    return time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def bare_loop(files: list[str], size: int, quality: int) -> None:
+    """The reference: open, decode, resize the shorter side, encode."""
     for path in files:
         img = Image.open(path).convert("RGB")
         scale = size / min(img.size)
         img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=quality)
-    return time.perf_counter() - start
 
 
-def pairs_run(table: Path, out: Path, workers: int, size: int, quality: int, shard_size: int) -> float:
+def pairs_run(table: Path, out: Path, workers: int, size: int, quality: int, shard_size: int) -> None:
     shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
     rc = data_prep_main(["pairs", "--input", str(table), "--output", str(out), "--image-size", str(size),
                          "--quality", str(quality), "--shard-size", str(shard_size), "--workers", str(workers),
                          "--no-progress"])
-    elapsed = time.perf_counter() - start
     if rc != 0:
         raise SystemExit(f"data_prep pairs failed with {rc}")
-    return elapsed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -102,26 +111,36 @@ def main(argv=None) -> int:
                                  for i, f in enumerate(files)))
         n = len(files)
         bare_loop(files[: min(20, n)], args.image_size, args.quality)  # warm the page cache
-        timings = {"bare_pil": min(bare_loop(files, args.image_size, args.quality) for _ in range(args.repeats))}
+        runs = {"bare_pil": lambda: timed(bare_loop, files, args.image_size, args.quality)}
         for w in args.workers:
-            timings[f"pairs_w{w}"] = min(pairs_run(table, tmp / "out", w, args.image_size, args.quality,
-                                                   args.shard_size) for _ in range(args.repeats))
+            runs[f"pairs_w{w}"] = (lambda w=w: timed(pairs_run, table, tmp / "out", w, args.image_size,
+                                                     args.quality, args.shard_size))
+        results = {name: [] for name in runs}
+        for _ in range(args.repeats):  # interleaved, so load changes hit every method alike
+            for name, run in runs.items():
+                results[name].append(run())
+    timings = {k: min(wall for wall, _ in v) for k, v in results.items()}
+    cpu_ms = {k: 1000 * min(cpu for _, cpu in v) / n for k, v in results.items()}
     rates = {k: n / v for k, v in timings.items()}
-    rows = [("bare PIL loop", 1, rates["bare_pil"], 1.0, None)]
-    base = rates.get(f"pairs_w{args.workers[0]}")
+    base = rates[f"pairs_w{args.workers[0]}"]
+    rows = [("bare PIL loop", 1, rates["bare_pil"], 1.0, None, cpu_ms["bare_pil"])]
     for w in args.workers:
         r = rates[f"pairs_w{w}"]
-        rows.append((f"data_prep pairs", w, r, r / rates["bare_pil"] / w, r / base if base else None))
+        rows.append(("data_prep pairs", w, r, r / rates["bare_pil"] / w, r / base, cpu_ms[f"pairs_w{w}"]))
+    load = os.getloadavg()[0]
     print(f"{n} JPEGs {width}x{height} -> shorter side {args.image_size}, quality {args.quality}; "
-          f"best of {args.repeats}; {os.cpu_count()} CPUs")
-    print(f"{'method':<18}{'workers':>8}{'samples/s':>12}{'x bare per worker':>20}{'x vs 1 worker':>15}")
-    for name, w, r, per_worker, speedup in rows:
-        print(f"{name:<18}{w:>8}{r:>12.1f}{per_worker:>20.2f}{(f'{speedup:.2f}' if speedup else '-'):>15}")
+          f"best of {args.repeats} (interleaved); {os.cpu_count()} CPUs, load average {load:.1f}")
+    print(f"{'method':<18}{'workers':>8}{'samples/s':>12}{'x bare per worker':>19}{'x vs 1st':>10}"
+          f"{'CPU ms/sample':>15}")
+    for name, w, r, per_worker, speedup, cpu in rows:
+        print(f"{name:<18}{w:>8}{r:>12.1f}{per_worker:>19.2f}{(f'{speedup:.2f}' if speedup else '-'):>10}"
+              f"{cpu:>15.2f}")
     args.results_dir.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "data_prep_pairs", "command": " ".join([sys.executable, *sys.argv]),
               "num_images": n, "input_size": [width, height], "image_size": args.image_size,
               "quality": args.quality, "repeats": args.repeats, "cpus": os.cpu_count(),
-              "platform": platform.platform(), "seconds": timings, "samples_per_s": rates,
+              "platform": platform.platform(), "load_average": load, "seconds": timings, "samples_per_s": rates,
+              "cpu_ms_per_sample": cpu_ms,
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     path = args.results_dir / f"data_prep_{time.strftime('%Y%m%d_%H%M%S', time.gmtime())}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")

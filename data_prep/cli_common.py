@@ -22,6 +22,10 @@ def add_output_options(parser: argparse.ArgumentParser, *, image_size: int = 256
     g.add_argument("--quality", type=int, default=quality, help="JPEG quality 1-100 (default %(default)s)")
     g.add_argument("--max-pixels", type=int, default=50_000_000,
                    help="skip images with more pixels than this (default %(default)s)")
+    g.add_argument("--min-image-size", type=int, default=0,
+                   help="skip images whose shorter side is below this (default %(default)s: off)")
+    g.add_argument("--max-aspect-ratio", type=float, default=0.0,
+                   help="skip images with longer/shorter side above this (default %(default)s: off)")
     g.add_argument("--shard-size", type=int, default=shard_size, help="samples per shard (default %(default)s)")
     g.add_argument("--workers", type=int, default=1,
                    help="encoding processes; output is byte-identical for any value (default %(default)s)")
@@ -30,7 +34,8 @@ def add_output_options(parser: argparse.ArgumentParser, *, image_size: int = 256
 
 def image_options(args: argparse.Namespace) -> ImageOptions:
     return ImageOptions(size=args.image_size, resize_mode=args.resize_mode, quality=args.quality,
-                        max_pixels=args.max_pixels)
+                        max_pixels=args.max_pixels, min_size=args.min_image_size,
+                        max_aspect_ratio=args.max_aspect_ratio)
 
 
 def recorded_options(args: argparse.Namespace) -> dict:

@@ -8,8 +8,8 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data_prep.records import (CORRUPT_IMAGE, MISSING_FILE, NOT_AN_IMAGE, TOO_MANY_PIXELS, ImageSource,
-                               SkipSample)
+from data_prep.records import (BAD_ASPECT_RATIO, CORRUPT_IMAGE, MISSING_FILE, NOT_AN_IMAGE, TOO_MANY_PIXELS,
+                               TOO_SMALL, ImageSource, SkipSample)
 
 RESIZE_MODES = ("shorter", "center_crop", "none")
 
@@ -22,11 +22,14 @@ class ImageOptions:
     resize_mode: str = "shorter"  # shorter | center_crop | none
     quality: int = 90
     max_pixels: int = 50_000_000  # width * height above this -> skipped as too_many_pixels
+    min_size: int = 0  # shorter side below this -> skipped as too_small
+    max_aspect_ratio: float = 0.0  # longer/shorter side above this -> skipped as bad_aspect_ratio (0: off)
 
     def __post_init__(self):
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
-        if self.size < 1 or not 1 <= self.quality <= 100 or self.max_pixels < 1:
+        if self.size < 1 or not 1 <= self.quality <= 100 or self.max_pixels < 1 or self.min_size < 0 \
+                or self.max_aspect_ratio < 0:
             raise ValueError(f"bad image options: {self}")
 
 
@@ -79,7 +82,17 @@ def encode_jpeg(img: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def check_geometry(img: Image.Image, opts: ImageOptions) -> None:
+    """The optional filters on the source size: --min-image-size and --max-aspect-ratio."""
+    short, long = min(img.size), max(img.size)
+    if short < opts.min_size:
+        raise SkipSample(TOO_SMALL, f"{img.width}x{img.height} < {opts.min_size}")
+    if opts.max_aspect_ratio and long > opts.max_aspect_ratio * short:
+        raise SkipSample(BAD_ASPECT_RATIO, f"{img.width}x{img.height}")
+
+
 def process_image(source: ImageSource, opts: ImageOptions) -> bytes:
     """Source -> checked, resized, re-encoded JPEG bytes (deterministic for the same input)."""
     img = open_image(source, opts.max_pixels)
+    check_geometry(img, opts)
     return encode_jpeg(resize(img, opts.size, opts.resize_mode), opts.quality)

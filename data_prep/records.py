@@ -18,8 +18,8 @@ EMPTY_CAPTION = "empty_caption"
 BAD_ENCODING = "bad_encoding"
 MISSING_FIELD = "missing_field"
 BAD_LABEL = "bad_label"
-SKIP_REASONS = (MISSING_FILE, CORRUPT_IMAGE, NOT_AN_IMAGE, TOO_MANY_PIXELS, EMPTY_CAPTION, BAD_ENCODING,
-                MISSING_FIELD, BAD_LABEL)
+TOO_SMALL = "too_small"
+BAD_ASPECT_RATIO = "bad_aspect_ratio"
 
 
 class InputFormatError(ValueError):

@@ -111,6 +111,9 @@ class DatasetWriter:
         self.reused_shards = 0
         self.pool = None
         os.makedirs(os.path.join(out_dir, mf.STATS_DIR), exist_ok=True)
+        manifest_path = os.path.join(out_dir, mf.MANIFEST)
+        if os.path.exists(manifest_path):  # a manifest means "complete": not true again until finish()
+            os.remove(manifest_path)
         base = {"task": task, "fields": fields, "image": dataclasses.asdict(image_opts), "shard_size": shard_size}
         self.fingerprint_base = json.dumps(base, sort_keys=True).encode()
 

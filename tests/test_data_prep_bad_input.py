@@ -169,3 +169,18 @@ def test_bad_records_in_official_formats(tmp_path):
     out = tmp_path / "vqa_test"
     assert run_cli("vqa", "--questions", tmp_path / "q.json", "--image-root", root, "--output", out) == 0
     assert manifest(out)["skipped"] == {"empty_caption": 1, "missing_field": 1, "missing_file": 1}
+
+
+def test_size_and_aspect_filters(tmp_path):
+    root = tmp_path / "images"
+    write_image(root / "ok.jpg", PALETTE[0], size=(40, 30))
+    write_image(root / "tiny.jpg", PALETTE[1], size=(12, 10))
+    write_image(root / "banner.jpg", PALETTE[2], size=(120, 20))
+    table = tmp_path / "t.jsonl"
+    table.write_text("".join(json.dumps({"image": f"{n}.jpg", "caption": n}) + "\n"
+                             for n in ("ok", "tiny", "banner")))
+    out = tmp_path / "out"
+    assert run_cli("pairs", "--input", table, "--image-root", root, "--output", out, "--min-image-size", 16,
+                   "--max-aspect-ratio", 3) == 0
+    assert manifest(out)["skipped"] == {"too_small": 1, "bad_aspect_ratio": 1}
+    assert [m["caption"] for m in metas(out)] == ["ok"]
