@@ -168,3 +168,15 @@ def init_text_embeddings(model: nn.Module, folder: str | Path, vocab_size: int |
     if positions is not None and positions.shape[1] == emb.position.weight.shape[1] \
             and positions.shape[0] >= emb.position.weight.shape[0]:
         emb.position.weight.copy_(positions[: emb.position.weight.shape[0]])
+
+
+def initialize(model: nn.Module, vit: str | Path | None = None, bert: str | Path | None = None,
+               vocab_size: int | None = None, dense_state: dict[str, torch.Tensor] | None = None) -> None:
+    """One call for the training entry point: optional dense (e.g. previous-stage) state dict to upcycle
+    from, then optional ViT and BERT folders. Without arguments the from-scratch init stays."""
+    if dense_state is not None:
+        load_upcycled(model, dense_state)
+    if vit is not None:
+        init_from_vit(model, vit)
+    if bert is not None:
+        init_text_embeddings(model, bert, vocab_size)
