@@ -1,4 +1,4 @@
-"""data_prep: turn multimodal corpora into webdataset shards with a manifest (see docs/INTERFACES.md §1).
+r"""data_prep: turn multimodal corpora into webdataset shards with a manifest (see docs/INTERFACES.md §1).
 
     python -m data_prep synth --output runs/demo/data --num-samples 4000 --seed 0
     python -m data_prep tokenizer --shards runs/demo/data/captions runs/demo/data/vqa --vocab-size 1000 \

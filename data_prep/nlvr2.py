@@ -1,4 +1,4 @@
-"""`data_prep nlvr2`: NLVR2 JSON lines + image folder -> samples with both images, sentence and label.
+r"""`data_prep nlvr2`: NLVR2 JSON lines + image folder -> samples with both images, sentence and label.
 
     python -m data_prep nlvr2 --input nlvr2/data/dev.json --image-root nlvr2/images/dev --split dev \
         --output out/nlvr2_dev

@@ -1,4 +1,4 @@
-"""`data_prep retrieval`: Karpathy-split JSON (COCO / Flickr30k) -> one sample per image, all captions.
+r"""`data_prep retrieval`: Karpathy-split JSON (COCO / Flickr30k) -> one sample per image, all captions.
 
     python -m data_prep retrieval --input dataset_flickr30k.json --image-root flickr30k-images \
         --output out/f30k

@@ -1,4 +1,4 @@
-"""`data_prep tokenizer`: train a lowercase WordPiece tokenizer on the text of shards.
+r"""`data_prep tokenizer`: train a lowercase WordPiece tokenizer on the text of shards.
 
     python -m data_prep tokenizer --shards runs/demo/data/captions runs/demo/data/vqa --vocab-size 1000 \
         --output runs/demo/tokenizer

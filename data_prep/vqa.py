@@ -1,4 +1,4 @@
-"""`data_prep vqa`: VQAv2 questions (+ annotations) and COCO images -> VQA shards + answers.json.
+r"""`data_prep vqa`: VQAv2 questions (+ annotations) and COCO images -> VQA shards + answers.json.
 
     python -m data_prep vqa --questions v2_OpenEnded_mscoco_train2014_questions.json \
         --annotations v2_mscoco_train2014_annotations.json --image-root coco/train2014 --output out/vqa_train

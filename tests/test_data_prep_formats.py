@@ -270,3 +270,14 @@ def test_classify_from_table(tmp_path, photo_dir):
     assert [json.loads(f["json"])["label"] for _, f in samples(out)] == [1, 0, 1]
     assert manifest(out)["skipped"] == {"missing_field": 1}
     assert_verified(out)
+
+
+@pytest.mark.parametrize("command", ["pairs", "vqa", "retrieval", "nlvr2", "classify", "synth", "tokenizer",
+                                     "verify"])
+def test_every_command_has_help(command, capsys):
+    from data_prep.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert f"data_prep {command}" in capsys.readouterr().out
