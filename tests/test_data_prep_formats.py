@@ -281,3 +281,10 @@ def test_every_command_has_help(command, capsys):
         main([command, "--help"])
     assert exc.value.code == 0
     assert f"data_prep {command}" in capsys.readouterr().out
+
+
+def test_classify_table_labels():
+    from data_prep.classify import table_labels
+
+    assert table_labels([(1, {"label": 2}), (2, {"label": 0})], "label") == ["0", "1", "2"]
+    assert table_labels([(1, {"label": "b"}), (2, {"label": "a "}), (3, {"label": None})], "label") == ["a", "b"]
