@@ -1,0 +1,146 @@
+"""Plan a stage before launching it: sizes, FLOPs and memory per rank, and the checks that would make
+the launch fail (batch arithmetic, ZeRO-3 with MoE, EP not dividing experts/world size).
+
+    python -m pipeline.plan --recipe launch/recipes/vl_pretrain.yaml --ds-config ds_configs/zero2_bf16.json \
+        --world-size 8 [--ep-size 4] [--set model.num_layers=12 ...] [--json]
+
+Exit status 2 with the reason on stderr when the settings are impossible. Memory figures are estimates:
+model states via DeepSpeed's ZeRO-2 estimator formula (dense params partitioned over all ranks, expert
+params over their expert-data-parallel group), activations via 34*N*D + 5*heads*N^2 bytes per layer per
+sample (Korthikanti et al. 2022, half precision, no recomputation).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from pipeline.config_utils import ConfigError
+
+TASK_MODES = {"text_mlm": "text", "vl_pretrain": "vl_pretrain"}  # everything else: one fused pass
+GIB = 1024**3
+
+
+def forward_flops_per_sample(model_cfg: Any, recipe: Any) -> float:
+    """Forward FLOPs of one training sample of ``recipe.task`` (accounting reports forward + backward)."""
+    return size_of(model_cfg, recipe).flops_per_sample / 3.0
+
+
+def size_of(model_cfg: Any, recipe: Any) -> Any:
+    from pipeline.model.accounting import count_parameters
+
+    image_size = recipe.data.image_size if "image" in model_cfg.modalities else None
+    return count_parameters(model_cfg, image_size=image_size, text_len=recipe.data.text_len,
+                            mode=TASK_MODES.get(recipe.task, "fuse"))
+
+
+def dense_baseline(model_cfg: Any) -> Any:
+    moe = dataclasses.replace(model_cfg.moe, every=0, layers=[], ep_size=1)
+    return dataclasses.replace(model_cfg, moe=moe)
+
+
+def model_state_bytes(dense: int, experts: int, ep_size: int, world: int, stage: int, prec: str,
+                      offload: bool) -> dict[str, float]:
+    """Bytes per rank of weights, gradients and optimizer states (AdamW, mixed precision = fp32 master)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    def per_rank(params: float, dp: int) -> float:
+        if stage == 2:
+            return estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=dp, cpu_offload=offload,
+                                                         additional_buffer_factor=1.0)[1]
+        weights, grads = (2, 2) if prec != "fp32" else (4, 4)
+        optim = 12 if prec != "fp32" else 8  # fp32 master + m + v (fp32 training: m + v)
+        if stage == 0:
+            return params * (weights + grads + optim)
+        return params * (weights + grads) + params * optim / dp  # stage 1
+
+    local_experts = experts / ep_size
+    return {"dense": per_rank(dense, world), "experts": per_rank(local_experts, world // ep_size)}
+
+
+def activation_bytes(model_cfg: Any, recipe: Any, mode: str) -> float:
+    tokens = (1 + model_cfg.num_patches if "image" in model_cfg.modalities else 0) + recipe.data.text_len
+    if mode == "text":
+        tokens = recipe.data.text_len
+    passes = 6 if mode == "vl_pretrain" else 1  # ITC image + text, ITM 3 pairs, MLM 1 pair (~fused size)
+    d, heads = model_cfg.hidden_size, model_cfg.num_heads
+    per_layer = 34 * tokens * d + 5 * heads * tokens**2
+    return float(per_layer * model_cfg.num_layers * recipe.batch.micro_batch_size * passes)
+
+
+def make_plan(recipe: Any, model_cfg: Any, engine: dict[str, Any], world_size: int) -> dict[str, Any]:
+    from pipeline.ds_config import build_ds_config, precision, zero_stage
+
+    ds_config = build_ds_config(recipe, model_cfg, engine, world_size)
+    size = size_of(model_cfg, recipe)
+    dense = size_of(dense_baseline(model_cfg), recipe)
+    stage, prec = zero_stage(engine), precision(engine)
+    offload = engine.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+    states = model_state_bytes(size.total_params - size.expert_params, size.expert_params,
+                               model_cfg.moe.ep_size, world_size, stage, prec, offload)
+    acts = activation_bytes(model_cfg, recipe, TASK_MODES.get(recipe.task, "fuse"))
+    return {
+        "task": recipe.task, "world_size": world_size, "ep_size": model_cfg.moe.ep_size, "zero_stage": stage,
+        "precision": prec, "cpu_offload": offload, "moe_layers": model_cfg.moe_layers,
+        "num_experts": model_cfg.moe.num_experts, "global_batch": ds_config["train_batch_size"],
+        "total_params": size.total_params, "expert_params": size.expert_params,
+        "active_params_per_token": size.active_params_per_token,
+        "dense_baseline_params": dense.total_params,
+        "dense_baseline_active_params_per_token": dense.active_params_per_token,
+        "active_vs_dense": size.active_params_per_token / dense.active_params_per_token,
+        "total_vs_dense": size.total_params / dense.total_params,
+        "train_flops_per_sample": size.flops_per_sample,
+        "train_flops_per_step": size.flops_per_sample * ds_config["train_batch_size"],
+        "params_per_rank": (size.total_params - size.expert_params) + size.expert_params / model_cfg.moe.ep_size,
+        "model_states_gib_per_rank": (states["dense"] + states["experts"]) / GIB,
+        "activations_gib_per_rank_est": acts / GIB,
+    }
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    def m(x: float) -> str:
+        return f"{x / 1e6:,.1f}M"
+
+    return "\n".join([
+        f"task {plan['task']}: {plan['world_size']} ranks, EP {plan['ep_size']}, ZeRO-{plan['zero_stage']} "
+        f"{plan['precision']}{' + CPU offload' if plan['cpu_offload'] else ''}, global batch {plan['global_batch']}",
+        f"MoE layers {plan['moe_layers']} x {plan['num_experts']} experts",
+        f"total params        {m(plan['total_params'])} ({plan['total_vs_dense']:.2f}x dense "
+        f"{m(plan['dense_baseline_params'])}); experts {m(plan['expert_params'])}",
+        f"active per token    {m(plan['active_params_per_token'])} ({plan['active_vs_dense']:.3f}x dense "
+        f"{m(plan['dense_baseline_active_params_per_token'])})",
+        f"train FLOPs/sample  {plan['train_flops_per_sample'] / 1e9:,.2f} GFLOP "
+        f"({plan['train_flops_per_step'] / 1e12:,.2f} TFLOP per step)",
+        f"params per rank     {m(plan['params_per_rank'])}",
+        f"memory per rank     model states {plan['model_states_gib_per_rank']:.2f} GiB + activations "
+        f"~{plan['activations_gib_per_rank_est']:.2f} GiB (estimate)",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pipeline.plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--ds-config", required=True)
+    parser.add_argument("--world-size", type=int, required=True, help="total ranks (GPUs x nodes)")
+    parser.add_argument("--ep-size", type=int, default=None, help="override model.moe.ep_size")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    args = parser.parse_args(argv)
+    from pipeline.ds_config import load_engine_json
+    from pipeline.recipe import load_recipe
+
+    overrides = list(args.overrides) + ([f"model.moe.ep_size={args.ep_size}"] if args.ep_size else [])
+    try:
+        recipe, model_cfg = load_recipe(args.recipe, overrides)
+        plan = make_plan(recipe, model_cfg, load_engine_json(args.ds_config), args.world_size)
+    except ConfigError as exc:
+        print(f"pipeline.plan: configuration error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
