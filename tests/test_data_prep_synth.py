@@ -96,6 +96,8 @@ def test_captions_name_every_object_and_differ():
         captions = make_captions(rng, scene, 5)
         assert len(set(captions)) == 5
         for caption in captions:
+            # fits text_len 32 with [CLS]/[SEP] when every word is one token (BERT pre-tokenisation)
+            assert len(re.findall(r"\w+|[^\w\s]", caption)) <= 30, caption
             for o in scene.describe():
                 assert all(o[k] in caption for k in ("shape", "color", "size", "quadrant")), (caption, o)
 
