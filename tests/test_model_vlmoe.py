@@ -95,3 +95,12 @@ def test_config_validation_and_from_dict():
                 {"moe": {"bogus": 1}}, {"modalities": ["image", "smell"]}, {"moe": {"layers": [9]}}):
         with pytest.raises(ConfigError):
             from_dict(ModelConfig, bad)
+
+
+def test_kept_counts_show_capacity_drops():
+    torch.manual_seed(0)
+    model = VLMoE(tiny(capacity_factor=0.25, min_capacity=1))
+    out = model.encode_image(torch.randn(4, 3, 16, 16))
+    for key, routed in out.expert_counts.items():
+        kept = out.kept_counts[key]
+        assert (kept <= routed).all() and kept.sum() < routed.sum()

@@ -69,11 +69,12 @@ class Block(nn.Module):
         return [(seg.modality, [seg]) for seg in segments]
 
     def forward(self, x_bnd: torch.Tensor, segments: list[Segment], mask_b1nn: torch.Tensor | None
-                ) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]:
+                ) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """-> (x, aux losses, routed counts, kept counts); counts keyed "layer{i}/{ffn key}"."""
         x_bnd = x_bnd + self.drop(self.attn(self.norm1(x_bnd), mask_b1nn))
         h_bnd = self.norm2(x_bnd)
         b, _, d = h_bnd.shape
-        outs, aux, counts = [], [], {}
+        outs, aux, counts, kept = [], [], {}, {}
         for key, segs in self._spans(segments):
             start, end = segs[0].start, segs[-1].end
             used_s = None
@@ -81,12 +82,14 @@ class Block(nn.Module):
                 used_s = torch.cat([s.valid if s.valid is not None else
                                     torch.ones(b, s.end - s.start, dtype=torch.bool, device=h_bnd.device)
                                     for s in segs], dim=1).reshape(-1)
-            y_sd, l_aux, count_e = run_ffn(self.ffn[key], h_bnd[:, start:end].reshape(-1, d), used_s)
+            y_sd, l_aux, count_e, kept_e = run_ffn(self.ffn[key], h_bnd[:, start:end].reshape(-1, d), used_s)
             outs.append(y_sd.view(b, end - start, d))
             if l_aux is not None:
                 aux.append(l_aux)
                 counts[f"layer{self.index}/{key}"] = count_e
-        return x_bnd + self.drop(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]), aux, counts
+                kept[f"layer{self.index}/{key}"] = kept_e
+        y_bnd = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+        return x_bnd + self.drop(y_bnd), aux, counts, kept
 
 
 def attention_mask(segments: list[Segment], batch: int, causal: bool, device: torch.device

@@ -30,6 +30,8 @@ class IndexedMOELayer(MOELayer):
         x_sm = x.reshape(-1, x.shape[-1])
         self.l_aux, capacity, num_experts, indices_ks, locations_ks, gates_ks, self.exp_counts = \
             self.gate(x_sm, used_token, True, False)
+        # routes kept within capacity, per expert (exp_counts counts the router's choices before dropping)
+        self.kept_counts = torch.bincount(indices_ks[indices_ks >= 0].long(), minlength=num_experts)
         if self.ep_size == 1:
             out_sm = self._compact(x_sm, indices_ks, gates_ks, num_experts)
         else:

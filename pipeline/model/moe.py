@@ -76,8 +76,10 @@ def build_ffn(cfg: ModelConfig, sparse: bool) -> nn.Module:
 
 
 def run_ffn(ffn: nn.Module, x_sd: torch.Tensor, used_s: torch.Tensor | None
-            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Uniform call for dense and sparse FFNs: (y, l_aux or None, expert counts or None)."""
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Uniform call for dense and sparse FFNs: (y, l_aux, routed counts [E], kept counts [E]); the last
+    three are None for a dense FFN. Kept = within capacity (the stock dispatch does not tell: = routed)."""
     if isinstance(ffn, SparseFFN):
-        return ffn(x_sd, used_s)
-    return ffn(x_sd), None, None
+        y, l_aux, counts = ffn(x_sd, used_s)
+        return y, l_aux, counts, getattr(ffn.deepspeed_moe, "kept_counts", counts)
+    return ffn(x_sd), None, None, None

@@ -31,8 +31,10 @@ class EncoderOutput:
     num_image_tokens: int  # image tokens at the start of ``hidden`` (0 without image)
     aux_loss: torch.Tensor  # scalar: sum of l_aux over every MoE call (0 without MoE)
     expert_counts: dict[str, torch.Tensor]  # "layer{L}/{ffn key}" -> [E] tokens routed per expert
+    #   (router choices of this rank's tokens, padding excluded for top-1, before capacity dropping)
     token_mask: torch.Tensor  # [B, N] bool, False for padding
     spans: dict[str, tuple[int, int]]  # modality -> [start, end) in ``hidden``
+    kept_counts: dict[str, torch.Tensor]  # like expert_counts, routes kept within capacity
 
 
 class VLMoE(nn.Module):
@@ -88,11 +90,12 @@ class VLMoE(nn.Module):
         if len({t.shape[0] for t in tokens}) != 1:
             raise ValueError(f"modalities have different batch sizes: {[t.shape[0] for t in tokens]}")
         mask_b1nn = attention_mask(segments, batch, causal, x_bnd.device)
-        aux_losses, counts = [], {}
+        aux_losses, counts, kept = [], {}, {}
         for block in self.blocks:
-            x_bnd, block_aux, block_counts = block(x_bnd, segments, mask_b1nn)
+            x_bnd, block_aux, block_counts, block_kept = block(x_bnd, segments, mask_b1nn)
             aux_losses += block_aux
             counts.update(block_counts)
+            kept.update(block_kept)
         hidden = self.norm(x_bnd)
         aux = torch.stack([a.float() for a in aux_losses]).sum() if aux_losses \
             else hidden.new_zeros((), dtype=torch.float32)
@@ -101,7 +104,7 @@ class VLMoE(nn.Module):
                                 for s in segments], dim=1)
         spans = {s.modality: (s.start, s.end) for s in segments}
         num_image = spans["image"][1] - spans["image"][0] if "image" in spans else 0
-        return EncoderOutput(hidden, hidden[:, 0], num_image, aux, counts, token_mask, spans)
+        return EncoderOutput(hidden, hidden[:, 0], num_image, aux, counts, token_mask, spans, kept)
 
     def encode_image(self, pixel_values: torch.Tensor) -> EncoderOutput:
         return self.encode({"image": (pixel_values,)})
