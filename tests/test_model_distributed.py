@@ -12,6 +12,6 @@ def test_ep2_equals_ep1():
     assert proc.stdout.count("EP_EQUIVALENCE_OK") == 2, proc.stdout[-3000:]
 
 
-def test_ranks_with_different_batches_neither_crash_nor_hang():
-    proc = run_deepspeed("tests.dist.moe_invariant", [], nproc=2, timeout=300)
+def test_ranks_with_different_batches_neither_crash_nor_hang(tmp_path):
+    proc = run_deepspeed("tests.dist.moe_invariant", [str(tmp_path)], nproc=2, timeout=300)
     assert proc.stdout.count("INVARIANT_OK") == 2, proc.stdout[-3000:]

@@ -1,9 +1,13 @@
 """Rank-side check: ranks whose batches differ (a rank whose texts are all padding, different numbers of
 real tokens and of MLM-masked tokens) train and evaluate through a real DeepSpeed engine (ZeRO-2, bf16,
 EP=2) without crashing or hanging, for several MoE settings.
-Run: deepspeed --num_gpus 2 --module tests.dist.moe_invariant
+With a folder argument, also saves a DeepSpeed checkpoint there and reloads it (MoE file layout).
+Run: deepspeed --num_gpus 2 --module tests.dist.moe_invariant [CHECKPOINT_DIR]
 """
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -58,10 +62,25 @@ def rank_batch(rank: int, step: int, lengths: list[int]) -> dict[str, torch.Tens
     return data
 
 
+def check_checkpoint(engine, variant: dict, folder: Path, rank: int) -> None:
+    """DeepSpeed's MoE checkpoint layout works with our modules: per-expert files, exact reload."""
+    engine.save_checkpoint(str(folder), tag="t")
+    dist.barrier()  # each rank writes its own experts' files
+    names = {p.name for p in (folder / "t").iterdir()}
+    assert "layer_0_expert_3_mp_rank_00_model_states.pt" in names, sorted(names)
+    fresh = engine_for(variant)
+    torch.manual_seed(123)
+    fresh.load_checkpoint(str(folder), tag="t", load_optimizer_states=True)
+    for (name, a), b in zip(engine.module.named_parameters(), fresh.module.parameters()):
+        assert torch.equal(a, b), name
+
+
 def main() -> None:
     rank, world = init_dist()
     assert world == 2
-    for variant in VARIANTS:
+    folders = [a for a in sys.argv[1:] if not a.startswith("--")]  # the launcher adds --local_rank=N
+    checkpoint_dir = Path(folders[0]) if folders else None
+    for index, variant in enumerate(VARIANTS):
         engine = engine_for(variant)
         for step, lengths in enumerate(STEPS):
             loss, out = engine(rank_batch(rank, step, lengths[rank]))
@@ -74,6 +93,8 @@ def main() -> None:
             text = engine.module.model.encode_text(data["input_ids"], data["attention_mask"])
             fused = engine.module.model.fuse(data["pixel_values"], data["input_ids"], data["attention_mask"])
             assert torch.isfinite(text.hidden.float()).all() and torch.isfinite(fused.hidden.float()).all()
+        if index == 0 and checkpoint_dir is not None:
+            check_checkpoint(engine, variant, checkpoint_dir, rank)
         dist.barrier()
         print(f"rank {rank}: no crash, no hang for {variant or 'defaults'}", flush=True)
     print(f"rank {rank}: INVARIANT_OK", flush=True)
