@@ -20,10 +20,11 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle", "cross")
 SIZES = ("small", "large")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
-SIZE_FRACTION = {"small": 0.19, "large": 0.34}  # of the canvas side
+SIZE_FRACTION = {"small": 0.22, "large": 0.40}  # of the canvas side
 MAX_OBJECTS = 3
 COLOR_JITTER = 12  # +- per channel on object colours
-NOISE_STD = 3.0  # background/object pixel noise
+NOISE_STD = 2.0  # background/object pixel noise
+JITTER = 0.35  # of the free room around an object in its quadrant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Obj:
     color: str
     size: str
     quadrant: str
-    dx: float = 0.0  # jitter of the centre, as a fraction of the free room in the quadrant (-1..1)
+    dx: float = 0.0  # jitter of the centre in units of JITTER x the free room in the quadrant (-1..1)
     dy: float = 0.0
     tint: tuple[int, int, int] = (0, 0, 0)
 
@@ -67,7 +68,7 @@ class Scene:
 def _draw_object(draw: ImageDraw.ImageDraw, obj: Obj, canvas: int) -> None:
     half = canvas / 2
     side = SIZE_FRACTION[obj.size] * canvas
-    room = max(0.0, (half - side) / 2 - 1)
+    room = JITTER * max(0.0, (half - side) / 2 - 1)
     col, row = QUADRANTS.index(obj.quadrant) % 2, QUADRANTS.index(obj.quadrant) // 2
     cx = col * half + half / 2 + obj.dx * room
     cy = row * half + half / 2 + obj.dy * room
