@@ -104,3 +104,15 @@ def test_kept_counts_show_capacity_drops():
     for key, routed in out.expert_counts.items():
         kept = out.kept_counts[key]
         assert (kept <= routed).all() and kept.sum() < routed.sum()
+
+
+def test_init_is_seeded_and_experts_differ_across_ffns():
+    torch.manual_seed(3)
+    a = VLMoE(tiny())
+    torch.manual_seed(3)
+    b = VLMoE(tiny())
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    image, text = a.blocks[1].ffn["image"].experts, a.blocks[1].ffn["text"].experts
+    assert not torch.equal(image[3].fc2.weight, text[3].fc2.weight)
+    assert image[3].fc2.weight.std() > 0.01 and float(image[3].fc2.bias.abs().sum()) == 0.0

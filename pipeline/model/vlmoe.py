@@ -12,6 +12,7 @@ The generic entry is ``encode({modality: inputs})``; modalities are encoded in `
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -22,6 +23,23 @@ from pipeline.model.blocks import Block, Segment, attention_mask
 from pipeline.model.config import ModelConfig
 from pipeline.model.embeddings import EMBEDDINGS
 from pipeline.model.moe import SparseFFN
+
+
+def _init_module(module: nn.Module, std: float) -> None:
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+        nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _expert_parallel_rank(ep_size: int) -> int:
+    """This rank's index in its EP group (DeepSpeed's groups are consecutive ranks); 0 when not distributed."""
+    if ep_size == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 0
+    return torch.distributed.get_rank() % ep_size
 
 
 @dataclasses.dataclass
@@ -52,20 +70,26 @@ class VLMoE(nn.Module):
         return self.embeddings["text"].token
 
     def reset_parameters(self) -> None:
-        """From-scratch init: truncated normal for every weight, each expert drawn independently
-        (DeepSpeed deep-copies one expert, so copies would start identical without this)."""
+        """From-scratch init: truncated normal weights, zero biases, unit norms. Every expert is drawn
+        independently (DeepSpeed deep-copies one expert module), and the random stream is independent of
+        ep_size: all E experts of an MoE FFN are drawn in global order and each rank keeps its own, so a
+        seed gives the same model for any EP layout."""
         std = self.cfg.init_std
+        expert_modules = {id(m) for ffn in self.sparse_ffns().values() for m in ffn.experts.modules()}
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
-                nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+            if id(module) not in expert_modules:
+                _init_module(module, std)
         for emb in self.embeddings.values():
-            for name, param in emb.named_parameters(recurse=False):
+            for param in emb.parameters(recurse=False):
                 nn.init.trunc_normal_(param, std=std, a=-2 * std, b=2 * std)
+        ep_rank = _expert_parallel_rank(self.cfg.moe.ep_size)
+        for ffn in self.sparse_ffns().values():
+            local = len(ffn.experts)
+            for global_id in range(ffn.num_experts):
+                drawn = copy.deepcopy(ffn.experts[0])
+                drawn.apply(lambda m: _init_module(m, std))
+                if global_id // local == ep_rank:
+                    ffn.experts[global_id % local].load_state_dict(drawn.state_dict())
 
     def sparse_ffns(self) -> dict[str, SparseFFN]:
         """"blocks.{i}.ffn.{key}" -> every MoE FFN of the model."""

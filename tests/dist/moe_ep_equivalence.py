@@ -44,10 +44,13 @@ def check(variant: dict, rank: int, world: int, alone) -> None:
     """``alone``: a process group of this rank only, so the reference ITC communicates with nobody."""
     torch.manual_seed(0)
     ref, ref_head = VLMoE(tiny_cfg(ep_size=1, **variant)), ITCHead(32)
+    torch.manual_seed(0)
     ep, ep_head = VLMoE(tiny_cfg(ep_size=world, **variant)), ITCHead(32)
     setup_expert_parallel(ep)
     local = 4 // world
     ref_state = ref.state_dict()
+    for key, value in ep.state_dict().items():  # same seed -> same model whatever the EP layout
+        assert torch.equal(value, ref_state[ep_key(key, rank, local)]), key
     ep.load_state_dict({k: ref_state[ep_key(k, rank, local)] for k in ep.state_dict()})
     ep_head.load_state_dict(ref_head.state_dict())
     lengths = [8, 5, 1, 0, 3, 8]  # rank 1's texts: one fully padded, different real-token counts
