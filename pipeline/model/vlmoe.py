@@ -74,6 +74,8 @@ class VLMoE(nn.Module):
         independently (DeepSpeed deep-copies one expert module), and the random stream is independent of
         ep_size: all E experts of an MoE FFN are drawn in global order and each rank keeps its own, so a
         seed gives the same model for any EP layout."""
+        if next(self.parameters()).is_meta:  # accounting builds on the meta device: nothing to draw
+            return
         std = self.cfg.init_std
         expert_modules = {id(m) for ffn in self.sparse_ffns().values() for m in ffn.experts.modules()}
         for module in self.modules():
