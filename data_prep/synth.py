@@ -74,7 +74,10 @@ def counting(records: Iterator[Record], counter: Counter) -> Iterator[Record]:
 
 def run(args: argparse.Namespace) -> int:
     if args.canvas < 16:
-        raise SystemExit(f"--canvas must be >= 16, got {args.canvas}")
+        raise ValueError(f"--canvas must be >= 16, got {args.canvas}")
+    for name in ("num_samples", "num_val", "num_retrieval_test"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.image_size is None:
         args.image_size = args.canvas
     num_val = args.num_val if args.num_val is not None else max(100, args.num_samples // 10)

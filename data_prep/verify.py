@@ -106,12 +106,27 @@ def verify(out_dir: str) -> tuple[list[str], dict]:
         problems.append(f"{name}: shard file not listed in the manifest")
     if set(sizes) != listed:
         problems.append(f"sizes.json lists {sorted(set(sizes) ^ listed)} differently from the manifest")
-    for role, name in manifest.get("files", {}).items():
+    problems += check_files(out_dir, manifest.get("files", {}))
+    return problems, counts
+
+
+def check_files(out_dir: str, files: dict[str, str]) -> list[str]:
+    """answers.json: equal-length 'answers' (str) and 'counts'; classes.json: a 'classes' list of str."""
+    problems = []
+    for role, name in files.items():
         try:
-            mf.read_json(os.path.join(out_dir, name))
+            obj = mf.read_json(os.path.join(out_dir, name))
         except (OSError, ValueError) as exc:
             problems.append(f"{role} file {name}: {exc}")
-    return problems, counts
+            continue
+        if role == "answers" and not (isinstance(obj.get("answers"), list) and isinstance(obj.get("counts"), list)
+                                      and len(obj["answers"]) == len(obj["counts"])
+                                      and all(isinstance(a, str) for a in obj["answers"])):
+            problems.append(f"{name}: expected {{'answers': [str...], 'counts': [int...]}} of equal length")
+        if role == "classes" and not (isinstance(obj.get("classes"), list)
+                                      and all(isinstance(c, str) for c in obj["classes"])):
+            problems.append(f"{name}: expected {{'classes': [str...]}}")
+    return problems
 
 
 def run(args: argparse.Namespace) -> int:
