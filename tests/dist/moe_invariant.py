@@ -24,7 +24,8 @@ B = 4
 VARIANTS = [dict(), dict(top_k=2), dict(drop_tokens=False), dict(routing="shared", dispatch="deepspeed"),
             dict(use_residual=True, noisy_gate_policy="RSample")]
 # per step: (rank 0 real text lengths, rank 1 real text lengths)
-STEPS = [([8, 8, 8, 8], [0, 0, 0, 0]), ([1, 2, 3, 8], [8, 0, 5, 1]), ([0, 0, 0, 0], [2, 2, 2, 2])]
+STEPS = [([8, 8, 8, 8], [0, 0, 0, 0]), ([1, 2, 3, 8], [8, 0, 5, 1]), ([0, 0, 0, 0], [2, 2, 2, 2]),
+         ([0, 0, 0, 0], [0, 0, 0, 0])]  # last: no real text token anywhere (capacity 0 without dropping)
 WEIGHTS = {"itc": 1.0, "itm": 1.0, "mlm": 1.0}
 
 
