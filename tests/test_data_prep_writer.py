@@ -88,8 +88,8 @@ def test_verify_fails_on_tampered_output(pairs_input, tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_kill_gives_identical_result(tmp_path):
-    args = ("synth", "--num-samples", 600, "--num-val", 50, "--num-retrieval-test", 50, "--seed", 3,
-            "--shard-size", 50, "--no-progress")
+    args = ("synth", "--num-samples", 400, "--num-val", 40, "--num-retrieval-test", 40, "--seed", 3,
+            "--shard-size", 40, "--no-progress")
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "data_prep", *map(str, args), "--output", str(killed)],
                             cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
