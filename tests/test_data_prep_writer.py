@@ -120,3 +120,15 @@ def test_stale_shards_of_an_earlier_plan_are_removed(pairs_input, tmp_path):
     assert run_cli("pairs", "--input", pairs_input, "--output", out, "--image-size", 24, "--shard-size", 20) == 0
     assert sorted(p.name for p in out.glob("train-*")) == ["train-000000.tar", "train-000001.tar"]
     assert verify(str(out))[0] == []
+
+
+def test_shards_read_back_with_webdataset(pairs_input, tmp_path):
+    import webdataset as wds
+
+    out = tmp_path / "out"
+    assert run_cli(*pairs_args(pairs_input, out)) == 0
+    urls = [str(out / name) for name in manifest(out)["splits"]["train"]["shards"]]
+    got = list(wds.WebDataset(urls, shardshuffle=False, nodesplitter=None).decode("pil"))
+    assert len(got) == 30 and got[0]["__key__"] == "000000000"
+    assert got[0]["txt"] == "picture number 0" and got[0]["json"]["key"] == "000000000"
+    assert got[0]["jpg"].size[1] == 24
