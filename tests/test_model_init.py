@@ -92,3 +92,13 @@ def test_bert_text_embeddings(tmp_path):
     assert torch.equal(model.token_embedding.weight, bert.embeddings.word_embeddings.weight)
     with pytest.raises(PretrainedMismatch, match="vocab"):
         init_text_embeddings(model, tmp_path / "bert", vocab_size=41)
+
+
+def test_vit_of_another_resolution_gets_interpolated_positions(vit_dir):
+    folder, vit = vit_dir
+    cfg = ModelConfig(**{**our_cfg(every=0).__dict__, "image_size": 32})
+    model = VLMoE(cfg)
+    init_from_vit(model, folder)  # ViT positions: 4x4 grid; ours: 8x8
+    assert model.embeddings["image"].position.shape == (1, 65, 32)
+    torch.testing.assert_close(model.embeddings["image"].position[:, 0],
+                               vit.embeddings.position_embeddings[:, 0].detach())

@@ -115,4 +115,15 @@ def test_init_is_seeded_and_experts_differ_across_ffns():
         assert torch.equal(x, y), name
     image, text = a.blocks[1].ffn["image"].experts, a.blocks[1].ffn["text"].experts
     assert not torch.equal(image[3].fc2.weight, text[3].fc2.weight)
-    assert image[3].fc2.weight.std() > 0.01 and float(image[3].fc2.bias.abs().sum()) == 0.0
+    assert image[3].fc2.weight.detach().std() > 0.01 and not image[3].fc2.bias.detach().any()
+
+
+def test_other_image_sizes_interpolate_positions():
+    from pipeline.model.embeddings import resize_positions
+    model = VLMoE(tiny())
+    out = model.encode_image(torch.randn(2, 3, 32, 32))  # learned for 16 (2x2 grid), used at 4x4
+    assert out.hidden.shape == (2, 17, 32)
+    pos = model.embeddings["image"].position
+    assert resize_positions(pos, 2) is pos
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        model.encode_image(torch.randn(2, 3, 20, 20))

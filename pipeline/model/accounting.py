@@ -84,7 +84,7 @@ def _pass_flops(model: nn.Module, segments: dict[str, int]) -> float:
     d, n = cfg.hidden_size, sum(segments.values())
     flops = 0.0
     if "image" in segments:
-        flops += 2 * cfg.num_patches * cfg.num_channels * cfg.patch_size ** 2 * d
+        flops += 2 * (segments["image"] - 1) * cfg.num_channels * cfg.patch_size ** 2 * d
     for block in model.blocks:
         flops += 2 * n * d * 4 * d + 4 * n * n * d  # qkv + proj, QK^T + AV
         if "shared" in block.ffn:
@@ -117,19 +117,19 @@ def _ffn_weight_params(ffn: nn.Module) -> list[torch.Tensor]:
 def count_parameters(cfg: ModelConfig, image_size: int | None = None, text_len: int | None = None,
                      mode: str = "vl_pretrain", model: nn.Module | None = None) -> ModelSize:
     """Sizes of ``cfg`` (built on the meta device unless ``model`` is given) for samples of
-    ``image_size`` x ``image_size`` images and ``text_len`` tokens (defaults: cfg.image_size,
+    ``image_size`` x ``image_size`` images (positions interpolated when it differs from cfg.image_size) and ``text_len`` tokens (defaults: cfg.image_size,
     cfg.max_text_len) in ``mode`` (a key of PASSES)."""
     if mode not in PASSES:
         raise ValueError(f"mode {mode!r}: valid modes are {sorted(PASSES)}")
-    if image_size is not None and image_size != cfg.image_size:
-        cfg = dataclasses.replace(cfg, image_size=image_size)
-        model = None
+    image_size = image_size or cfg.image_size
+    if image_size % cfg.patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {cfg.patch_size}")
     model = model or build_meta_model(cfg)
     from pipeline.model.moe import SparseFFN
     total = _numel(model)
     experts = sum(_numel(m.experts) for m in model.modules() if isinstance(m, SparseFFN))
     active = _active_by_modality(model)
-    tokens = {"image": 1 + cfg.num_patches, "text": text_len or cfg.max_text_len}
+    tokens = {"image": 1 + (image_size // cfg.patch_size) ** 2, "text": text_len or cfg.max_text_len}
     forward = 0.0
     for kind, count in PASSES[mode].items():
         present = [m for m in cfg.modalities if m in tokens] if kind == "fuse" else [kind]

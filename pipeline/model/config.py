@@ -85,7 +85,7 @@ class ModelConfig:
         "help": "top blocks using one shared VL-FFN when image and text are fused (VLMo: 2 of 12)"})
     modalities: list[str] = field(default_factory=lambda: list(KNOWN_MODALITIES), metadata={
         "help": "modalities with their own embedding and FFNs, in MoE call order"})
-    image_size: int = field(default=64, metadata={"help": "largest image side (positions are sized for it)"})
+    image_size: int = field(default=64, metadata={"help": "image side the position embeddings are learned for (other sizes interpolate them)"})
     patch_size: int = field(default=8, metadata={"help": "image patch side"})
     num_channels: int = field(default=3, metadata={"help": "image channels"})
     vocab_size: int = field(default=8192, metadata={"help": "text vocabulary size (>= the tokenizer's)"})

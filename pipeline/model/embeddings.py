@@ -6,7 +6,10 @@ one entry in ``EMBEDDINGS``; nothing else in the model counts modalities.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.config import ModelConfig
@@ -15,24 +18,42 @@ PIXEL_MEAN = (0.5, 0.5, 0.5)
 PIXEL_STD = (0.5, 0.5, 0.5)
 
 
+def resize_positions(position_1nd: torch.Tensor, grid: int) -> torch.Tensor:
+    """[1, 1+g*g, D] CLS + square-grid positions -> [1, 1+grid*grid, D] (bicubic over the grid)."""
+    old = math.isqrt(position_1nd.shape[1] - 1)
+    if old * old != position_1nd.shape[1] - 1:
+        raise ValueError(f"positions {list(position_1nd.shape)} are not CLS + a square grid")
+    if old == grid:
+        return position_1nd
+    cls_11d, grid_1nd = position_1nd[:, :1], position_1nd[:, 1:]
+    grid_1dgg = grid_1nd.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    resized = F.interpolate(grid_1dgg, size=(grid, grid), mode="bicubic", align_corners=False)
+    resized_1nd = resized.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(position_1nd.dtype)
+    return torch.cat([cls_11d, resized_1nd], dim=1)
+
+
 class ImageEmbedding(nn.Module):
-    """Conv patchify + CLS + learned positions (ViT layout): [B,C,H,W] -> [B, 1+P, D], mask None."""
+    """Conv patchify + CLS + learned positions (ViT layout): [B,C,H,W] -> [B, 1+P, D], mask None.
+
+    Positions are learned for ``image_size``; square images of another size (a multiple of the patch)
+    interpolate them (bicubic), as when fine-tuning at a higher resolution."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.image_size = cfg.image_size
+        self.patch_size = cfg.patch_size
         self.patch = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
         self.position = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, cfg.hidden_size))
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, None]:
-        if pixel_values.dim() != 4 or pixel_values.shape[-1] != self.image_size \
-                or pixel_values.shape[-2] != self.image_size:
-            raise ValueError(f"pixel_values must be [B, C, {self.image_size}, {self.image_size}], "
-                             f"got {list(pixel_values.shape)}")
+        side = pixel_values.shape[-1]
+        if pixel_values.dim() != 4 or pixel_values.shape[-2] != side or side % self.patch_size:
+            raise ValueError(f"pixel_values must be [B, C, S, S] with S a multiple of patch_size="
+                             f"{self.patch_size}, got {list(pixel_values.shape)}")
         patches_bpd = self.patch(pixel_values.to(self.patch.weight.dtype)).flatten(2).transpose(1, 2)
         cls_b1d = self.cls.expand(patches_bpd.shape[0], -1, -1)
-        return torch.cat([cls_b1d, patches_bpd], dim=1) + self.position, None
+        position = resize_positions(self.position, side // self.patch_size)
+        return torch.cat([cls_b1d, patches_bpd], dim=1) + position, None
 
 
 class TextEmbedding(nn.Module):

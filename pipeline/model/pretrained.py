@@ -8,17 +8,21 @@
 Upcycling (arXiv 2212.05055): every expert of an MoE FFN starts as a copy of the dense FFN it replaces
 (residual MoE: its dense branch too); routers and residual coefficients keep their fresh init. FFNs with no
 dense source of their own (text / vl / shared from a ViT) copy the first modality's FFN (image).
-Anything that does not fit raises ``PretrainedMismatch`` naming every offending weight.
+Image position embeddings of another grid are interpolated (bicubic); anything else that does not fit
+raises ``PretrainedMismatch`` naming every offending weight.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from pipeline.model.embeddings import resize_positions
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +115,9 @@ def load_upcycled(model: nn.Module, dense: dict[str, torch.Tensor], keep_fresh: 
             continue
         if src not in dense:
             problems.append(f"missing: {key} (expected source {src})")
+        elif key == "embeddings.image.position" and dense[src].shape[::2] == param.shape[::2]:
+            param.copy_(resize_positions(dense[src], math.isqrt(param.shape[1] - 1)).to(param.dtype))
+            consumed.add(src)
         elif dense[src].shape != param.shape:
             problems.append(f"shape: {key} {list(param.shape)} <- {src} {list(dense[src].shape)}")
         else:
