@@ -30,7 +30,8 @@ def pad_and_collate(task: Task, samples: list[dict[str, Any]], batch_size: int) 
     if len(samples) > batch_size:
         raise ValueError(f"eval batch of {len(samples)} > batch size {batch_size}")
     padding = [task.padding_sample() for _ in range(batch_size - len(samples))]
-    batch = task.collate(list(samples) + padding)
+    samples = [{k: v for k, v in s.items() if not k.startswith("__")} for s in samples]  # webdataset's __key__
+    batch = task.collate(samples + padding)
     batch["valid"] = torch.tensor([True] * len(samples) + [False] * len(padding))
     return batch
 

@@ -1,0 +1,109 @@
+"""Helpers for the pipeline.train launcher tests: start/stop runs, read checkpoints and TensorBoard."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from tests.launcher import REPO, free_port, launcher_env
+
+VL_RECIPE = "launch/recipes/vl_pretrain.yaml"
+DS_ZERO2_BF16 = "ds_configs/zero2_bf16.json"
+
+
+def train_cmd(out: Path, tiny_args: list[str], extra: list[str], recipe: str = VL_RECIPE,
+              ds_config: str = DS_ZERO2_BF16, nproc: int = 2, launcher_args: list[str] | None = None) -> list[str]:
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    launcher = launcher_args if launcher_args is not None else ["--num_gpus", str(nproc), "--master_port",
+                                                                 str(free_port())]
+    return [deepspeed, *launcher, "--module", "pipeline.train", "--recipe", recipe, "--ds-config", ds_config,
+            "--output-dir", str(out), *tiny_args, *extra]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    """Start in its own session (so the test can signal exactly this run's processes)."""
+    handle = log.open("w")
+    return subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=handle, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def run(cmd: list[str], log: Path, timeout: float = 150) -> int:
+    proc = start(cmd, log)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise AssertionError(f"run timed out; log tail:\n{log.read_text()[-4000:]}")
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 150, what: str = "condition") -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited ({proc.returncode}) before {what}")
+        time.sleep(0.05)
+    kill_group(proc)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def rank_processes(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The training ranks (`python -m pipeline.train --local_rank=N`) under a launcher."""
+    children = psutil.Process(proc.pid).children(recursive=True)
+    def is_train(p: psutil.Process) -> bool:
+        cmd = p.cmdline()
+        return "pipeline.train" in cmd and "deepspeed.launcher.launch" not in cmd
+
+    return [p for p in children if is_train(p) and not is_train(p.parent())]  # not their data workers
+
+
+def complete(out: Path, step: int) -> bool:
+    return (out / "checkpoints" / f"step_{step:06d}" / "COMPLETE").is_file()
+
+
+def log_lines(out: Path) -> list[dict[str, Any]]:
+    path = out / "train_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def load_tensors(folder: Path) -> dict[str, Any]:
+    """Every .pt file of a checkpoint folder (model, experts, optimizer shards; not the RNG files)."""
+    return {p.name: torch.load(p, map_location="cpu", weights_only=False) for p in sorted(folder.glob("*.pt"))}
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{where}: keys {sorted(set(a) ^ set(b))[:5]} differ"
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+
+
+def scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
