@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_moe_layer.py --tokens 4096 --experts 64 --repeats 9
 
 Shapes: S tokens, D hidden, F = 4D FFN width, E experts. One layer, top-1 (``--top-k``), capacity factor 1,
-``min_capacity`` 4, token dropping on (DeepSpeed defaults). "dense" is one MLP D->F->D (what one token
+``min_capacity`` 4, token dropping on (DeepSpeed defaults). "dense" is one MLP D->k*F->D (what one token
 activates); "stock" is ``deepspeed.moe.layer.MoE`` as shipped; "ours" is ``SparseFFN`` with the indexed
 dispatch (pipeline/model/dispatch.py). A step = zero grads, forward, (sum(out) + l_aux).backward().
 Modules are timed round-robin and the best of ``--repeats`` is reported (other processes only ever add
@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for tokens in args.tokens:
         x = torch.randn(tokens, args.hidden, dtype=DTYPES[args.dtype], requires_grad=True)
-        dense = MLP(args.hidden, 4 * args.hidden).to(DTYPES[args.dtype])
+        # the dense FFN a token activates: top-k experts of width F = one MLP of width k*F
+        dense = MLP(args.hidden, 4 * args.hidden * args.top_k).to(DTYPES[args.dtype])
         for experts in args.experts:
             modules = {"dense": dense, "stock": build(args, experts, "deepspeed"),
                        "ours": build(args, experts, "indexed")}
