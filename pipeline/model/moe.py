@@ -15,6 +15,7 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from pipeline.model.config import ModelConfig
+from pipeline.model.dispatch import IndexedMOELayer
 
 
 class MLP(nn.Module):
@@ -47,8 +48,7 @@ class SparseFFN(MoE):
             min_capacity=moe.min_capacity, use_residual=moe.use_residual,
             noisy_gate_policy=moe.noisy_gate_policy, drop_tokens=moe.drop_tokens, use_rts=moe.use_rts,
             top2_2nd_expert_sampling=moe.top2_2nd_expert_sampling)
-        if moe.dispatch == "indexed":
-            from pipeline.model.dispatch import IndexedMOELayer
+        if moe.dispatch == "indexed":  # same attributes and submodules, only forward differs
             self.deepspeed_moe.__class__ = IndexedMOELayer
 
     @property
