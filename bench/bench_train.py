@@ -1,0 +1,119 @@
+"""End-to-end training throughput and MFU: dense vs MoE (4, 16 experts) at equal active parameters, for the
+demo model and a larger one, through the real ``deepspeed`` launcher (2 CPU ranks, gloo).
+
+    .venv/bin/python bench/bench_train.py                  # demo + large, fp32; demo dense in bf16 too
+    .venv/bin/python bench/bench_train.py --sizes demo --experts 1 4 --bf16-experts
+    .venv/bin/python bench/bench_train.py --quick          # smoke run: demo, few steps
+
+Each run is ``deepspeed --num_gpus 2 --module bench.rank_probe`` (= ``pipeline.train`` + a memory report)
+with ``launch/recipes/vl_pretrain.yaml`` on the cached synth corpus (``runs/bench/``), eval off. Figures
+come from the run's own ``train_log.jsonl``: step-weighted means over the steps after ``--warmup``.
+- samples/s: global batch / step time. tokens/s: image tokens (patches + CLS) + real text tokens per second.
+- MFU = samples/s x train FLOPs per sample (``pipeline.plan`` -> ``pipeline.model.accounting``: 3x forward
+  matmul FLOPs of the vl_pretrain passes; heads not counted) / matmul peak of the 2 ranks, measured in this
+  run by ``bench/peak_flops.py`` (2 concurrent single-thread processes, best of before and after the runs).
+- MoE x dense: step time of the MoE run / the dense run of the same size and precision (dense = no MoE
+  layer: identical active parameters per token, apart from the routers).
+Prints a table; writes JSON to bench/results/train_<time>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import common  # noqa: E402
+from bench.peak_flops import measure  # noqa: E402
+
+DS_CONFIGS = {"fp32": "ds_configs/zero2_fp32.json", "bf16": "ds_configs/zero2_bf16.json"}
+#: per size: micro-batch per rank, warm-up steps, measured steps (log_every = warm-up)
+SCHEDULE = {"demo": (16, 5, 20), "large": (8, 3, 9)}
+QUICK_SCHEDULE = {"demo": (8, 2, 2), "large": (4, 1, 2)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", choices=sorted(common.MODEL_SIZES), default=["demo", "large"])
+    p.add_argument("--experts", nargs="+", type=int, default=[1, 4, 16], help="1 = dense baseline")
+    p.add_argument("--precision", choices=sorted(DS_CONFIGS), default="fp32",
+                   help="precision of the main runs (ds_configs/zero2_<precision>.json)")
+    p.add_argument("--bf16-experts", nargs="*", type=int, default=[1],
+                   help="also run the demo model in bf16 with these expert counts (none: skip)")
+    p.add_argument("--nproc", type=int, default=2, help="ranks")
+    p.add_argument("--measured-steps", type=int, default=None, help="override the per-size measured steps")
+    p.add_argument("--quick", action="store_true", help="smoke run: demo only, dense + 4 experts, 4 steps")
+    return p.parse_args(argv)
+
+
+def run_one(size: str, experts: int, precision: str, args: argparse.Namespace, captions: Path, tokenizer: Path,
+            peak_per_rank: float) -> dict[str, Any]:
+    micro, warmup, measured = (QUICK_SCHEDULE if args.quick else SCHEDULE)[size]
+    measured = args.measured_steps or measured
+    steps = warmup + measured
+    log_every = warmup if measured % warmup == 0 else 1
+    model_sets = common.MODEL_SIZES[size] + common.moe_sets(experts, args.nproc)
+    sets = (common.data_sets(captions, tokenizer) + model_sets
+            + [f"batch.micro_batch_size={micro}", f"train.steps={steps}", f"train.log_every={log_every}",
+               "train.save_every=0", "train.eval_every=0", "schedule.warmup_steps=2",
+               f"train.peak_tflops={peak_per_rank:.6f}"])
+    ds_config = DS_CONFIGS[precision]
+    plan = common.plan(model_sets + [f"batch.micro_batch_size={micro}"], args.nproc, ds_config)
+    name = f"{size}_{'dense' if experts <= 1 else f'moe{experts}'}_{precision}"
+    run = common.run_training(common.BENCH_RUNS / "train" / name, sets, args.nproc, ds_config)
+    window = common.measured_window(run["log"], warmup)
+    mfu = window["samples_per_s"] * plan["train_flops_per_sample"] / (peak_per_rank * 1e12 * args.nproc)
+    return {"name": name, "size": size, "experts": experts, "precision": precision, "micro_batch": micro,
+            "warmup_steps": warmup, **window, "mfu": mfu, "plan": plan, "command": run["command"],
+            "wall_s": run["wall_s"], "probe": run["probe"], "load_average": run["load_average"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.quick:
+        args.sizes, args.experts, args.bf16_experts = ["demo"], [1, 4], []
+    captions, tokenizer = common.ensure_synth()
+    dtypes = tuple(sorted({args.precision} | ({"bf16"} if args.bf16_experts else set())))
+    size, repeats = (512, 3) if args.quick else (1024, 10)
+    peaks_before = measure(dtypes, args.nproc, size, repeats)
+    per_rank = {d: peaks_before[d]["total"] / args.nproc for d in dtypes}
+    print(f"measured matmul peak per rank (TFLOP/s, {args.nproc} concurrent): "
+          + ", ".join(f"{d} {v:.3f}" for d, v in per_rank.items()) + f"; {common.load_line()}", flush=True)
+    plan_runs = [(s, e, args.precision) for s in args.sizes for e in args.experts]
+    plan_runs += [("demo", e, "bf16") for e in args.bf16_experts]
+    rows = []
+    for size_name, experts, precision in plan_runs:
+        rows.append(run_one(size_name, experts, precision, args, captions, tokenizer, per_rank[precision]))
+        r = rows[-1]
+        print(f"  {r['name']}: {r['step_time_s']:.3f} s/step, {r['samples_per_s']:.2f} samples/s, "
+              f"MFU {r['mfu']:.1%} ({common.load_line()})", flush=True)
+    peaks_after = measure(dtypes, args.nproc, size, repeats)
+    # MFU against the best peak seen (the conservative choice: a higher peak gives a lower MFU)
+    best = {d: max(peaks_before[d]["total"], peaks_after[d]["total"]) for d in dtypes}
+    for r in rows:
+        r["mfu"] = r["samples_per_s"] * r["plan"]["train_flops_per_sample"] / (best[r["precision"]] * 1e12)
+        dense = next((d for d in rows if d["size"] == r["size"] and d["precision"] == r["precision"]
+                      and d["experts"] <= 1), None)
+        r["step_vs_dense"] = r["step_time_s"] / dense["step_time_s"] if dense else None
+    print(f"\nvl_pretrain, {args.nproc} ranks, ZeRO-2, MoE top-1 every 2nd block (EP={args.nproc}); "
+          f"peak (2 ranks) " + ", ".join(f"{d} {best[d]:.3f} TFLOP/s" for d in dtypes) + f"; {common.load_line()}")
+    table = common.print_table(
+        ["model", "experts", "prec", "params total/active", "GFLOP/sample", "micro", "s/step", "samples/s",
+         "tokens/s", "MFU", "MoE x dense", "data wait"],
+        [[r["size"], r["experts"] if r["experts"] > 1 else "dense", r["precision"],
+          f"{r['plan']['total_params'] / 1e6:.1f}M/{r['plan']['active_params_per_token'] / 1e6:.1f}M",
+          r["plan"]["train_flops_per_sample"] / 1e9, r["micro_batch"], r["step_time_s"], r["samples_per_s"],
+          r["tokens_per_s"], f"{r['mfu']:.1%}", f"{r['step_vs_dense']:.2f}x" if r["step_vs_dense"] else "-",
+          f"{r['data_wait_frac']:.1%}"] for r in rows])
+    common.write_result("train", {"settings": vars(args), "peaks_before": peaks_before,
+                                  "peaks_after": peaks_after, "peak_total_tflops": best, "rows": rows,
+                                  "table": table})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
