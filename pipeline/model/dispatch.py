@@ -10,13 +10,17 @@ Changed, without EP (``ep_size == 1``): instead of filling an [E, C, M] buffer (
 routes to are still pushed through the experts) the kept routes are sorted by expert and each expert
 runs on exactly its R_e tokens; outputs are weighted by the gate and summed back with ``index_add_``.
 Results equal the stock layer (tests/test_model_moe.py). With EP the fixed [E, C, M] buffer is what the
-all-to-all needs, so dispatch/combine use DeepSpeed's own gather/scatter helpers unchanged.
+all-to-all needs, so it is built with DeepSpeed's own gather/scatter helpers; one extra all-to-all of
+E counts tells each rank how many slots of every received block are filled, and the experts run on
+those rows only (padding-heavy text and ``drop_tokens: false`` leave most slots empty). EP == no-EP is
+tested in tests/dist/moe_ep_equivalence.py.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from deepspeed import comm as dist
 from deepspeed.moe.sharded_moe import MOELayer, _AllToAll, _route_slots, _sparse_decode, _sparse_encode
 from torch import Tensor
 
@@ -66,13 +70,38 @@ class IndexedMOELayer(MOELayer):
 
     def _buffered(self, x_sm: Tensor, indices_ks: Tensor, locations_ks: Tensor, gates_ks: Tensor,
                   num_experts: int, capacity: int) -> Tensor:
-        """Expert parallel: DeepSpeed's [E, C, M] buffers around the two all-to-alls."""
+        """Expert parallel: DeepSpeed's [E, C, M] buffers around the two all-to-alls; the receiving rank
+        runs each local expert only on the filled prefix of every capacity block."""
         num_tokens, d_model = x_sm.shape
         slots_ks = _route_slots(indices_ks, locations_ks, num_experts, capacity)
         dispatched_ecm = _sparse_encode(x_sm, slots_ks, num_experts, capacity)
         dispatched_ecm = _AllToAll.apply(self.ep_group, dispatched_ecm)
-        dispatched = dispatched_ecm.reshape(self.ep_size, self.num_local_experts, -1, d_model)
-        expert_out = self.experts(dispatched).reshape(self.ep_size * self.num_local_experts, -1, d_model)
-        expert_out = _AllToAll.apply(self.ep_group, expert_out)
+        filled = torch.empty_like(self.kept_counts)  # [ep * L]: rows each source filled per local expert
+        dist.all_to_all_single(filled, self.kept_counts.contiguous(), group=self.ep_group)
+        expert_out = self._run_filled(dispatched_ecm.reshape(-1, d_model), filled, capacity)
+        expert_out = _AllToAll.apply(self.ep_group, expert_out.view(num_experts, capacity, d_model))
         return _sparse_decode(expert_out.reshape(num_experts * capacity, d_model), slots_ks, gates_ks,
                               num_tokens)
+
+    def _run_filled(self, rows_m: Tensor, filled: Tensor, capacity: int) -> Tensor:
+        """rows_m: [ep*L*C, M] received buffer (source-major, then local expert, then slot); kept routes
+        sit at the start of each capacity block (DeepSpeed's locations are 0..kept-1)."""
+        local = self.num_local_experts
+        filled_sl = filled.view(self.ep_size, local)
+        starts, sizes = [], []
+        for j in range(local):
+            for src in range(self.ep_size):
+                starts.append((src * local + j) * capacity)
+            sizes.append(int(filled_sl[:, j].sum()))
+        counts = filled_sl.t().reshape(-1)  # [L * ep] in (expert, source) order, like ``starts``
+        base = torch.tensor(starts, dtype=torch.long, device=rows_m.device).repeat_interleave(counts)
+        offsets = torch.arange(len(base), device=rows_m.device) - \
+            (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+        index_r = base + offsets
+        routed_rm = rows_m.index_select(0, index_r)
+        outputs = []
+        for expert, chunk in zip(self.experts.deepspeed_experts, routed_rm.split(sizes)):
+            out = expert(chunk)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        result = rows_m.new_zeros(rows_m.shape)
+        return result.index_copy(0, index_r, torch.cat(outputs).to(rows_m.dtype))
