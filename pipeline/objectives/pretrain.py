@@ -79,13 +79,12 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, rank: in
     b, g = sim_i2t.shape
     if g < 2:
         raise ValueError("ITM hard negatives need a global batch of at least 2 samples")
-    positives = torch.arange(b, device=sim_i2t.device) + rank * b
+    rows = torch.arange(b, device=sim_i2t.device)
+    positives = rows + rank * b
     picks = []
     for sim in (sim_i2t, sim_t2i):
-        weights = torch.softmax(sim.float(), dim=1)
-        weights[torch.arange(b), positives] = 0
-        weights = weights + 1e-12  # all-zero rows (collapsed similarities) stay samplable
-        weights[torch.arange(b), positives] = 0
+        weights = torch.softmax(sim.float(), dim=1) + 1e-12  # collapsed rows stay samplable
+        weights[rows, positives] = 0
         picks.append(torch.multinomial(weights, 1, generator=generator).squeeze(1))
     return picks[0], picks[1]
 
