@@ -139,29 +139,50 @@ def resume(engine: Any, run_dir: Path, dist: Dist) -> dict[str, Any] | None:
 
 
 def load_weights(engine: Any, init_from: str | Path) -> Path:
-    """Weights only from another run's checkpoint (EP size and world size may differ). Missing keys
-    (e.g. heads of another task) keep their fresh init and are logged; unexpected ones are ignored."""
+    """Weights only from another run's checkpoint, whatever its EP size or world size: the dense file and
+    every per-expert file are merged (global expert ids), this rank's local experts picked out, loaded
+    non-strictly (parameters the checkpoint lacks, e.g. another task's heads, keep their fresh init and
+    are logged), then the optimizer's fp32 master copy is refreshed."""
+    from pipeline.checkpoint_merge import merge_moe_checkpoint
+
     ckpt_root, tag = resolve_checkpoint(init_from)
     folder = ckpt_root / tag
-    saved = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    saved_keys = set(saved["module"])
-    del saved
-    load_path, _ = engine.load_checkpoint(str(ckpt_root), tag=tag, load_module_only=True,
-                                          load_module_strict=False, load_optimizer_states=False,
-                                          load_lr_scheduler_states=False)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load weights from {folder}")
-    expert = re.compile(r"\.deepspeed_experts\.")
-    own_keys = {k for k in engine.module.state_dict() if not expert.search(k)}
-    missing = sorted(own_keys - saved_keys)
-    unexpected = sorted(k for k in saved_keys - own_keys if not expert.search(k))
+    saved = merge_moe_checkpoint(folder)
+    module = engine.module
+    state = {}
+    for key in module.state_dict():
+        source = _global_expert_key(module, key)
+        if source in saved:
+            state[key] = saved[source]
+    missing, _ = module.load_state_dict(state, strict=False)
+    used = {_global_expert_key(module, k) for k in state}
+    unexpected = sorted(set(saved) - used)
     if missing:
-        log.info("init_from %s: %d parameters not in the checkpoint keep their fresh init: %s",
-                 folder, len(missing), _summary(missing))
+        log.info("init_from %s: %d tensors not in the checkpoint keep their fresh init: %s", folder,
+                 len(missing), _summary(missing))
     if unexpected:
         log.info("init_from %s: %d checkpoint tensors unused: %s", folder, len(unexpected), _summary(unexpected))
+    optimizer = getattr(engine, "optimizer", None)
+    if optimizer is not None and hasattr(optimizer, "refresh_fp32_params"):
+        optimizer.refresh_fp32_params()
     log.info("initialised weights from %s", folder)
     return folder
+
+
+_EXPERT_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.*)$")
+
+
+def _global_expert_key(module: Any, key: str) -> str:
+    """``...deepspeed_experts.{local}...`` -> ``...deepspeed_experts.{global}...`` for this rank."""
+    match = _EXPERT_KEY.match(key)
+    if match is None:
+        return key
+    from deepspeed.utils import groups
+
+    moe = module.get_submodule(match.group(1))
+    ep_rank = groups._get_expert_parallel_rank(moe.expert_group_name)
+    global_id = ep_rank * moe.num_local_experts + int(match.group(2))
+    return f"{match.group(1)}.deepspeed_moe.experts.deepspeed_experts.{global_id}.{match.group(3)}"
 
 
 def _summary(keys: list[str], limit: int = 8) -> str:

@@ -110,6 +110,8 @@ class Trainer:
                 self._restart_data()  # data stream is a function of (seed, step): resume is exact
         self.evaluate()
         self.save()
+        if self.dist.is_main:  # what launch/pipeline.sh waits for before starting the next stage
+            (self.run_dir / "FINISHED").write_text(checkpoint.tag_for(self.state.step) + "\n")
 
     def train_step(self) -> None:
         engine, coef = self.engine, self.model_cfg.moe.aux_loss_coef
