@@ -1,0 +1,80 @@
+"""Collect the demo's evaluation results into one ``metrics.json`` and print the final table.
+
+    python -m pipeline.demo_report --demo-dir runs/demo
+
+Reads the JSON files ``pipeline.evaluate`` wrote (``DEMO/eval/vqa.json``, ``DEMO/eval/retrieval.json``)
+and writes ``DEMO/metrics.json``:
+``{"vqa": {"accuracy", "baseline", ...}, "retrieval": {"t2i_r1", "t2i_r5", ..., "baseline_t2i_r5"}, ...}``.
+Exits non-zero if an evaluation file is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# task -> (eval file stem, metric shown as the headline, its key in metrics.json)
+HEADLINES = {
+    "vqa": ("vqa", "overall", "accuracy"),
+    "retrieval": ("retrieval", "t2i_r5", "t2i_r5"),
+}
+
+
+def summarize(eval_result: dict, headline: str, alias: str) -> dict[str, float]:
+    """Flatten one ``pipeline.evaluate`` result into the demo's metrics entry (fractions, not %)."""
+    metrics = dict(eval_result["metrics"])
+    baseline = eval_result.get("baseline", {}).get("metrics", {})
+    out = {alias: metrics[headline]} if headline in metrics else {}
+    out.update({k: v for k, v in metrics.items() if k != headline or alias == headline})
+    if headline in baseline:
+        out["baseline"] = baseline[headline]
+    out["baseline_name"] = eval_result.get("baseline", {}).get("name", "")
+    for key, value in baseline.items():
+        out[f"baseline_{key}"] = value
+    return out
+
+
+def build_report(demo_dir: Path) -> dict[str, dict]:
+    report = {}
+    for task, (stem, headline, alias) in HEADLINES.items():
+        path = demo_dir / "eval" / f"{stem}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; run `make demo` (or pipeline.evaluate) first")
+        report[task] = summarize(json.loads(path.read_text()), headline, alias)
+    return report
+
+
+def format_report(report: dict[str, dict], demo_dir: Path) -> str:
+    rows = [("task", "metric", "score", "baseline")]
+    for task, values in report.items():
+        for key, value in values.items():
+            if key.startswith("baseline") or key.startswith("num_") or not isinstance(value, float):
+                continue
+            base = values.get(f"baseline_{key}", values.get("baseline") if key in ("accuracy",) else None)
+            rows.append((task, key, f"{100 * value:.1f}", f"{100 * base:.1f}" if base is not None else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append(f"metrics: {demo_dir / 'metrics.json'}")
+    lines.append(f"tensorboard: tensorboard --logdir {demo_dir}  (one subfolder per stage)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.demo_report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--demo-dir", type=Path, default=Path("runs/demo"), help="the demo's output folder")
+    args = parser.parse_args(argv)
+    try:
+        report = build_report(args.demo_dir)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    (args.demo_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(format_report(report, args.demo_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
