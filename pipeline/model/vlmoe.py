@@ -111,10 +111,10 @@ class VLMoE(nn.Module):
             tokens.append(x_bnd)
             segments.append(Segment(modality, start, start + x_bnd.shape[1], valid_bn))
             start += x_bnd.shape[1]
-        x_bnd = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
-        batch = x_bnd.shape[0]
         if len({t.shape[0] for t in tokens}) != 1:
             raise ValueError(f"modalities have different batch sizes: {[t.shape[0] for t in tokens]}")
+        x_bnd = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
+        batch = x_bnd.shape[0]
         mask_b1nn = attention_mask(segments, batch, causal, x_bnd.device)
         aux_losses, counts, kept = [], {}, {}
         for block in self.blocks:
