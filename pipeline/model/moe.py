@@ -62,7 +62,7 @@ class SparseFFN(MoE):
 
     def forward(self, x_sd: torch.Tensor, used_s: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if x_sd.shape[0] < self.deepspeed_moe.gate.min_capacity:
+        if x_sd.shape[0] == 0 or x_sd.shape[0] < self.deepspeed_moe.gate.min_capacity:
             raise ValueError(f"MoE call with {x_sd.shape[0]} tokens < moe.min_capacity="
                              f"{self.deepspeed_moe.gate.min_capacity}; use more tokens or lower min_capacity")
         if used_s is not None:
