@@ -130,11 +130,8 @@ def read_probe(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def read_eval(run_dir: Path) -> dict[str, float]:
-    files = sorted((Path(run_dir) / "eval").glob("step_*.json"))
-    if not files:
-        return {}
-    data = json.loads(files[-1].read_text())
-    return data.get("metrics", data)
+    files = sorted((Path(run_dir) / "eval").glob("step_??????.json"))
+    return json.loads(files[-1].read_text()) if files else {}
 
 
 def measured_window(rows: list[dict[str, Any]], warmup_steps: int) -> dict[str, float]:
