@@ -127,3 +127,10 @@ def test_other_image_sizes_interpolate_positions():
     assert resize_positions(pos, 2) is pos
     with pytest.raises(ValueError, match="multiple of patch_size"):
         model.encode_image(torch.randn(2, 3, 20, 20))
+
+
+def test_dense_vl_ffn_option():
+    model = VLMoE(tiny(sparse_vl_ffn=False))
+    joint = model.fuse(*inputs())
+    assert set(joint.expert_counts) == {"layer1/image", "layer1/text"}  # layer 3 fuses through a dense VL-FFN
+    assert "layer3/text" in model.encode_text(*inputs()[1:]).expert_counts

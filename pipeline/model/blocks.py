@@ -57,7 +57,8 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.attn = Attention(cfg)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.ffn = nn.ModuleDict({key: build_ffn(cfg, sparse) for key in cfg.ffn_keys(index)})
+        self.ffn = nn.ModuleDict({key: build_ffn(cfg, sparse and (key != "vl" or cfg.moe.sparse_vl_ffn))
+                                  for key in cfg.ffn_keys(index)})
         self.drop = nn.Dropout(cfg.dropout)
 
     def _spans(self, segments: list[Segment]) -> list[tuple[str, list[Segment]]]:

@@ -35,6 +35,8 @@ class MoEConfig:
     use_rts: bool = field(default=True, metadata={"help": "random token selection when over capacity (top-1)"})
     top2_2nd_expert_sampling: bool = field(default=True, metadata={
         "help": "top-2: sample the 2nd expert with Gumbel noise (DeepSpeed default); false = 2nd best"})
+    sparse_vl_ffn: bool = field(default=True, metadata={
+        "help": "MoE layers inside the fusion blocks make the shared VL-FFN sparse too; false keeps it dense"})
     aux_loss_coef: float = field(default=0.01, metadata={"help": "weight of the load-balancing aux loss"})
     ep_size: int = field(default=1, metadata={"help": "expert-parallel group size (ranks sharing experts)"})
     routing: Literal["per_modality", "shared"] = field(default="per_modality", metadata={
