@@ -69,7 +69,8 @@ def run_one(size: str, experts: int, precision: str, args: argparse.Namespace, c
     mfu = window["samples_per_s"] * plan["train_flops_per_sample"] / (peak_per_rank * 1e12 * args.nproc)
     return {"name": name, "size": size, "experts": experts, "precision": precision, "micro_batch": micro,
             "warmup_steps": warmup, **window, "mfu": mfu, "plan": plan, "command": run["command"],
-            "wall_s": run["wall_s"], "probe": run["probe"], "load_average": run["load_average"]}
+            "phases": common.phase_means(run["probe"], warmup), "wall_s": run["wall_s"], "probe": run["probe"],
+            "load_average": run["load_average"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
           f"peak (2 ranks) " + ", ".join(f"{d} {best[d]:.3f} TFLOP/s" for d in dtypes) + f"; {common.load_line()}")
     table = common.print_table(
         ["model", "experts", "prec", "params total/active", "GFLOP/sample", "micro", "s/step", "samples/s",
-         "tokens/s", "MFU", "MoE x dense", "data wait"],
+         "tokens/s", "MFU", "MoE x dense", "fwd/bwd/opt s", "data wait"],
         [[r["size"], r["experts"] if r["experts"] > 1 else "dense", r["precision"],
           f"{r['plan']['total_params'] / 1e6:.1f}M/{r['plan']['active_params_per_token'] / 1e6:.1f}M",
           r["plan"]["train_flops_per_sample"] / 1e9, r["micro_batch"], r["step_time_s"], r["samples_per_s"],
           r["tokens_per_s"], f"{r['mfu']:.1%}", f"{r['step_vs_dense']:.2f}x" if r["step_vs_dense"] else "-",
+          "/".join(f"{r['phases'].get(k, float('nan')):.2f}" for k in ("forward_s", "backward_s", "step_s")),
           f"{r['data_wait_frac']:.1%}"] for r in rows])
     common.write_result("train", {"settings": vars(args), "peaks_before": peaks_before,
                                   "peaks_after": peaks_after, "peak_total_tflops": best, "rows": rows,

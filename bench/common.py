@@ -234,3 +234,14 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
 def load_line() -> str:
     one, five, _ = os.getloadavg()
     return f"load average {one:.1f} (1 min) / {five:.1f} (5 min) on {os.cpu_count()} CPUs"
+
+
+def phase_means(probes: list[dict[str, Any]], skip: int) -> dict[str, float]:
+    """Mean seconds per call of engine forward/backward/step after ``skip`` calls, averaged over ranks."""
+    out: dict[str, float] = {}
+    for phase in ("forward", "backward", "step"):
+        values = [statistics.mean(p["phase_s"][phase][skip:]) for p in probes
+                  if len(p.get("phase_s", {}).get(phase, [])) > skip]
+        if values:
+            out[f"{phase}_s"] = statistics.mean(values)
+    return out

@@ -12,6 +12,8 @@ are not included):
   training steps. The peak counter is reset (``/proc/self/clear_refs`` = 5) after the imports, so import
   transients do not count; ``hwm_reset`` says whether that worked.
 - ``peak``: VmHWM at exit (checkpoint save included).
+- ``phase_s``: wall seconds of every engine ``forward``, ``backward`` and ``step`` call on this rank, in
+  order (one entry per micro-step), to split step time; timing adds two clock reads per call.
 """
 from __future__ import annotations
 
@@ -38,6 +40,25 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def time_engine_phases(phases: dict[str, list[float]]) -> None:
+    """Wrap DeepSpeedEngine.forward/backward/step to append their wall time to ``phases``."""
+    import time
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    for name in phases:
+        original = getattr(DeepSpeedEngine, name)
+
+        def timed(self, *args, _original=original, _name=name, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                phases[_name].append(time.perf_counter() - start)
+
+        setattr(DeepSpeedEngine, name, timed)
 
 
 def output_dir(argv: list[str]) -> Path | None:
@@ -67,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         original_save(self)
 
     pipeline.trainer.Trainer.save = save_with_snapshot
+    phases: dict[str, list[float]] = {"forward": [], "backward": [], "step": []}
+    time_engine_phases(phases)
+    report["phase_s"] = phases
     rc = train.main(argv)
     report.update(peak=status_bytes()["VmHWM"], rss_at_exit=status_bytes()["VmRSS"],
                   rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
