@@ -1,14 +1,14 @@
 """MoE vs dense quality at small scale: ``vl_pretrain`` on synth for a fixed number of steps, dense vs 8-expert
 MoE with equal active parameters, 3 seeds each; validation losses (mean and spread).
 
-    .venv/bin/python bench/bench_moe_quality.py                  # 3 seeds x (dense, MoE-8), 150 steps
+    .venv/bin/python bench/bench_moe_quality.py                  # 3 seeds x (dense, MoE-8), 100 steps
     .venv/bin/python bench/bench_moe_quality.py --steps 300 --seeds 1 2 3 4 5
     .venv/bin/python bench/bench_moe_quality.py --quick
 
 Model (small, so 6 runs fit in minutes on 2 CPU cores): hidden 128, 4 heads, 4 blocks (top 1 = fusion),
 image 64 / patch 8, text 32. MoE = top-1, 8 experts in blocks 1 and 3 (every 2nd), capacity factor 1.0,
 aux-loss 0.01 (recipe defaults); dense = the same model with no MoE layer (identical active parameters
-per token apart from the routers). Each run: the real launcher, 1 rank (EP 1), micro-batch 32, fp32,
+per token apart from the routers). Each run: the real launcher, 1 rank (EP 1), micro-batch 16, fp32,
 AdamW lr 5e-4, 10 warm-up steps then cosine; the dense and MoE run of a seed run at the same time (one
 core each), with the same seed (same data order and dense-weight init). Seed s sets ``train.seed``.
 Validation = the full synth captions val split (400 pairs) once at the end (``RUN/eval/``): ITC loss
@@ -36,10 +36,10 @@ METRICS = [("itc_loss", "lower"), ("mlm_loss", "lower"), ("mlm_acc", "higher"), 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 4 steps")
     return p.parse_args(argv)
 
