@@ -5,7 +5,14 @@
 # Without CUDA it runs on CPU_RANKS CPU ranks over gloo (default 2). Rerunning reuses finished steps:
 # shards are skipped by data_prep, finished stages by their FINISHED marker, evaluations by their JSON.
 # Environment: DEMO_DIR [runs/demo], DEMO_SAMPLES [synth images per task, 6000], DS_CONFIG
-# [ds_configs/zero2_bf16.json], and everything launch/common.sh reads (GPUS_PER_NODE, CPU_RANKS, ...).
+# [ds_configs/zero2_bf16.json where bf16 is native (CUDA, or a CPU with AMX/AVX512-BF16), else
+# ds_configs/zero2_fp32.json: emulated bf16 is several times slower than fp32], and everything
+# launch/common.sh reads (GPUS_PER_NODE, CPU_RANKS, ...).
+if [[ -z "${DS_CONFIG:-}" ]]; then
+  _py="${PYTHON:-.venv/bin/python}"
+  DS_CONFIG="ds_configs/zero2_$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && "$_py" -m pipeline.hardware).json"
+  export DS_CONFIG
+fi
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 DEMO_DIR="${DEMO_DIR:-runs/demo}"
 DEMO_SAMPLES="${DEMO_SAMPLES:-6000}"
@@ -15,6 +22,7 @@ started=$SECONDS
 
 step() { echo; echo "==> [$((SECONDS - started))s] $*" >&2; }
 
+echo "demo: $DEMO_DIR, engine config $DS_CONFIG, $WORLD_SIZE_TOTAL ranks" >&2
 step "data_prep synth -> $DATA"
 "$PYTHON" -m data_prep synth --output "$DATA" --num-samples "$DEMO_SAMPLES" --seed 0 --no-progress
 

@@ -1,0 +1,41 @@
+"""The demo's metrics.json is built from pipeline.evaluate's result files; the precision pick reads CPU flags."""
+import json
+
+import pytest
+
+from pipeline.demo_report import build_report, format_report, main
+from pipeline.hardware import cpu_flags
+
+
+def write_eval(folder, name, metrics, baseline_name, baseline):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(
+        {"task": name, "metrics": metrics, "baseline": {"name": baseline_name, "metrics": baseline}}))
+
+
+def test_report_has_the_documented_keys(tmp_path):
+    write_eval(tmp_path / "eval", "vqa", {"overall": 0.71, "yes/no": 0.9, "num_questions": 200.0},
+               "question-only", {"overall": 0.3, "yes/no": 0.5})
+    write_eval(tmp_path / "eval", "retrieval", {"t2i_r1": 0.4, "t2i_r5": 0.8, "i2t_r1": 0.5, "rmean": 0.6},
+               "chance", {"t2i_r1": 0.005, "t2i_r5": 0.025})
+    assert main(["--demo-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["vqa"]["accuracy"] == 0.71 and report["vqa"]["baseline"] == 0.3
+    assert "overall" not in report["vqa"]  # renamed to accuracy, not duplicated
+    assert report["retrieval"]["t2i_r5"] == 0.8 and report["retrieval"]["baseline_t2i_r5"] == 0.025
+    table = format_report(report, tmp_path)
+    assert "accuracy" in table and "71.0" in table and "30.0" in table
+
+
+def test_missing_evaluation_is_an_error(tmp_path, capsys):
+    write_eval(tmp_path / "eval", "vqa", {"overall": 0.5}, "question-only", {"overall": 0.3})
+    assert main(["--demo-dir", str(tmp_path)]) == 2
+    assert "retrieval.json" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError):
+        build_report(tmp_path)
+
+
+def test_cpu_flags_parse_proc_cpuinfo():
+    text = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16\nbugs\t: spectre\n"
+    assert {"avx2", "amx_bf16"} <= cpu_flags(text)
+    assert cpu_flags("processor : 0\n") == set()
