@@ -61,7 +61,7 @@ train() {
   local recipe="$1" run_dir="$2"; shift 2
   check_plan "$recipe" "$@" >/dev/null || { echo "launch: $recipe does not fit this launch (above)" >&2; return 2; }
   local largs; mapfile -t largs < <(launcher_args)
-  echo "launch: $recipe -> $run_dir on $WORLD_SIZE_TOTAL ranks ($DS_CONFIG)" >&2
+  echo "launch: $recipe -> $run_dir on $WORLD_SIZE_TOTAL ranks ($DS_CONFIG): deepspeed ${largs[*]}" >&2
   "$DEEPSPEED" "${largs[@]}" --module pipeline.train --recipe "$recipe" --ds-config "$DS_CONFIG" \
     --output-dir "$run_dir" --resume "$RESUME" "$@" &
   local pid=$!

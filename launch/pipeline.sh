@@ -35,7 +35,7 @@ for i in "${!stages[@]}"; do
   if [[ -f "$run_dir/FINISHED" ]]; then
     echo "pipeline: $stage already finished in $run_dir, skipping" >&2
   else
-    train "launch/recipes/$stage.yaml" "$run_dir" "${args[@]}" "$@"
+    train "launch/recipes/$stage.yaml" "$run_dir" "$@" "${args[@]}"  # stage-specific items win
     if [[ ! -f "$run_dir/FINISHED" ]]; then
       echo "pipeline: $stage stopped before its last step (preempted?); rerun to resume" >&2
       exit 3
