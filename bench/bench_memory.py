@@ -13,6 +13,10 @@ Each run: ``deepspeed --num_gpus 2 --module bench.rank_probe`` (= ``pipeline.tra
   build, engine (weights, gradients, optimizer states, DeepSpeed buffers), every step's activations, and
   allocator slack. DataLoader worker processes are not included (separate processes).
 - measured = peak - baseline (what the plan predicts); the full peak is listed too.
+Split (``--split``, default on): one more run of the last stage at micro-batch 1; the difference of the
+measured figures / (micro-batch - 1) is the activation cost per sample, set against the plan's activation
+estimate per sample, and the micro-batch-1 figure minus one sample is the fixed part (model states,
+DeepSpeed buffers, allocator) set against the plan's model states.
 Prediction: ``memory_per_rank_bytes`` from ``pipeline.plan --json`` when it exists, otherwise
 ``(model_states_gib_per_rank + activations_gib_per_rank_est)`` GiB. Target: measured within 15% of it.
 Prints a table; writes JSON to bench/results/memory_<time>.json.
@@ -41,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experts", type=int, default=4, help="experts per MoE layer, EP 2 (1 = dense)")
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per run")
+    p.add_argument("--no-split", dest="split", action="store_false",
+                   help="skip the micro-batch-1 run that splits fixed vs per-sample memory")
     p.add_argument("--quick", action="store_true", help="smoke run: ZeRO-2 only, 1 step, micro-batch 4")
     return p.parse_args(argv)
 
@@ -52,6 +58,29 @@ def predicted_bytes(plan: dict[str, Any]) -> tuple[float, str]:
             "model_states_gib_per_rank + activations_gib_per_rank_est")
 
 
+def measure_stage(stage: int, args: argparse.Namespace, model_sets: list[str], captions: Path, tokenizer: Path,
+                  suffix: str = "") -> list[dict[str, Any]]:
+    """One 2-rank run with ds_configs/zero{stage}_{precision}.json: a row per rank."""
+    ds_config = f"ds_configs/zero{stage}_{args.precision}.json"
+    plan = common.plan(model_sets, 2, ds_config)
+    predicted, source = predicted_bytes(plan)
+    sets = common.data_sets(captions, tokenizer) + model_sets + [
+        f"train.steps={args.steps}", "train.log_every=1", "train.save_every=0", "train.eval_every=0",
+        "schedule.warmup_steps=1", "train.peak_tflops=1.0"]
+    run = common.run_training(common.BENCH_RUNS / "memory" / f"zero{stage}{suffix}", sets, 2, ds_config)
+    rows = []
+    for probe in run["probe"]:
+        peak = probe.get("peak_before_save", probe["peak"])
+        measured = peak - probe["baseline_rss"]
+        rows.append({"stage": stage, "rank": probe["rank"], "baseline": probe["baseline_rss"], "peak": peak,
+                     "peak_with_save": probe["peak"], "measured": measured, "predicted": predicted,
+                     "prediction_source": source, "ratio": measured / predicted,
+                     "model_states_gib": plan["model_states_gib_per_rank"],
+                     "activations_gib": plan["activations_gib_per_rank_est"], "hwm_reset": probe["hwm_reset"],
+                     "command": run["command"]})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.quick:
@@ -61,25 +90,21 @@ def main(argv: list[str] | None = None) -> int:
                   + [f"batch.micro_batch_size={args.micro_batch}"])
     rows = []
     for stage in args.stages:
-        ds_config = f"ds_configs/zero{stage}_{args.precision}.json"
-        plan = common.plan(model_sets, 2, ds_config)
-        predicted, source = predicted_bytes(plan)
-        sets = common.data_sets(captions, tokenizer) + model_sets + [
-            f"train.steps={args.steps}", "train.log_every=1", "train.save_every=0", "train.eval_every=0",
-            "schedule.warmup_steps=1", "train.peak_tflops=1.0"]
-        run = common.run_training(common.BENCH_RUNS / "memory" / f"zero{stage}", sets, 2, ds_config)
-        for probe in run["probe"]:
-            peak = probe.get("peak_before_save", probe["peak"])
-            measured = peak - probe["baseline_rss"]
-            rows.append({"stage": stage, "rank": probe["rank"], "baseline": probe["baseline_rss"], "peak": peak,
-                         "peak_with_save": probe["peak"], "measured": measured, "predicted": predicted,
-                         "prediction_source": source, "ratio": measured / predicted,
-                         "model_states_gib": plan["model_states_gib_per_rank"],
-                         "activations_gib": plan["activations_gib_per_rank_est"], "hwm_reset": probe["hwm_reset"],
-                         "command": run["command"]})
+        rows += measure_stage(stage, args, model_sets, captions, tokenizer)
         print(f"  ZeRO-{stage}: " + ", ".join(f"rank {r['rank']} {r['measured'] / GIB:.3f} GiB"
                                               for r in rows if r["stage"] == stage) + f" ({common.load_line()})",
               flush=True)
+    split = {}
+    if args.split and args.micro_batch > 1:
+        stage = args.stages[-1]
+        one = measure_stage(stage, args, model_sets[:-1] + ["batch.micro_batch_size=1"], captions, tokenizer, "_mb1")
+        full = [r for r in rows if r["stage"] == stage]
+        per_sample = (sum(r["measured"] for r in full) - sum(r["measured"] for r in one)) / len(full) \
+            / (args.micro_batch - 1)
+        fixed = sum(r["measured"] for r in one) / len(one) - per_sample
+        split = {"stage": stage, "per_sample_measured": per_sample,
+                 "per_sample_predicted": full[0]["activations_gib"] * GIB / args.micro_batch,
+                 "fixed_measured": fixed, "model_states_predicted": full[0]["model_states_gib"] * GIB}
     model = "dense" if args.experts <= 1 else f"MoE {args.experts} experts EP 2"
     print(f"\nvl_pretrain {args.size} ({model}), {args.precision}, 2 ranks, micro-batch {args.micro_batch}, "
           f"{args.steps} steps; GiB per rank; measured = peak RSS - baseline; {common.load_line()}")
@@ -89,7 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         [[f"ZeRO-{r['stage']}", r["rank"], r["baseline"] / GIB, r["peak"] / GIB, r["measured"] / GIB,
           f"{r['predicted'] / GIB:.3f} ({r['model_states_gib']:.3f} + {r['activations_gib']:.3f})",
           f"{r['ratio']:.2f}", "yes" if abs(r["ratio"] - 1) <= 0.15 else "no"] for r in rows])
-    common.write_result("memory", {"settings": vars(args), "rows": rows, "table": table})
+    if split:
+        print(f"\nsplit (ZeRO-{split['stage']}, micro-batch {args.micro_batch} vs 1), MiB per rank")
+        table += "\n\n" + common.print_table(
+            ["part", "measured", "predicted", "measured / predicted"],
+            [["per sample (activations)", split["per_sample_measured"] / 2**20,
+              split["per_sample_predicted"] / 2**20, split["per_sample_measured"] / split["per_sample_predicted"]],
+             ["fixed (model states + buffers)", split["fixed_measured"] / 2**20,
+              split["model_states_predicted"] / 2**20, split["fixed_measured"] / split["model_states_predicted"]]])
+    common.write_result("memory", {"settings": vars(args), "rows": rows, "split": split, "table": table})
     return 0
 
 
