@@ -12,6 +12,7 @@ sample (Korthikanti et al. 2022, half precision, no recomputation).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -47,14 +48,19 @@ def model_state_bytes(dense: int, experts: int, ep_size: int, world: int, stage:
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     def per_rank(params: float, dp: int) -> float:
-        if stage == 2:
+        if stage == 2 and prec != "fp32":  # DeepSpeed's own estimator
             return estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=dp, cpu_offload=offload,
                                                          additional_buffer_factor=1.0)[1]
-        weights, grads = (2, 2) if prec != "fp32" else (4, 4)
-        optim = 12 if prec != "fp32" else 8  # fp32 master + m + v (fp32 training: m + v)
+        # same accounting as DeepSpeed's: mixed precision = 16-bit weights + grads, then fp32 grads,
+        # master weights, Adam m and v (4+4+8); fp32 training = weights, grads, m, v (4+4+8)
+        weights, grads, rest = (2, 2, 16) if prec != "fp32" else (4, 4, 8)
+        if offload:
+            rest = 0
         if stage == 0:
-            return params * (weights + grads + optim)
-        return params * (weights + grads) + params * optim / dp  # stage 1
+            return params * (weights + grads + rest)
+        if stage == 1:
+            return params * (weights + grads) + params * rest / dp
+        return params * weights + params * (grads + rest) / dp
 
     local_experts = experts / ep_size
     return {"dense": per_rank(dense, world), "experts": per_rank(local_experts, world // ep_size)}
@@ -133,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = list(args.overrides) + ([f"model.moe.ep_size={args.ep_size}"] if args.ep_size else [])
     try:
-        recipe, model_cfg = load_recipe(args.recipe, overrides)
-        plan = make_plan(recipe, model_cfg, load_engine_json(args.ds_config), args.world_size)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout; stdout is the plan only
+            recipe, model_cfg = load_recipe(args.recipe, overrides)
+            plan = make_plan(recipe, model_cfg, load_engine_json(args.ds_config), args.world_size)
     except ConfigError as exc:
         print(f"pipeline.plan: configuration error: {exc}", file=sys.stderr)
         return 2

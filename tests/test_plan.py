@@ -1,0 +1,68 @@
+"""pipeline.plan: sizes of a base VL-MoE (12 layers, 768 hidden, 32 experts every other layer) against its
+dense baseline, memory per rank by ZeRO stage / EP size, and impossible settings rejected."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.plan import main as plan_main
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["--recipe", str(REPO / "launch/recipes/vl_pretrain.yaml"), "--set", "model.num_layers=12",
+        "--set", "model.hidden_size=768", "--set", "model.num_heads=12", "--set", "model.moe.num_experts=32",
+        "--set", "model.moe.every=2", "--set", "model.image_size=224", "--set", "model.patch_size=16",
+        "--set", "data.image_size=224", "--set", "model.max_text_len=40", "--set", "data.text_len=40",
+        "--set", "model.vocab_size=30522", "--set", "model.num_fusion_layers=2"]
+
+
+def plan(capsys, *args):
+    code = plan_main([*BASE, *args, "--json"])
+    out = capsys.readouterr()
+    return code, (json.loads(out.out) if code == 0 else out.err)
+
+
+def test_base_moe_active_params_match_dense_total_is_several_times_larger(capsys):
+    start = time.perf_counter()
+    code, result = plan(capsys, "--ds-config", str(REPO / "ds_configs/zero2_bf16.json"), "--world-size", "8",
+                        "--ep-size", "8")
+    assert code == 0 and time.perf_counter() - start < 10  # meta-device model: no weights allocated
+    assert result["moe_layers"] == [1, 3, 5, 7, 9, 11] and result["num_experts"] == 32
+    assert abs(result["active_vs_dense"] - 1) < 0.05
+    assert result["total_vs_dense"] > 4
+    assert result["params_per_rank"] < result["total_params"] / 4  # experts sharded over EP=8
+    assert result["train_flops_per_sample"] > 0 and result["global_batch"] == 16 * 8
+
+
+def test_memory_per_rank_falls_with_zero_stage_and_ep_size(capsys):
+    def states(ds, ep):
+        code, result = plan(capsys, "--ds-config", str(REPO / "ds_configs" / f"{ds}.json"), "--world-size", "8",
+                            "--ep-size", str(ep))
+        assert code == 0, result
+        return result["model_states_gib_per_rank"]
+    assert states("zero0_bf16", 8) > states("zero1_bf16", 8) > states("zero2_bf16", 8)
+    assert states("zero2_bf16", 2) > states("zero2_bf16", 8)
+    assert states("zero2_offload_bf16", 8) < states("zero2_bf16", 8)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ds-config", "ds_configs/zero3_bf16.json", "--world-size", "8"], "ZeRO stage 3 is not supported"),
+    (["--ds-config", "ds_configs/zero2_bf16.json", "--world-size", "6", "--ep-size", "4"],
+     "world size 6 is not divisible by model.moe.ep_size=4"),
+    (["--ds-config", "ds_configs/zero2_bf16.json", "--world-size", "8", "--ep-size", "3"],
+     "num_experts.*divisible by.*ep_size"),
+])
+def test_impossible_settings_rejected_with_reason(capsys, args, message):
+    args = [str(REPO / a) if a.startswith("ds_configs") else a for a in args]
+    code, err = plan(capsys, *args)
+    assert code == 2 and __import__("re").search(message, err), err
+
+
+def test_cli_prints_a_readable_summary():
+    proc = subprocess.run([sys.executable, "-m", "pipeline.plan", *BASE, "--ds-config", "ds_configs/zero2_bf16.json",
+                           "--world-size", "8", "--ep-size", "8"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "active per token" in proc.stdout and "memory per rank" in proc.stdout

@@ -1,0 +1,112 @@
+"""Pieces of the training loop without a launcher: schedule, checkpoint bookkeeping, expert-load figures,
+optimizer groups (MoE split, head lr, no-decay, freeze), eval padding."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.checkpoint import COMPLETE, complete_tags, latest_complete, prune, resolve_checkpoint
+from pipeline.config_utils import ConfigError
+from pipeline.schedule import lr_factor
+from pipeline.tb_logging import expert_load_scalars
+
+
+def test_lr_warmup_then_cosine_or_linear_to_floor():
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, 100, 10, "linear") == pytest.approx(0.5)
+    assert lr_factor(99, 100, 0, "constant") == 1.0
+    with pytest.raises(ValueError):
+        lr_factor(50, 100, 0, "exponential")
+
+
+def _ckpt(root, step, complete=True):
+    folder = root / f"step_{step:06d}"
+    folder.mkdir(parents=True)
+    if complete:
+        (folder / COMPLETE).write_text(str(step))
+    return folder
+
+
+def test_half_written_checkpoint_is_never_picked_and_prune_keeps_last_k(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    for step in (10, 20, 30):
+        _ckpt(root, step)
+    _ckpt(root, 40, complete=False)  # killed while writing
+    assert latest_complete(root) == "step_000030"
+    assert resolve_checkpoint(tmp_path / "run") == (root, "step_000030")
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_checkpoint(root / "step_000040")
+    prune(root, keep_last=2)
+    assert complete_tags(root) == ["step_000020", "step_000030"]
+    assert (root / "step_000040").exists()  # newer than the newest complete: may still be in progress
+
+
+def test_expert_load_entropy_and_dropped_estimate():
+    balanced = expert_load_scalars({"layer1/image": torch.tensor([25, 25, 25, 25])}, capacity_factor=1.0)
+    assert balanced["moe/layer1/image/entropy"] == pytest.approx(1.0)
+    assert balanced["moe/layer1/image/dropped_frac_est"] == pytest.approx(0.0)
+    skewed = expert_load_scalars({"layer1/text": torch.tensor([100, 0, 0, 0])}, capacity_factor=1.0)
+    assert skewed["moe/layer1/text/entropy"] == pytest.approx(0.0)
+    assert skewed["moe/layer1/text/max_over_mean"] == pytest.approx(4.0)
+    assert skewed["moe/layer1/text/dropped_frac_est"] == pytest.approx(0.75)
+    assert sum(skewed[f"moe_load/layer1/text/expert{i:02d}"] for i in range(4)) == pytest.approx(1.0)
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        self.heads = nn.ModuleDict({"cls": nn.Linear(4, 2)})
+
+
+def test_param_groups_head_lr_no_decay_and_freeze():
+    from pipeline.build import apply_freeze, param_groups
+    from pipeline.recipe import OptimConfig
+
+    toy = _Toy()
+    assert apply_freeze(toy, [r"^model\.1\."]) == ["model.1.weight", "model.1.bias"]
+    with pytest.raises(ConfigError, match="match no parameter"):
+        apply_freeze(toy, ["nothing_like_this"])
+    groups = {g["name"]: g for g in param_groups(toy, OptimConfig(lr=1e-3, head_lr_mult=10, weight_decay=0.1))}
+    assert groups["body_decay"]["lr"] == 1e-3 and groups["body_decay"]["weight_decay"] == 0.1
+    assert groups["heads_decay"]["lr"] == pytest.approx(1e-2)
+    assert groups["body_no_decay"]["weight_decay"] == 0.0
+    names = sum((len(g["params"]) for g in groups.values()), 0)
+    assert names == 4  # frozen LayerNorm excluded
+
+
+def test_moe_expert_params_get_their_own_groups():
+    from deepspeed.moe.layer import MoE
+
+    from pipeline.build import param_groups
+    from pipeline.recipe import OptimConfig
+
+    toy = _Toy()
+    toy.model.append(MoE(4, nn.Linear(4, 4), num_experts=2, ep_size=1, k=1))
+    groups = param_groups(toy, OptimConfig())
+    moe_groups = [g for g in groups if g.get("moe")]
+    assert moe_groups and all(all(not getattr(p, "allreduce", True) for p in g["params"]) for g in moe_groups)
+    assert not any(getattr(p, "allreduce", True) is False for g in groups if not g.get("moe") for p in g["params"])
+
+
+def test_eval_padding_marks_valid_and_keeps_shapes():
+    from pipeline.eval_loop import pad_and_collate
+    from pipeline.tasks.base import Task
+
+    class T(Task):
+        name, fields = "t", ("txt",)
+        build_heads = prepare_sample = training_loss = eval_outputs = metrics = None
+
+        def padding_sample(self):
+            return {"x": torch.zeros(3), "id": -1}
+
+    T.__abstractmethods__ = frozenset()
+    batch = pad_and_collate(T(None), [{"x": torch.ones(3), "id": 7, "__key__": "k"}], 4)
+    assert batch["x"].shape == (4, 3) and batch["valid"].tolist() == [True, False, False, False]
+    assert batch["id"] == [7, -1, -1, -1] and "__key__" not in batch
+    assert math.isclose(float(batch["x"].sum()), 3.0)
