@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 when the run's ds_config trained in bf16, else fp32")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher arg
     args = p.parse_args(argv)
     if args.batch_size <= 0 or args.itm_rerank < 0:
         p.error("--batch-size must be > 0 and --itm-rerank >= 0")
@@ -110,8 +111,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     show = not args.no_progress and dist.is_main
     started = time.time()
     metrics, outputs = run_eval(run.module, run.task,
-                                tqdm(without_meta(loader), total=steps, desc=f"eval {args.task}/{args.split}", unit="batch",
-                                     file=sys.stderr, disable=not show),
+                                tqdm(without_meta(loader), total=steps, desc=f"eval {args.task}/{args.split}",
+                                     unit="batch", file=sys.stderr, disable=not show),
                                 dist, args.batch_size)
     if args.task == "retrieval" and args.itm_rerank:
         with tqdm(desc="itm re-rank", unit="batch", file=sys.stderr, disable=not show) as bar:
