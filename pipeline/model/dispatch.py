@@ -88,11 +88,8 @@ class IndexedMOELayer(MOELayer):
         sit at the start of each capacity block (DeepSpeed's locations are 0..kept-1)."""
         local = self.num_local_experts
         filled_sl = filled.view(self.ep_size, local)
-        starts, sizes = [], []
-        for j in range(local):
-            for src in range(self.ep_size):
-                starts.append((src * local + j) * capacity)
-            sizes.append(int(filled_sl[:, j].sum()))
+        starts = [(src * local + j) * capacity for j in range(local) for src in range(self.ep_size)]
+        sizes = filled_sl.sum(0).tolist()  # rows per local expert, all sources together
         counts = filled_sl.t().reshape(-1)  # [L * ep] in (expert, source) order, like ``starts``
         base = torch.tensor(starts, dtype=torch.long, device=rows_m.device).repeat_interleave(counts)
         offsets = torch.arange(len(base), device=rows_m.device) - \
