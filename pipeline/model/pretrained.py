@@ -59,7 +59,7 @@ def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def vit_to_dense_state(vit_state: dict[str, torch.Tensor], num_heads_check: int | None = None
+def vit_to_dense_state(vit_state: dict[str, torch.Tensor]
                        ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """ViTModel tensors -> our dense layout (FFN under ``ffn.image``); also the ViT keys left unused."""
     vit_state = {k.removeprefix("vit."): v for k, v in vit_state.items()}
