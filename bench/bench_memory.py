@@ -77,7 +77,7 @@ def measure_stage(stage: int, args: argparse.Namespace, model_sets: list[str], c
                      "prediction_source": source, "ratio": measured / predicted,
                      "model_states_gib": plan["model_states_gib_per_rank"],
                      "activations_gib": plan["activations_gib_per_rank_est"], "hwm_reset": probe["hwm_reset"],
-                     "command": run["command"]})
+                     "rss_parts": probe.get("rss_parts_before_save", {}), "command": run["command"]})
     return rows
 
 
@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         [[f"ZeRO-{r['stage']}", r["rank"], r["baseline"] / GIB, r["peak"] / GIB, r["measured"] / GIB,
           f"{r['predicted'] / GIB:.3f} ({r['model_states_gib']:.3f} + {r['activations_gib']:.3f})",
           f"{r['ratio']:.2f}", "yes" if abs(r["ratio"] - 1) <= 0.15 else "no"] for r in rows])
+    parts = [[f"ZeRO-{r['stage']}", r["rank"], *(r["rss_parts"].get(k, 0) / 2**20 for k in
+                                                   ("RssAnon", "RssFile", "RssShmem"))] for r in rows]
+    print("\nresident set by kind at the end of training (MiB; includes the baseline)")
+    table += "\n\n" + common.print_table(["ZeRO", "rank", "anonymous (heap)", "file (libraries)",
+                                           "shared memory"], parts)
     if split:
         print(f"\nsplit (ZeRO-{split['stage']}, micro-batch {args.micro_batch} vs 1), MiB per rank")
         table += "\n\n" + common.print_table(

@@ -12,6 +12,8 @@ are not included):
   training steps. The peak counter is reset (``/proc/self/clear_refs`` = 5) after the imports, so import
   transients do not count; ``hwm_reset`` says whether that worked.
 - ``peak``: VmHWM at exit (checkpoint save included).
+- ``rss_parts_before_save``: RssAnon (heap: tensors, allocator), RssFile (mapped libraries), RssShmem
+  (shared memory, e.g. DeepSpeed's CPU SHM all-reduce workspace) when the final checkpoint starts.
 - ``phase_s``: wall seconds of every engine ``forward``, ``backward`` and ``step`` call on this rank, in
   order (one entry per micro-step), to split step time; timing adds two clock reads per call.
 """
@@ -32,7 +34,7 @@ def status_bytes() -> dict[str, int]:
     with open("/proc/self/status") as handle:
         for line in handle:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
                 out[key] = int(value.split()[0]) * 1024
     return out
 
@@ -88,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     original_save = pipeline.trainer.Trainer.save
 
     def save_with_snapshot(self: object) -> None:
-        report.setdefault("peak_before_save", status_bytes()["VmHWM"])
+        status = status_bytes()
+        report.setdefault("peak_before_save", status["VmHWM"])
+        report.setdefault("rss_parts_before_save", {k: v for k, v in status.items() if k.startswith("Rss")})
         original_save(self)
 
     pipeline.trainer.Trainer.save = save_with_snapshot
