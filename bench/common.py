@@ -82,9 +82,10 @@ def launcher_env() -> dict[str, str]:
 
 
 def train_command(run_dir: Path, sets: Iterable[str], nproc: int = 2, ds_config: str = "ds_configs/zero2_bf16.json",
-                  recipe: str = VL_RECIPE) -> list[str]:
+                  recipe: str = VL_RECIPE, port: int | None = None) -> list[str]:
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
-    args = [deepspeed, "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module", "bench.rank_probe",
+    port = port or free_port()
+    args = [deepspeed, "--num_gpus", str(nproc), "--master_port", str(port), "--module", "bench.rank_probe",
             "--recipe", recipe, "--ds-config", ds_config, "--output-dir", str(run_dir)]
     for item in sets:
         args += ["--set", item]
@@ -107,17 +108,31 @@ def run_training(run_dir: Path, sets: list[str], nproc: int = 2, ds_config: str 
 
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    cmd = train_command(run_dir, sets, nproc, ds_config, recipe)
+    port = free_port()
+    cmd = train_command(run_dir, sets, nproc, ds_config, recipe, port)
     start = time.perf_counter()
-    with (run_dir / "launcher.log").open("w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), stdout=log, stderr=subprocess.STDOUT,
-                              timeout=timeout)
+    try:
+        with (run_dir / "launcher.log").open("w") as log:
+            proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=timeout)
+    finally:
+        remove_shm_buffers(port)
     wall = time.perf_counter() - start
     if proc.returncode:
         tail = (run_dir / "launcher.log").read_text()[-4000:]
         raise RuntimeError(f"run {run_dir} failed ({proc.returncode}); log tail:\n{tail}")
     return {"run_dir": str(run_dir), "command": shell_line(cmd), "wall_s": wall, "log": read_log(run_dir),
             "probe": read_probe(run_dir), "load_average": os.getloadavg()}
+
+
+def remove_shm_buffers(port: int) -> list[str]:
+    """Unlink the /dev/shm all-reduce workspaces (66 MiB per rank) that DeepSpeed's CPU SHM comm op
+    creates for a run on ``port`` and never removes; safe once that run's ranks have exited."""
+    removed = []
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed
 
 
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
