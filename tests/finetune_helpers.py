@@ -42,9 +42,10 @@ def shared_setup(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def train(recipe_path: Path, recipe: dict, out: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+def train(recipe_path: Path, recipe: dict, out: Path, timeout: float = 240,
+          ds_config: str = DS_CONFIG) -> subprocess.CompletedProcess:
     recipe_path.write_text(yaml.safe_dump(recipe))
-    return run_deepspeed("pipeline.train", ["--recipe", str(recipe_path), "--ds-config", DS_CONFIG,
+    return run_deepspeed("pipeline.train", ["--recipe", str(recipe_path), "--ds-config", ds_config,
                                             "--output-dir", str(out)], timeout=timeout)
 
 
