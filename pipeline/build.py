@@ -122,7 +122,7 @@ def build_optimizer(module: TaskModel, recipe: Any, ds_config: dict[str, Any]) -
     groups = param_groups(module, optim)
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
-    if offload == "cpu":
+    if offload == "cpu" and torch.cuda.is_available():  # CPU-only hosts: no JIT build, plain AdamW
         try:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 

@@ -85,6 +85,8 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, run_state: dict[str, 
     ckpt_root = run_dir / "checkpoints"
     tag = tag_for(step)
     folder = ckpt_root / tag
+    if (folder / COMPLETE).is_file():  # same step already saved (e.g. stopped right after resuming)
+        return folder
     if dist.is_main and folder.exists():  # a half-written one from a killed run
         shutil.rmtree(folder)
     barrier()

@@ -37,7 +37,6 @@ DATA_SEED_STRIDE = 1_000_003  # data stream seed = seed + stride * step at which
 class RunState:
     step: int = 0
     samples_seen: int = 0
-    tokens_seen: int = 0
     data_seed: int = 0
     resumes: int = 0
     world_size: int = 1
@@ -74,6 +73,7 @@ class Trainer:
         if frozen:
             log.info("frozen %d parameters (%s)", len(frozen), ", ".join(recipe.freeze))
         engine, _ = build_engine(module, recipe, ds_config)
+        torch.manual_seed(recipe.train.seed + 7919 * (dist.rank + 1))  # per-rank masking/negatives/noise
         state = RunState(world_size=dist.world_size)
         saved = checkpoint.resume(engine, run_dir, dist) if resume else None
         if saved is not None:
@@ -90,6 +90,10 @@ class Trainer:
     # -------------------------------------------------------------------------------------- loop
     def fit(self) -> None:
         steps = self.recipe.train.steps
+        if self.state.step >= steps:
+            log.info("already trained %d/%d steps: nothing to do", self.state.step, steps)
+            self._mark_finished()
+            return
         self._install_signal_handlers()
         self._restart_data()
         log.info("training %s from step %d to %d on %d ranks (global batch %d)", self.recipe.task,
@@ -110,6 +114,9 @@ class Trainer:
                 self._restart_data()  # data stream is a function of (seed, step): resume is exact
         self.evaluate()
         self.save()
+        self._mark_finished()
+
+    def _mark_finished(self) -> None:
         if self.dist.is_main:  # what launch/pipeline.sh waits for before starting the next stage
             (self.run_dir / "FINISHED").write_text(checkpoint.tag_for(self.state.step) + "\n")
 
@@ -122,7 +129,7 @@ class Trainer:
             self.window["data_wait"] += time.perf_counter() - wait_start
             self._note_worker(batch)
             batch = to_device(strip_meta(batch), self.dist.device)
-            batch["valid"] = torch.ones(len(next(iter(batch.values()))), dtype=torch.bool, device=self.dist.device)
+            batch["valid"] = torch.ones(self.recipe.batch.micro_batch_size, dtype=torch.bool, device=self.dist.device)
             out = engine(batch, mode="train")
             engine.backward(out.loss + coef * out.aux_loss)
             engine.step()

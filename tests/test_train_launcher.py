@@ -74,6 +74,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(full_run, tmp_path, 
 def test_sigterm_checkpoints_at_step_boundary_and_exits_zero(tmp_path, tiny_train_args):
     out = tmp_path / "run"
     proc = start(train_cmd(out, tiny_train_args, ["--set", "train.steps=500", "--set", "train.eval_every=0",
+                                                  "--set", "batch.grad_accum=2",
                                                   "--set", "train.save_every=0"]), tmp_path / "log.txt")
     wait_for(lambda: len(log_lines(out)) >= 1, proc, what="first log line")
     ranks = rank_processes(proc)
@@ -83,6 +84,8 @@ def test_sigterm_checkpoints_at_step_boundary_and_exits_zero(tmp_path, tiny_trai
     assert proc.wait(timeout=120) == 0, (tmp_path / "log.txt").read_text()[-4000:]
     tags = sorted((out / "checkpoints").glob("step_*"))
     assert len(tags) == 1 and (tags[0] / "COMPLETE").is_file()
-    step = json.loads((tags[0] / "run_state.json").read_text())["step"]
+    state = json.loads((tags[0] / "run_state.json").read_text())
+    step = state["step"]
     assert 2 <= step < 500 and tags[0].name == f"step_{step:06d}"
+    assert state["samples_seen"] == step * 8 * 2 * 2  # micro 8 x grad_accum 2 x 2 ranks
     assert "checkpointing at step" in (tmp_path / "log.txt").read_text()
