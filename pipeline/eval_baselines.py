@@ -38,8 +38,8 @@ def has_split(data_dir: Path, split: str) -> bool:
     return path.is_file() and split in json.loads(path.read_text()).get("splits", {})
 
 
-def baseline_for(task_name: str, task: Any, outputs: dict[str, Any], data_dir: Path,
-                 recipe: Any) -> tuple[str, dict[str, float]]:
+def baseline_for(task_name: str, task: Any, outputs: dict[str, Any], data_dir: Path
+                 ) -> tuple[str, dict[str, float]]:
     """(baseline name, metrics of the baseline with the task's metric names)."""
     if task_name == "retrieval":
         k = task.captions_per_image

@@ -118,7 +118,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         with tqdm(desc="itm re-rank", unit="batch", file=sys.stderr, disable=not show) as bar:
             metrics.update(run.task.itm_rerank(run.module.model, run.module.heads, outputs, args.itm_rerank,
                                                args.batch_size, bar))
-    baseline_name, baseline = baseline_for(args.task, run.task, outputs, Path(args.data), run.recipe)
+    baseline_name, baseline = baseline_for(args.task, run.task, outputs, Path(args.data))
     result = {"task": args.task, "checkpoint": str(ckpt_dir), "data": args.data, "split": args.split,
               "world_size": dist.world_size, "seconds": round(time.time() - started, 2),
               "metrics": metrics, "baseline": {"name": baseline_name, "metrics": baseline}}
