@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=30, help="timed micro-batches per loader setting")
     p.add_argument("--train-runs", nargs="*", choices=["synth", "photos"], default=["synth", "photos"],
                    help="training runs to read the data-wait fraction from (none: skip)")
-    p.add_argument("--train-steps", type=int, default=15, help="measured steps of each training run")
+    p.add_argument("--train-steps", type=int, default=12, help="measured steps of each training run")
     p.add_argument("--quick", action="store_true", help="smoke run: few batches, workers 0, synth run 2 steps")
     return p.parse_args(argv)
 
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.train_runs:
         if name in datasets:
             waits.append(data_wait_run(name, datasets[name][0], tokenizer, args.train_steps,
-                                       2 if args.quick else 5))
+                                       2 if args.quick else 3))
     print(f"\ntraining input pipeline, vl_pretrain task, micro-batch {MICRO_BATCH}, {args.batches} batches; "
           f"{common.load_line()}")
     loader_table = common.print_table(

@@ -13,7 +13,7 @@ Each run: ``deepspeed --num_gpus 2 --module bench.rank_probe`` (= ``pipeline.tra
   build, engine (weights, gradients, optimizer states, DeepSpeed buffers), every step's activations, and
   allocator slack. DataLoader worker processes are not included (separate processes).
 - measured = peak - baseline (what the plan predicts); the full peak is listed too.
-Split (``--split``, default on): one more run of the last stage at micro-batch 1; the difference of the
+Split (``--split``): one more run of the last stage at micro-batch 1; the difference of the
 measured figures / (micro-batch - 1) is the activation cost per sample, set against the plan's activation
 estimate per sample, and the micro-batch-1 figure minus one sample is the fixed part (model states,
 DeepSpeed buffers, allocator) set against the plan's model states.
@@ -45,8 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experts", type=int, default=4, help="experts per MoE layer, EP 2 (1 = dense)")
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per run")
-    p.add_argument("--no-split", dest="split", action="store_false",
-                   help="skip the micro-batch-1 run that splits fixed vs per-sample memory")
+    p.add_argument("--split", action="store_true",
+                   help="one more run at micro-batch 1 to split fixed vs per-sample memory")
     p.add_argument("--quick", action="store_true", help="smoke run: ZeRO-2 only, 1 step, micro-batch 4")
     return p.parse_args(argv)
 

@@ -1,7 +1,7 @@
 """MoE vs dense quality at small scale: ``vl_pretrain`` on synth for a fixed number of steps, dense vs 8-expert
 MoE with equal active parameters, 3 seeds each; validation losses (mean and spread).
 
-    .venv/bin/python bench/bench_moe_quality.py                  # 3 seeds x (dense, MoE-8), 100 steps
+    .venv/bin/python bench/bench_moe_quality.py                  # 3 seeds x (dense, MoE-8), 80 steps
     .venv/bin/python bench/bench_moe_quality.py --steps 300 --seeds 1 2 3 4 5
     .venv/bin/python bench/bench_moe_quality.py --quick
 
@@ -36,7 +36,7 @@ METRICS = [("itc_loss", "lower"), ("mlm_loss", "lower"), ("mlm_acc", "higher"), 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=80, help="optimizer steps per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=16)
