@@ -35,7 +35,7 @@ def final_module(run: Path) -> dict:
 def test_pipeline_sh_chains_text_mlm_then_vl_pretrain_with_ep2_then_ep1(synth_data, tmp_path):
     env = {"STAGES": "text_mlm vl_pretrain", "EP_SIZES": "2 1",
            "SETS_vl_pretrain": "freeze=[model.embeddings.text.position]"}
-    proc = script("pipeline.sh", [synth_data.root, synth_data.tokenizer, tmp_path, *sets(TINY)], env, timeout=300)
+    proc = script("pipeline.sh", [synth_data.root, synth_data.tokenizer, tmp_path, *sets(TINY)], env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     mlm, vl = tmp_path / "text_mlm", tmp_path / "vl_pretrain"
     assert (mlm / "FINISHED").is_file() and (vl / "FINISHED").is_file()
@@ -65,7 +65,7 @@ def test_two_nodes_no_ssh_on_one_machine_train_and_checkpoint(synth_data, tmp_pa
         procs.append(subprocess.Popen(["bash", "launch/pretrain.sh", "launch/recipes/vl_pretrain.yaml", str(run),
                                        *sets(TINY)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "--no_ssh --node_rank 1" in outputs[1] and all("dist_world_size=2" in out for out in outputs)
     final = run / "checkpoints" / "step_000003"

@@ -35,7 +35,7 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def run(cmd: list[str], log: Path, timeout: float = 150) -> int:
+def run(cmd: list[str], log: Path, timeout: float = 400) -> int:
     proc = start(cmd, log)
     try:
         return proc.wait(timeout=timeout)
@@ -52,7 +52,7 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     proc.wait(timeout=60)
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 150, what: str = "condition") -> None:
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300, what: str = "condition") -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
