@@ -30,6 +30,7 @@ def init_distributed(timeout_minutes: int = 30) -> Dist:
     if not tdist.is_initialized():
         deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
     rank, world = tdist.get_rank(), tdist.get_world_size()
+    release_shm_workspace(rank, world)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by the deepspeed launcher
     accel = get_accelerator()
     if accel.device_name() == "cuda":
@@ -38,6 +39,31 @@ def init_distributed(timeout_minutes: int = 30) -> Dist:
     else:
         device = torch.device(accel.device_name())
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def shm_workspace_path(rank: int, env: dict[str, str] | None = None) -> str:
+    """/dev/shm name of the all-reduce workspace DeepSpeed's CPU SHM comm op creates for ``rank``
+    (deepspeed/ops/csrc/cpu/comm/shm.cpp: ``deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}``)."""
+    env = os.environ if env is None else env
+    addr, port = env.get("MASTER_ADDR", "127.0.0.1"), env.get("MASTER_PORT", "29500")
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_workspace(rank: int, world_size: int) -> None:
+    """Unlink this rank's SHM all-reduce workspace once every rank has mapped it.
+
+    DeepSpeed 0.19.8 never unlinks these 66 MiB files, so every CPU run leaked one per rank into
+    /dev/shm (RAM) until the machine ran out of memory. Each rank maps all peers' workspaces inside
+    ``deepspeed.init_distributed``; after a barrier the names can go: the mappings stay valid and the
+    memory is returned when the processes exit, however they exit.
+    """
+    if world_size <= 1 or not os.path.exists(shm_workspace_path(rank)):
+        return
+    tdist.barrier()
+    try:
+        os.unlink(shm_workspace_path(rank))
+    except FileNotFoundError:
+        pass
 
 
 def single_process() -> Dist:

@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from pipeline.distributed import release_shm_workspace
+
 from pipeline.model import ModelConfig, MoEConfig
 
 TINY = dict(hidden_size=32, num_layers=4, num_heads=2, image_size=16, patch_size=8, vocab_size=60,
@@ -16,7 +18,9 @@ def init_dist() -> tuple[int, int]:
     import deepspeed
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=90))
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    release_shm_workspace(rank, world)
+    return rank, world
 
 
 def tiny_cfg(**moe) -> ModelConfig:
