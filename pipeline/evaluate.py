@@ -64,13 +64,6 @@ def eval_dtype(choice: str, ckpt_dir: Path) -> torch.dtype:
     return torch.float32
 
 
-def without_meta(loader: Any) -> Any:
-    """Drop webdataset's ``__key__``/``__url__`` (``wds.map`` copies them onto prepared samples) so real
-    and padding samples collate alike."""
-    for samples in loader:
-        yield [{k: v for k, v in s.items() if not k.startswith("__")} for s in samples]
-
-
 def format_table(metrics: dict[str, float], baseline: dict[str, float], baseline_name: str) -> str:
     rows = [("metric", "score", baseline_name)]
     for key, value in metrics.items():
@@ -111,7 +104,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     show = not args.no_progress and dist.is_main
     started = time.time()
     metrics, outputs = run_eval(run.module, run.task,
-                                tqdm(without_meta(loader), total=steps, desc=f"eval {args.task}/{args.split}",
+                                tqdm(loader, total=steps, desc=f"eval {args.task}/{args.split}",
                                      unit="batch", file=sys.stderr, disable=not show),
                                 dist, args.batch_size)
     if args.task == "retrieval" and args.itm_rerank:
