@@ -67,8 +67,10 @@ train() {
   local pid=$!
   trap "forward_preemption $pid" TERM USR1
   local rc=0
-  wait "$pid" || rc=$?
-  while kill -0 "$pid" 2>/dev/null; do wait "$pid" || rc=$?; done  # wait again after a trapped signal
+  while true; do
+    wait "$pid" && rc=0 || rc=$?
+    kill -0 "$pid" 2>/dev/null || break  # still running: wait was interrupted by a trapped signal
+  done
   trap - TERM USR1
   return "$rc"
 }
