@@ -57,9 +57,9 @@ def release_shm_workspace(rank: int, world_size: int) -> None:
     ``deepspeed.init_distributed``; after a barrier the names can go: the mappings stay valid and the
     memory is returned when the processes exit, however they exit.
     """
-    if world_size <= 1 or not os.path.exists(shm_workspace_path(rank)):
+    if world_size <= 1:
         return
-    tdist.barrier()
+    tdist.barrier()  # every rank calls this, whether or not its workspace exists (multi-node: none)
     try:
         os.unlink(shm_workspace_path(rank))
     except FileNotFoundError:
