@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         moe_better = diff < 0 if better == "lower" else diff > 0
         # "clear" when the gap is larger than both spreads (a small-sample rule of thumb, not a test)
         clear = abs(diff) > max(d_sd, m_sd) and len(d_vals) > 1
-        verdicts[metric] = ("MoE" if moe_better else "dense") + (" (clear)" if clear else " (within spread)")
+        verdicts[metric] = ("tie" if diff == 0 else ("MoE" if moe_better else "dense")
+                            + (" (clear)" if clear else " (within spread)"))
         rows.append([metric, f"{better} is better", f"{d_mean:.4f} ± {d_sd:.4f}", f"{m_mean:.4f} ± {m_sd:.4f}",
                      f"{diff:+.4f}", verdicts[metric]])
     print(f"\nvl_pretrain synth, {args.steps} steps, micro-batch {args.micro_batch}, 1 rank; dense vs MoE "
