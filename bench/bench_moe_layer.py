@@ -17,10 +17,15 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 from pipeline.model.config import ModelConfig, MoEConfig
 from pipeline.model.moe import MLP, SparseFFN
