@@ -16,7 +16,7 @@ from pathlib import Path
 
 # task -> (eval file stem, metric shown as the headline, its key in metrics.json)
 HEADLINES = {
-    "vqa": ("vqa", "overall", "accuracy"),
+    "vqa": ("vqa", "acc", "accuracy"),
     "retrieval": ("retrieval", "t2i_r5", "t2i_r5"),
 }
 
@@ -51,7 +51,7 @@ def format_report(report: dict[str, dict], demo_dir: Path) -> str:
         for key, value in values.items():
             if key.startswith("baseline") or key.startswith("num_") or not isinstance(value, float):
                 continue
-            base = values.get(f"baseline_{key}", values.get("baseline") if key in ("accuracy",) else None)
+            base = values.get("baseline") if key == "accuracy" else values.get(f"baseline_{key}")
             rows.append((task, key, f"{100 * value:.1f}", f"{100 * base:.1f}" if base is not None else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]

@@ -14,21 +14,21 @@ def write_eval(folder, name, metrics, baseline_name, baseline):
 
 
 def test_report_has_the_documented_keys(tmp_path):
-    write_eval(tmp_path / "eval", "vqa", {"overall": 0.71, "yes/no": 0.9, "num_questions": 200.0},
-               "question-only", {"overall": 0.3, "yes/no": 0.5})
+    write_eval(tmp_path / "eval", "vqa", {"acc": 0.71, "acc/yes/no": 0.9, "num_scored": 200.0},
+               "q-type prior", {"acc": 0.3, "acc/yes/no": 0.5})
     write_eval(tmp_path / "eval", "retrieval", {"t2i_r1": 0.4, "t2i_r5": 0.8, "i2t_r1": 0.5, "rmean": 0.6},
                "chance", {"t2i_r1": 0.005, "t2i_r5": 0.025})
     assert main(["--demo-dir", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert report["vqa"]["accuracy"] == 0.71 and report["vqa"]["baseline"] == 0.3
-    assert "overall" not in report["vqa"]  # renamed to accuracy, not duplicated
+    assert "acc" not in report["vqa"]  # renamed to accuracy, not duplicated
     assert report["retrieval"]["t2i_r5"] == 0.8 and report["retrieval"]["baseline_t2i_r5"] == 0.025
     table = format_report(report, tmp_path)
     assert "accuracy" in table and "71.0" in table and "30.0" in table
 
 
 def test_missing_evaluation_is_an_error(tmp_path, capsys):
-    write_eval(tmp_path / "eval", "vqa", {"overall": 0.5}, "question-only", {"overall": 0.3})
+    write_eval(tmp_path / "eval", "vqa", {"acc": 0.5}, "q-type prior", {"acc": 0.3})
     assert main(["--demo-dir", str(tmp_path)]) == 2
     assert "retrieval.json" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError):
