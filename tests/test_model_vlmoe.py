@@ -134,3 +134,40 @@ def test_dense_vl_ffn_option():
     joint = model.fuse(*inputs())
     assert set(joint.expert_counts) == {"layer1/image", "layer1/text"}  # layer 3 fuses through a dense VL-FFN
     assert "layer3/text" in model.encode_text(*inputs()[1:]).expert_counts
+
+
+def test_mean_pooling_averages_valid_tokens_only():
+    torch.manual_seed(0)
+    cls_model = VLMoE(tiny(drop_tokens=False)).eval()
+    moe = MoEConfig(num_experts=4, min_capacity=1, drop_tokens=False)
+    model = VLMoE(ModelConfig(**{**TINY, "pooling": "mean"}, moe=moe)).eval()
+    model.load_state_dict(cls_model.state_dict())
+    pixels, ids, mask = inputs()
+    out = model.fuse(pixels, ids, mask)
+    valid = out.token_mask.float()[..., None]
+    assert torch.allclose(out.pooled, (out.hidden * valid).sum(1) / valid.sum(1), atol=1e-6)
+    assert not torch.allclose(out.pooled, out.cls)
+    cls_out = cls_model.fuse(pixels, ids, mask)
+    assert torch.equal(cls_out.pooled, cls_out.cls)
+    # what sits in padded text positions never reaches the pooled vector
+    other = ids.clone()
+    other[mask == 0] = 7
+    assert torch.allclose(model.fuse(pixels, other, mask).pooled, out.pooled, atol=1e-5)
+    with pytest.raises(ValueError):
+        from_dict(ModelConfig, {**TINY, "pooling": "max"})
+
+
+def test_conv_stem_patch_embedding():
+    cfg = ModelConfig(**{**TINY, "patch_embed": "conv_stem"}, moe=MoEConfig(num_experts=4, min_capacity=1))
+    model = VLMoE(cfg)
+    convs = [m for m in model.embeddings["image"].patch if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.kernel_size, c.stride) for c in convs] == [((3, 3), (2, 2))] * 3 + [((1, 1), (1, 1))]
+    pixels, ids, mask = inputs()
+    out = model.fuse(pixels, ids, mask)
+    assert out.hidden.shape == (3, 5 + 8, 32)
+    out.pooled.sum().backward()
+    assert convs[0].weight.grad is not None and convs[0].weight.grad.abs().sum() > 0
+    # 32x32 images: the same stem gives a 4x4 grid (positions interpolated)
+    assert model.encode_image(torch.randn(2, 3, 32, 32)).hidden.shape == (2, 17, 32)
+    with pytest.raises(ValueError, match="power of 2"):
+        ModelConfig(**{**TINY, "patch_size": 6, "image_size": 18, "patch_embed": "conv_stem"})

@@ -89,11 +89,17 @@ class ModelConfig:
         "help": "modalities with their own embedding and FFNs, in MoE call order"})
     image_size: int = field(default=64, metadata={"help": "image side the position embeddings are learned for (other sizes interpolate them)"})
     patch_size: int = field(default=8, metadata={"help": "image patch side"})
+    patch_embed: Literal["linear", "conv_stem"] = field(default="linear", metadata={
+        "help": "linear = one patch_size x patch_size conv (ViT); conv_stem = log2(patch_size) 3x3 stride-2 "
+                "conv+BN+ReLU blocks and a 1x1 conv (Xiao et al. 2021; patch_size a power of 2)"})
     num_channels: int = field(default=3, metadata={"help": "image channels"})
     vocab_size: int = field(default=8192, metadata={"help": "text vocabulary size (>= the tokenizer's)"})
     max_text_len: int = field(default=32, metadata={"help": "text positions (>= data.text_len)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout after attention and FFN"})
     attn_dropout: float = field(default=0.0, metadata={"help": "attention-probability dropout"})
+    pooling: Literal["cls", "mean"] = field(default="cls", metadata={
+        "help": "pooled output the heads read: cls = first token (VLMo); mean = mean of the valid tokens "
+                "(open_clip pool_type='avg'; learns much faster from scratch on small data)"})
     layer_norm_eps: float = field(default=1e-6, metadata={"help": "LayerNorm epsilon"})
     init_std: float = field(default=0.02, metadata={"help": "std of the truncated-normal weight init"})
     moe: MoEConfig = field(default_factory=MoEConfig, metadata={"help": "sparse FFN settings"})
@@ -110,6 +116,8 @@ class ModelConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size "
                              f"({self.patch_size})")
+        if self.patch_embed == "conv_stem" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"patch_embed conv_stem needs patch_size a power of 2 (>= 2), got {self.patch_size}")
         unknown = [m for m in self.modalities if m not in KNOWN_MODALITIES]
         if unknown or not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"modalities {self.modalities}: must be distinct names from "

@@ -42,10 +42,16 @@ def _expert_parallel_rank(ep_size: int) -> int:
     return torch.distributed.get_rank() % ep_size
 
 
+def masked_mean(hidden_bnd: torch.Tensor, mask_bn: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens where ``mask_bn`` is True: [B, N, D] -> [B, D]."""
+    weights_bn1 = mask_bn.to(hidden_bnd.dtype)[..., None]
+    return (hidden_bnd * weights_bn1).sum(1) / weights_bn1.sum(1).clamp(min=1)
+
+
 @dataclasses.dataclass
 class EncoderOutput:
     hidden: torch.Tensor  # [B, N, D] final (normed) hidden states, modalities in cfg order
-    cls: torch.Tensor  # [B, D] first token of the sequence
+    cls: torch.Tensor  # [B, D] first token of the sequence (image CLS, or text [CLS] without image)
     num_image_tokens: int  # image tokens at the start of ``hidden`` (0 without image)
     aux_loss: torch.Tensor  # scalar: sum of l_aux over every MoE call (0 without MoE)
     expert_counts: dict[str, torch.Tensor]  # "layer{L}/{ffn key}" -> [E] tokens routed per expert
@@ -53,6 +59,7 @@ class EncoderOutput:
     token_mask: torch.Tensor  # [B, N] bool, False for padding
     spans: dict[str, tuple[int, int]]  # modality -> [start, end) in ``hidden``
     kept_counts: dict[str, torch.Tensor]  # like expert_counts, routes kept within capacity
+    pooled: torch.Tensor  # [B, D] what heads read: ``cls``, or the mean of valid tokens (cfg.pooling)
 
 
 class VLMoE(nn.Module):
@@ -130,7 +137,8 @@ class VLMoE(nn.Module):
                                 for s in segments], dim=1)
         spans = {s.modality: (s.start, s.end) for s in segments}
         num_image = spans["image"][1] - spans["image"][0] if "image" in spans else 0
-        return EncoderOutput(hidden, hidden[:, 0], num_image, aux, counts, token_mask, spans, kept)
+        pooled = hidden[:, 0] if self.cfg.pooling == "cls" else masked_mean(hidden, token_mask)
+        return EncoderOutput(hidden, hidden[:, 0], num_image, aux, counts, token_mask, spans, kept, pooled)
 
     def encode_image(self, pixel_values: torch.Tensor) -> EncoderOutput:
         return self.encode({"image": (pixel_values,)})

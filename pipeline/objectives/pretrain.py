@@ -176,7 +176,7 @@ def vl_pretrain_losses(model: torch.nn.Module, heads: torch.nn.ModuleDict, batch
     itc = None
     if weights.get("itc", 0) or weights.get("itm", 0):
         image_out, text_out = model.encode_image(pixels), model.encode_text(ids, mask)
-        itc = itc_loss(*heads["itc"](image_out.cls, text_out.cls), group=group)
+        itc = itc_loss(*heads["itc"](image_out.pooled, text_out.pooled), group=group)
         aux = aux + image_out.aux_loss + text_out.aux_loss
         _merge_counts(counts, image_out.expert_counts)
         _merge_counts(kept, image_out.kept_counts)
@@ -189,7 +189,7 @@ def vl_pretrain_losses(model: torch.nn.Module, heads: torch.nn.ModuleDict, batch
         assert itc is not None
         pairs = itm_batch(pixels, ids, mask, itc, group, generator)
         fused = model.fuse(*pairs[:3])
-        term, acc = itm_loss(heads["itm"](fused.cls), pairs[3])
+        term, acc = itm_loss(heads["itm"](fused.pooled), pairs[3])
         loss, aux = loss + weights["itm"] * term, aux + fused.aux_loss
         _merge_counts(counts, fused.expert_counts)
         _merge_counts(kept, fused.kept_counts)

@@ -52,7 +52,7 @@ class ClassificationTask(Task):
 
     def _logits(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]):
         out = model.encode_image(batch["pixel_values"])
-        return heads["classifier"](out.cls).float(), out
+        return heads["classifier"](out.pooled).float(), out
 
     def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
         logits, out = self._logits(model, heads, batch)

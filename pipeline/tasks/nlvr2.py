@@ -54,7 +54,7 @@ class NLVR2Task(Task):
     def _logits(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]):
         out0 = model.fuse(batch["pixel_values0"], batch["input_ids"], batch["attention_mask"])
         out1 = model.fuse(batch["pixel_values1"], batch["input_ids"], batch["attention_mask"])
-        logits = heads["nlvr2"](torch.cat([out0.cls, out1.cls], dim=-1)).float()
+        logits = heads["nlvr2"](torch.cat([out0.pooled, out1.pooled], dim=-1)).float()
         return logits, out0.aux_loss + out1.aux_loss, sum_counts(out0.expert_counts, out1.expert_counts)
 
     def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:

@@ -129,11 +129,12 @@ class VLPretrainTask(_TextMixin, Task):
     @torch.no_grad()
     def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:
         pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
-        image_bp, text_bp, scale = heads["itc"](model.encode_image(pixels).cls, model.encode_text(ids, mask).cls)
+        image_bp, text_bp, scale = heads["itc"](model.encode_image(pixels).pooled,
+                                                model.encode_text(ids, mask).pooled)
         # ITM: each image with its own text and with the next sample's text (a negative)
         neg_ids, neg_mask = ids.roll(1, dims=0), mask.roll(1, dims=0)
         fused = model.fuse(torch.cat([pixels, pixels]), torch.cat([ids, neg_ids]), torch.cat([mask, neg_mask]))
-        pos_logits, neg_logits = heads["itm"](fused.cls).float().chunk(2)
+        pos_logits, neg_logits = heads["itm"](fused.pooled).float().chunk(2)
         masked, labels = self.mask(batch, self.eval_generator(ids.device))
         fused_mlm = model.fuse(pixels, masked, mask)
         start, end = fused_mlm.spans["text"]

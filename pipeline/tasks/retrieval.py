@@ -81,7 +81,7 @@ class RetrievalTask(Task):
         weights = self.ctx.objectives or {"itc": 1.0, "itm": 1.0}
         pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
         image_out, text_out = model.encode_image(pixels), model.encode_text(ids, mask)
-        itc = itc_loss(*heads["itc"](image_out.cls, text_out.cls), group=self.ctx.dist.group)
+        itc = itc_loss(*heads["itc"](image_out.pooled, text_out.pooled), group=self.ctx.dist.group)
         loss = weights.get("itc", 0.0) * itc.loss
         aux = image_out.aux_loss + text_out.aux_loss
         counts = sum_counts(image_out.expert_counts, text_out.expert_counts)
@@ -89,7 +89,7 @@ class RetrievalTask(Task):
         if weights.get("itm", 0.0):
             pairs = itm_batch(pixels, ids, mask, itc, group=self.ctx.dist.group)
             fused = model.fuse(*pairs[:3])
-            itm, acc = itm_loss(heads["itm"](fused.cls), pairs[3])
+            itm, acc = itm_loss(heads["itm"](fused.pooled), pairs[3])
             loss = loss + weights["itm"] * itm
             aux = aux + fused.aux_loss
             counts = sum_counts(counts, fused.expert_counts)
@@ -100,9 +100,9 @@ class RetrievalTask(Task):
     def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:
         pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
         b, k, length = ids.shape
-        image_emb = heads["itc"].embed_image(model.encode_image(pixels).cls)
+        image_emb = heads["itc"].embed_image(model.encode_image(pixels).pooled)
         text_emb = heads["itc"].embed_text(model.encode_text(ids.reshape(b * k, length),
-                                                             mask.reshape(b * k, length)).cls)
+                                                             mask.reshape(b * k, length)).pooled)
         out = {"image_emb": image_emb, "text_emb": text_emb.reshape(b, k, -1),
                "caption_valid": batch["caption_valid"].bool(), "image_id": list(batch["image_id"])}
         if self.ctx.options.get("keep_inputs", False):
@@ -157,7 +157,7 @@ class RetrievalTask(Task):
             chunk = mine[start:start + batch_size]
             img_idx = torch.tensor([p[0] for p in chunk])
             txt_idx = torch.tensor([p[1] for p in chunk])
-            logits = heads["itm"](model.fuse(pixels[img_idx], ids[txt_idx], mask[txt_idx]).cls).float()
+            logits = heads["itm"](model.fuse(pixels[img_idx], ids[txt_idx], mask[txt_idx]).pooled).float()
             local.append(logits[:, 1] - logits[:, 0])
             if progress is not None:
                 progress.update(1)

@@ -69,7 +69,7 @@ class VQATask(Task):
 
     def _logits(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]):
         out = model.fuse(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-        return heads["vqa"](out.cls).float(), out
+        return heads["vqa"](out.pooled).float(), out
 
     def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
         logits, out = self._logits(model, heads, batch)
