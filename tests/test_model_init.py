@@ -81,6 +81,9 @@ def test_mismatches_are_named(vit_dir, tmp_path):
     text = str(err.value)
     assert "shape: blocks.0.attn.qkv.weight" in text and "unexpected: bogus.weight" in text
     assert "missing: norm.bias" in text
+    stem = ModelConfig(**{**our_cfg(every=0).__dict__, "patch_embed": "conv_stem"})
+    with pytest.raises(PretrainedMismatch, match="patch_embed='conv_stem'"):
+        init_from_vit(VLMoE(stem), folder)
 
 
 def test_bert_text_embeddings(tmp_path):

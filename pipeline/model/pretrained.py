@@ -150,6 +150,9 @@ def init_from_vit(model: nn.Module, folder: str | Path) -> list[str]:
     modality-type embeddings are zeroed (ViT has none), so image-only outputs match ViT exactly.
     Returns the keys left at fresh init (text embeddings, routers)."""
     folder = Path(folder)
+    if model.cfg.patch_embed != "linear":
+        raise PretrainedMismatch(f"model.patch_embed={model.cfg.patch_embed!r}: a ViT checkpoint has a single "
+                                 "linear patch projection; initialise from a ViT with patch_embed: linear")
     if (folder / "config.json").exists():
         _check_vit_config(model.cfg, json.loads((folder / "config.json").read_text()))
     dense, unused = vit_to_dense_state(read_state_dict(folder))
