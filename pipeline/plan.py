@@ -30,11 +30,12 @@ def forward_flops_per_sample(model_cfg: Any, recipe: Any) -> float:
 
 
 def size_of(model_cfg: Any, recipe: Any) -> Any:
-    from pipeline.model.accounting import count_parameters
+    from pipeline.model.accounting import count_parameters, vl_pretrain_passes
 
     image_size = recipe.data.image_size if "image" in model_cfg.modalities else None
+    passes = vl_pretrain_passes(recipe.objectives) if recipe.task == "vl_pretrain" else None
     return count_parameters(model_cfg, image_size=image_size, text_len=recipe.data.text_len,
-                            mode=TASK_MODES.get(recipe.task, "fuse"))
+                            mode=TASK_MODES.get(recipe.task, "fuse"), passes=passes)
 
 
 def dense_baseline(model_cfg: Any) -> Any:

@@ -56,3 +56,27 @@ def test_check_parallelism_accepts():
     cfg = ModelConfig(moe=MoEConfig(num_experts=4, ep_size=2))
     with pytest.raises(ValueError, match="num_experts"):
         check_parallelism(dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=3)), 2, 2)
+
+
+def test_vl_pretrain_flops_follow_the_objectives():
+    from pipeline.model.accounting import PASSES, vl_pretrain_passes
+    cfg = ModelConfig(moe=MoEConfig(every=0))
+    assert vl_pretrain_passes({"itc": 1, "itm": 1, "mlm": 1}) == PASSES["vl_pretrain"]
+    assert vl_pretrain_passes({"itc": 1, "itm": 0, "mlm": 1}) == {"image": 1, "text": 1, "fuse": 1}
+    assert vl_pretrain_passes({"mlm": 1}) == {"fuse": 1}
+    full = count_parameters(cfg, mode="vl_pretrain").flops_per_sample
+    no_itm = count_parameters(cfg, passes=vl_pretrain_passes({"itc": 1, "mlm": 1})).flops_per_sample
+    fuse = count_parameters(cfg, mode="fuse").flops_per_sample
+    assert full - no_itm == pytest.approx(3 * fuse)
+
+
+def test_conv_stem_flops_by_hand():
+    kw = dict(hidden_size=32, num_layers=1, num_heads=2, image_size=16, patch_size=4, vocab_size=50,
+              max_text_len=8, num_fusion_layers=0, moe=MoEConfig(every=0))
+    linear, stem = ModelConfig(**kw), ModelConfig(**kw, patch_embed="conv_stem")
+    # 16x16 -> 3x3 stride-2 convs 3->32 (8x8), 32->32 (4x4, capped at D), then 1x1 32->32 on 16 patches
+    stem_flops = 2 * 8 * 8 * 3 * 32 * 9 + 2 * 4 * 4 * 32 * 32 * 9 + 2 * 16 * 32 * 32
+    linear_flops = 2 * 16 * 3 * 4 * 4 * 32
+    diff = count_parameters(stem, mode="image").flops_per_sample \
+        - count_parameters(linear, mode="image").flops_per_sample
+    assert diff == 3 * (stem_flops - linear_flops)

@@ -18,6 +18,7 @@ Definitions
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -30,6 +31,15 @@ PASSES: dict[str, dict[str, int]] = {
     "vl_pretrain": {"image": 1, "text": 1, "fuse": 4},
     "image": {"image": 1}, "text": {"text": 1}, "fuse": {"fuse": 1},
 }
+
+
+def vl_pretrain_passes(objectives: dict[str, float]) -> dict[str, int]:
+    """Passes of one vl_pretrain sample for the objectives with a non-zero weight (ITC: image + text;
+    ITM: image + text for its negatives' similarities, then 3 fused pairs; MLM: 1 fused masked pair)."""
+    on = {name for name, weight in objectives.items() if weight}
+    passes = {"image": 1, "text": 1} if on & {"itc", "itm"} else {}
+    fuse = (3 if "itm" in on else 0) + (1 if "mlm" in on else 0)
+    return {**passes, "fuse": fuse} if fuse else passes
 
 
 @dataclasses.dataclass
@@ -84,7 +94,8 @@ def _pass_flops(model: nn.Module, segments: dict[str, int]) -> float:
     d, n = cfg.hidden_size, sum(segments.values())
     flops = 0.0
     if "image" in segments:
-        flops += 2 * (segments["image"] - 1) * cfg.num_channels * cfg.patch_size ** 2 * d
+        from pipeline.model.embeddings import patch_embed_flops
+        flops += patch_embed_flops(cfg, math.isqrt(segments["image"] - 1) * cfg.patch_size)
     for block in model.blocks:
         flops += 2 * n * d * 4 * d + 4 * n * n * d  # qkv + proj, QK^T + AV
         if "shared" in block.ffn:
@@ -115,11 +126,12 @@ def _ffn_weight_params(ffn: nn.Module) -> list[torch.Tensor]:
 
 
 def count_parameters(cfg: ModelConfig, image_size: int | None = None, text_len: int | None = None,
-                     mode: str = "vl_pretrain", model: nn.Module | None = None) -> ModelSize:
+                     mode: str = "vl_pretrain", model: nn.Module | None = None,
+                     passes: dict[str, int] | None = None) -> ModelSize:
     """Sizes of ``cfg`` (built on the meta device unless ``model`` is given) for samples of
     ``image_size`` x ``image_size`` images (positions interpolated when it differs from cfg.image_size) and ``text_len`` tokens (defaults: cfg.image_size,
-    cfg.max_text_len) in ``mode`` (a key of PASSES)."""
-    if mode not in PASSES:
+    cfg.max_text_len) in ``mode`` (a key of PASSES), or with explicit ``passes`` ({kind: count})."""
+    if passes is None and mode not in PASSES:
         raise ValueError(f"mode {mode!r}: valid modes are {sorted(PASSES)}")
     image_size = image_size or cfg.image_size
     if image_size % cfg.patch_size:
@@ -131,7 +143,7 @@ def count_parameters(cfg: ModelConfig, image_size: int | None = None, text_len: 
     active = _active_by_modality(model)
     tokens = {"image": 1 + (image_size // cfg.patch_size) ** 2, "text": text_len or cfg.max_text_len}
     forward = 0.0
-    for kind, count in PASSES[mode].items():
+    for kind, count in (passes if passes is not None else PASSES[mode]).items():
         present = [m for m in cfg.modalities if m in tokens] if kind == "fuse" else [kind]
         forward += count * _pass_flops(model, {m: tokens[m] for m in present})
     return ModelSize(total_params=total, expert_params=experts,
