@@ -1,10 +1,12 @@
-"""What the hardware does fast: used to pick a default precision.
+"""What the hardware does fast: used to pick the demo's default precision.
 
     python -m pipeline.hardware            # prints "bf16" or "fp32" and the reason on stderr
 
-bf16 is only fast where it is native: CUDA devices with bf16 support, and CPUs with AMX or AVX512-BF16.
-On other CPUs PyTorch emulates bf16 matmuls, several times slower than fp32 (measured on a 2-core Xeon
-without either flag: 1024^2 matmul 0.018 TFLOP/s in bf16 vs 0.066 in fp32), so fp32 is the faster choice.
+CUDA devices with bf16 support: bf16. CPUs: fp32, whatever their flags. Without AMX or AVX512-BF16 PyTorch
+emulates bf16 matmuls several times slower than fp32 (2-core Xeon without either flag: 1024^2 matmul 0.018
+TFLOP/s in bf16 vs 0.066 in fp32). With AMX the matmuls are fast, but the demo-sized model still trains
+slower in bf16 than in fp32 under DeepSpeed's bf16 engine on 2 CPU ranks (BENCHMARKS.md, "bf16 vs fp32 on
+CPU"), so fp32 is the faster choice there too; ``native_bf16`` still reports what the CPU supports.
 """
 from __future__ import annotations
 
@@ -37,10 +39,22 @@ def native_bf16() -> tuple[bool, str]:
     return False, f"CPU has none of {', '.join(NATIVE_BF16_CPU_FLAGS)}: bf16 would be emulated (slower than fp32)"
 
 
-def main() -> int:
+def default_precision() -> tuple[str, str]:
+    """("bf16" | "fp32", why) for the demo's engine config."""
+    import torch
+
     ok, why = native_bf16()
-    print(f"precision: {'bf16' if ok else 'fp32'} ({why})", file=sys.stderr)
-    print("bf16" if ok else "fp32")
+    if torch.cuda.is_available():
+        return ("bf16" if ok else "fp32"), why
+    if ok:
+        return "fp32", f"{why}, but the demo model trains faster in fp32 on CPU ranks (BENCHMARKS.md)"
+    return "fp32", why
+
+
+def main() -> int:
+    precision, why = default_precision()
+    print(f"precision: {precision} ({why})", file=sys.stderr)
+    print(precision)
     return 0
 
 
