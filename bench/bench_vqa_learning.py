@@ -17,7 +17,6 @@ import io
 import json
 import math
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -59,20 +58,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_split(task: Any, folder: Path, split: str) -> list[dict[str, Any]]:
-    """Every sample of ``split`` through ``VQATask.prepare_sample`` (decoded the way the loader does)."""
+    """Every sample of ``split`` (shards from the manifest) through ``VQATask.prepare_sample``."""
     from PIL import Image
-    raw: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(folder.glob(f"{split}-*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                raw.setdefault(key, {})[ext] = tar.extractfile(member).read()
+
+    from data_prep.shards import iter_tar_samples, manifest_shards
     samples = []
-    for key in sorted(raw):
-        fields = raw[key]
-        sample = {"jpg": Image.open(io.BytesIO(fields["jpg"])).convert("RGB"), "txt": fields["txt"].decode(),
-                  "json": json.loads(fields["json"])}
-        samples.append(task.prepare_sample(sample, train=split == "train"))
+    for _, shard in (item for item in manifest_shards(str(folder)) if item[0] == split):
+        for _, fields in iter_tar_samples(shard):
+            sample = {"jpg": Image.open(io.BytesIO(fields["jpg"])).convert("RGB"), "txt": fields["txt"].decode(),
+                      "json": json.loads(fields["json"])}
+            samples.append(task.prepare_sample(sample, train=split == "train"))
     return samples
 
 
@@ -155,12 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.tasks.vqa import VQATask
 
     torch.set_num_threads(args.threads)
-    captions, _ = common.ensure_synth(num_samples=args.num_samples)
+    # the tokenizer must know the questions' words too, not only the captions'
+    captions, tokenizer_dir = common.ensure_synth(num_samples=args.num_samples,
+                                                  tokenizer_parts=("captions", "vqa"))
     vqa_dir = captions.parent / "vqa"
-    tokenizer_dir = captions.parent.parent / f"tokenizer_vqa{args.num_samples}"  # questions need their words
-    if not (tokenizer_dir / "tokenizer.json").is_file():
-        common._data_prep("tokenizer", "--shards", captions, vqa_dir, "--vocab-size", common.DEMO_TOKENS_VOCAB,
-                          "--output", tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     loader = VQATask(TaskContext(model_cfg=ModelConfig(), tokenizer=tokenizer, text_len=16, image_size=64,
                                  data_dir=vqa_dir, objectives={"vqa": 1.0}))

@@ -42,14 +42,18 @@ def moe_sets(experts: int, ep_size: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- data
-def ensure_synth(root: Path = BENCH_RUNS, num_samples: int = 4000) -> tuple[Path, Path]:
-    """(captions folder, tokenizer folder): ``data_prep synth`` + ``data_prep tokenizer``, made once."""
-    data, tokenizer = root / f"synth{num_samples}", root / f"tokenizer{num_samples}"
+def ensure_synth(root: Path = BENCH_RUNS, num_samples: int = 4000,
+                 tokenizer_parts: tuple[str, ...] = ("captions",)) -> tuple[Path, Path]:
+    """(captions folder, tokenizer folder): ``data_prep synth`` + ``data_prep tokenizer`` trained on the synth
+    ``tokenizer_parts`` (captions, vqa, retrieval), each made once."""
+    data = root / f"synth{num_samples}"
+    suffix = "" if tokenizer_parts == ("captions",) else "_" + "_".join(tokenizer_parts)
+    tokenizer = root / f"tokenizer{num_samples}{suffix}"
     if not (data / "captions" / "manifest.json").is_file():
         _data_prep("synth", "--output", data, "--num-samples", num_samples, "--no-progress")
     if not (tokenizer / "tokenizer.json").is_file() and not (tokenizer / "vocab.txt").is_file():
-        _data_prep("tokenizer", "--shards", data / "captions", "--vocab-size", DEMO_TOKENS_VOCAB,
-                   "--output", tokenizer)
+        _data_prep("tokenizer", "--shards", *(data / part for part in tokenizer_parts), "--vocab-size",
+                   DEMO_TOKENS_VOCAB, "--output", tokenizer)
     return data / "captions", tokenizer
 
 

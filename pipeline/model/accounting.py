@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.model.config import ModelConfig
+from pipeline.model.embeddings import patch_embed_flops
 
 #: model passes per sample for each mode. vl_pretrain = pipeline.objectives.pretrain.vl_pretrain_losses
 #: with ITC+ITM+MLM: encode_image + encode_text (ITC), 3 fused pairs (ITM), 1 fused masked pair (MLM).
@@ -94,7 +95,6 @@ def _pass_flops(model: nn.Module, segments: dict[str, int]) -> float:
     d, n = cfg.hidden_size, sum(segments.values())
     flops = 0.0
     if "image" in segments:
-        from pipeline.model.embeddings import patch_embed_flops
         flops += patch_embed_flops(cfg, math.isqrt(segments["image"] - 1) * cfg.patch_size)
     for block in model.blocks:
         flops += 2 * n * d * 4 * d + 4 * n * n * d  # qkv + proj, QK^T + AV
