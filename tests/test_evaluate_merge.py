@@ -77,3 +77,31 @@ def test_table_puts_baseline_next_to_score():
 def test_cli_rejects_pretraining_tasks():
     with pytest.raises(SystemExit):
         parse_args(["--checkpoint", "x", "--task", "vl_pretrain", "--data", "d"])
+
+
+def test_init_from_with_other_shapes_is_a_config_error_naming_the_tensor(tmp_path):
+    """A recipe whose model: section disagrees with init_from's model (here patch 8 vs 4) fails with the
+    tensor, both shapes and the recipe to fix, not a torch size-mismatch dump; a matching model loads."""
+    from types import SimpleNamespace
+
+    from pipeline.checkpoint import load_weights
+    from pipeline.config_utils import ConfigError
+
+    def dense(patch, seed):
+        torch.manual_seed(seed)
+        return VLMoE(ModelConfig(hidden_size=16, num_layers=2, num_heads=2, image_size=16, patch_size=patch,
+                                 vocab_size=16, max_text_len=4, num_fusion_layers=1, moe=MoEConfig(every=0)))
+
+    run = tmp_path / "run"
+    folder = run / "checkpoints" / "step_000001"
+    source = dense(8, 0)
+    write_deepspeed_layout(folder, source.state_dict())
+    (folder / "COMPLETE").write_text("1\n")
+    (run / "resolved_recipe.yaml").write_text("model: {patch_size: 8}\n")
+    with pytest.raises(ConfigError, match=r"embeddings\.image\.position: checkpoint \[1, 5, 16\] vs model "
+                                          r"\[1, 17, 16\].*resolved_recipe\.yaml"):
+        load_weights(SimpleNamespace(module=dense(4, 1)), run)
+    target = dense(8, 1)
+    load_weights(SimpleNamespace(module=target), run)
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, source.state_dict()[key]), key
