@@ -136,7 +136,7 @@ def stage_split(folder: Path, tokenizer: Path, image_size: int, limit: int) -> d
     """ms per sample of decode / image transform / tokenize, with the task's own functions."""
     from PIL import Image
 
-    from pipeline.tasks.pretrain import image_to_tensor
+    from pipeline.tasks.downstream_common import image_tensor
 
     _, task = build(folder, tokenizer, image_size, 0)
     images = [data for data, _ in zip(tar_images(folder), range(limit))]
@@ -146,7 +146,7 @@ def stage_split(folder: Path, tokenizer: Path, image_size: int, limit: int) -> d
         with Image.open(io.BytesIO(data)) as image:
             rgb = image.convert("RGB")
         t1 = time.perf_counter()
-        image_to_tensor(rgb, image_size)
+        image_tensor(rgb, image_size)
         t2 = time.perf_counter()
         task.tokenize("a photo of a red circle left of a blue square number 12")
         t3 = time.perf_counter()

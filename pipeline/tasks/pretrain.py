@@ -7,29 +7,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from pipeline.model import PIXEL_MEAN, PIXEL_STD
 from pipeline.model.heads import ITCHead, ITMHead, MLMHead
 from pipeline.objectives.pretrain import IGNORE, itm_loss, mask_tokens, mlm_loss, vl_pretrain_losses
 from pipeline.tasks.base import LossOutput, SkipSample, Task, TaskContext
+from pipeline.tasks.downstream_common import image_tensor
 
 EVAL_MASK_SEED = 1234
 MLM_PROB_OPTION = "mlm_prob"
-
-
-def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """PIL RGB -> [3, size, size] float normalised with the model's pixel mean/std."""
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.BICUBIC)
-    array = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
-    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
-    return (array - mean) / std
 
 
 class _TextMixin:
@@ -112,7 +100,7 @@ class VLPretrainTask(_TextMixin, Task):
         text = sample["txt"].strip()
         if not text:
             raise SkipSample("empty_text")
-        return {"pixel_values": image_to_tensor(sample["jpg"], self.ctx.image_size), **self.tokenize(text)}
+        return {"pixel_values": image_tensor(sample.get("jpg"), self.ctx.image_size), **self.tokenize(text)}
 
     def padding_sample(self) -> dict[str, Any]:
         size = self.ctx.image_size
