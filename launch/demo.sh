@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The whole pipeline on built-in data (`make demo` runs this after setting up .venv):
-#   data_prep synth -> data_prep tokenizer -> text_mlm -> vl_pretrain (EP=2, ZeRO-2, bf16)
+#   data_prep synth -> data_prep tokenizer -> text_mlm -> vl_pretrain (EP=2, ZeRO-2)
 #   -> VQA and retrieval fine-tuning -> pipeline.evaluate -> DEMO_DIR/metrics.json + a table.
 # Without CUDA it runs on CPU_RANKS CPU ranks over gloo (default 2). Rerunning reuses finished steps:
 # shards are skipped by data_prep, finished stages by their FINISHED marker, evaluations by their JSON.
 # Environment: DEMO_DIR [runs/demo], DEMO_SAMPLES [synth images per task, 6000], DS_CONFIG
-# [ds_configs/zero2_bf16.json where bf16 is native (CUDA, or a CPU with AMX/AVX512-BF16), else
-# ds_configs/zero2_fp32.json: emulated bf16 is several times slower than fp32], and everything
+# [ds_configs/zero2_bf16.json on CUDA; ds_configs/zero2_fp32.json on every CPU, AMX included: bf16 measured
+# 1.7x slower there (pipeline.hardware, BENCHMARKS.md)], and everything
 # launch/common.sh reads (GPUS_PER_NODE, CPU_RANKS, ...).
 if [[ -z "${DS_CONFIG:-}" ]]; then
   _py="${PYTHON:-.venv/bin/python}"
