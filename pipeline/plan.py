@@ -1,5 +1,6 @@
 """Plan a stage before launching it: sizes, FLOPs and memory per rank, and the checks that would make
-the launch fail (batch arithmetic, ZeRO-3 with MoE, EP not dividing experts/world size).
+the launch fail (batch arithmetic, ZeRO-3 with MoE, EP not dividing experts/world size, a model whose tensor
+shapes differ from those of its ``init_from`` checkpoint).
 
     python -m pipeline.plan --recipe launch/recipes/vl_pretrain.yaml --ds-config ds_configs/zero2_bf16.json \
         --world-size 8 [--ep-size 4] [--set model.num_layers=12 ...] [--json]
@@ -126,6 +127,29 @@ def format_plan(plan: dict[str, Any]) -> str:
     ])
 
 
+def init_from_mismatches(model_cfg: Any, init_from: str | None) -> list[str]:
+    """Model tensors whose shapes differ between ``model_cfg`` and the model ``init_from`` was trained with
+    (its resolved_recipe.yaml), both built on the meta device: such a fine-tune cannot load its weights."""
+    if not init_from:
+        return []
+    from pipeline.model.accounting import build_meta_model
+    from pipeline.recipe import build_model_config, read_yaml, resolve_init_from
+
+    previous = build_model_config(read_yaml(resolve_init_from(init_from) / "resolved_recipe.yaml").get("model", {}))
+    old, new = build_meta_model(previous).state_dict(), build_meta_model(model_cfg).state_dict()
+    return [f"{key}: init_from {list(old[key].shape)} vs this recipe {list(tensor.shape)}"
+            for key, tensor in new.items() if key in old and old[key].shape != tensor.shape]
+
+
+def check_init_from(recipe: Any, model_cfg: Any) -> None:
+    mismatched = init_from_mismatches(model_cfg, recipe.init_from)
+    if mismatched:
+        raise ConfigError(
+            f"model: {len(mismatched)} tensors would not load from init_from {recipe.init_from}, e.g. "
+            + "; ".join(mismatched[:3]) + ". The recipe's model: section is merged over the model of init_from's "
+            "resolved_recipe.yaml; make them agree (patch_size, patch_embed, hidden_size, num_layers, vocab_size, ...)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pipeline.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", required=True)
@@ -142,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout; stdout is the plan only
             recipe, model_cfg = load_recipe(args.recipe, overrides)
+            check_init_from(recipe, model_cfg)
             plan = make_plan(recipe, model_cfg, load_engine_json(args.ds_config), args.world_size)
     except ConfigError as exc:
         print(f"pipeline.plan: configuration error: {exc}", file=sys.stderr)

@@ -66,3 +66,20 @@ def test_cli_prints_a_readable_summary():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "active per token" in proc.stdout and "memory per rank" in proc.stdout
+
+
+def test_fine_tune_whose_model_cannot_load_init_from_is_rejected_before_launch(tmp_path, capsys):
+    """The recipe's model: section overrides init_from's model; when that changes tensor shapes (here a
+    patch-16 conv-stem pretraining fine-tuned by a recipe saying patch 8) the plan check, which the launch
+    scripts run before the launcher, names the tensor and both shapes. A matching fine-tune passes."""
+    run = tmp_path / "pretrained"
+    run.mkdir()
+    (run / "resolved_recipe.yaml").write_text(
+        "model: {hidden_size: 64, num_layers: 2, num_heads: 2, num_fusion_layers: 1, image_size: 64,"
+        " patch_size: 16, patch_embed: conv_stem, vocab_size: 1000}\n")
+    vqa = ["--recipe", str(REPO / "launch/recipes/vqa.yaml"), "--ds-config", str(REPO / "ds_configs/zero2_fp32.json"),
+           "--world-size", "2", "--set", f"init_from={run}"]
+    assert plan_main([*vqa, "--set", "model.patch_size=8"]) == 2
+    err = capsys.readouterr().err
+    assert "init_from" in err and "embeddings.image.position: init_from [1, 17, 64] vs this recipe [1, 65, 64]" in err
+    assert plan_main(vqa) == 0
