@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config_utils import ConfigError
 from pipeline.distributed import Dist, barrier
 
 log = logging.getLogger(__name__)
@@ -147,26 +146,22 @@ def load_weights(engine: Any, init_from: str | Path) -> Path:
     non-strictly (parameters the checkpoint lacks, e.g. another task's heads, keep their fresh init and
     are logged), then the optimizer's fp32 master copy is refreshed."""
     from pipeline.checkpoint_merge import merge_moe_checkpoint
-    from pipeline.recipe import resolve_init_from
+    from pipeline.recipe import init_from_shape_error
 
     ckpt_root, tag = resolve_checkpoint(init_from)
     folder = ckpt_root / tag
     saved = merge_moe_checkpoint(folder)
     module = engine.module
+    current = module.state_dict()
     state = {}
-    for key in module.state_dict():
+    for key in current:
         source = _global_expert_key(module, key)
         if source in saved:
             state[key] = saved[source]
-    current = module.state_dict()
     mismatched = [f"{key}: checkpoint {list(value.shape)} vs model {list(current[key].shape)}"
                   for key, value in state.items() if value.shape != current[key].shape]
     if mismatched:
-        raise ConfigError(
-            f"init_from {folder}: {len(mismatched)} tensors have other shapes than this recipe's model, e.g. "
-            + "; ".join(mismatched[:3]) + ". The recipe's model: section overrides the model of init_from "
-            f"({resolve_init_from(init_from) / 'resolved_recipe.yaml'}); make them agree (e.g. patch_size, "
-            "patch_embed, hidden_size, num_layers, vocab_size, moe.num_experts)")
+        raise init_from_shape_error(init_from, mismatched)
     missing, _ = module.load_state_dict(state, strict=False)
     used = {_global_expert_key(module, k) for k in state}
     unexpected = sorted(set(saved) - used)

@@ -142,12 +142,11 @@ def init_from_mismatches(model_cfg: Any, init_from: str | None) -> list[str]:
 
 
 def check_init_from(recipe: Any, model_cfg: Any) -> None:
+    from pipeline.recipe import init_from_shape_error
+
     mismatched = init_from_mismatches(model_cfg, recipe.init_from)
     if mismatched:
-        raise ConfigError(
-            f"model: {len(mismatched)} tensors would not load from init_from {recipe.init_from}, e.g. "
-            + "; ".join(mismatched[:3]) + ". The recipe's model: section is merged over the model of init_from's "
-            "resolved_recipe.yaml; make them agree (patch_size, patch_embed, hidden_size, num_layers, vocab_size, ...)")
+        raise init_from_shape_error(recipe.init_from, mismatched)
 
 
 def main(argv: list[str] | None = None) -> int:

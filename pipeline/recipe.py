@@ -169,6 +169,16 @@ def resolve_init_from(init_from: str) -> Path:
     raise ConfigError(f"init_from: {init_from} is not a run folder (no resolved_recipe.yaml found)")
 
 
+def init_from_shape_error(init_from: str | Path, mismatched: list[str]) -> ConfigError:
+    """The error for a recipe whose model cannot load ``init_from``'s weights; ``mismatched`` lists
+    "tensor: shape vs shape" items (pipeline.plan before launch, checkpoint.load_weights at load)."""
+    return ConfigError(
+        f"init_from {init_from}: {len(mismatched)} tensors of this recipe's model have other shapes than its "
+        "checkpoint's, e.g. " + "; ".join(mismatched[:3]) + ". The recipe's model: section is merged over the "
+        f"model in {resolve_init_from(str(init_from)) / 'resolved_recipe.yaml'}; make them agree (patch_size, "
+        "patch_embed, hidden_size, num_layers, vocab_size, moe.num_experts, ...)")
+
+
 def merged_model_dict(data: dict[str, Any]) -> dict[str, Any]:
     """Recipe ``model`` merged over the previous stage's model when ``init_from`` is set."""
     model = copy.deepcopy(data.get("model") or {})
