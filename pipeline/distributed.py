@@ -106,3 +106,12 @@ def gather_objects(obj: Any) -> list[Any]:
 def barrier() -> None:
     if _ready():
         tdist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Wait for every rank, then destroy the process groups, before interpreter teardown. Left to
+    teardown, a gloo rank that exits while its peer still holds the connection can abort with
+    "terminate called without an active exception" (exit 250) after its work is done."""
+    if tdist.is_available() and tdist.is_initialized():
+        barrier()
+        tdist.destroy_process_group()

@@ -40,7 +40,7 @@ def setup_logging(rank: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pipeline.distributed import init_distributed
+    from pipeline.distributed import init_distributed, shutdown_distributed
     from pipeline.trainer import Trainer
 
     dist = init_distributed()
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.fit()
     finally:
         trainer.close()
+    shutdown_distributed()
     return 0
 
 
