@@ -80,3 +80,11 @@ def test_conv_stem_flops_by_hand():
     diff = count_parameters(stem, mode="image").flops_per_sample \
         - count_parameters(linear, mode="image").flops_per_sample
     assert diff == 3 * (stem_flops - linear_flops)
+    # coordinate planes: 2 more input channels in the first conv of either embedding
+    coords = ModelConfig(**kw, coord_channels=True)
+    stem_coords = ModelConfig(**kw, patch_embed="conv_stem", coord_channels=True)
+    assert count_parameters(coords, mode="image").flops_per_sample \
+        - count_parameters(linear, mode="image").flops_per_sample == 3 * 2 * 16 * 2 * 4 * 4 * 32
+    assert count_parameters(stem_coords, mode="image").flops_per_sample \
+        - count_parameters(stem, mode="image").flops_per_sample == 3 * 2 * 8 * 8 * 2 * 32 * 9
+    assert count_parameters(coords).total_params - count_parameters(linear).total_params == 2 * 4 * 4 * 32

@@ -84,6 +84,9 @@ def test_mismatches_are_named(vit_dir, tmp_path):
     stem = ModelConfig(**{**our_cfg(every=0).__dict__, "patch_embed": "conv_stem"})
     with pytest.raises(PretrainedMismatch, match="patch_embed='conv_stem'"):
         init_from_vit(VLMoE(stem), folder)
+    coords = ModelConfig(**{**our_cfg(every=0).__dict__, "coord_channels": True})
+    with pytest.raises(PretrainedMismatch, match="coord_channels"):
+        init_from_vit(VLMoE(coords), folder)
 
 
 def test_bert_text_embeddings(tmp_path):

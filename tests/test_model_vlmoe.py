@@ -157,6 +157,30 @@ def test_mean_pooling_averages_valid_tokens_only():
         from_dict(ModelConfig, {**TINY, "pooling": "max"})
 
 
+@pytest.mark.parametrize("patch_embed", ["linear", "conv_stem"])
+def test_coord_channels_put_location_into_the_patch_tokens(patch_embed):
+    from pipeline.model.embeddings import with_coordinates
+    planes = with_coordinates(torch.zeros(1, 3, 4, 4))[0, 3:]
+    assert planes.shape == (2, 4, 4)
+    assert planes[0, :, 0].eq(-1).all() and planes[0, :, -1].eq(1).all()  # x: left -> right
+    assert planes[1, 0].eq(-1).all() and planes[1, -1].eq(1).all()  # y: top -> bottom
+    torch.manual_seed(0)
+    flat = torch.zeros(1, 3, 16, 16)  # a blank image: only the coordinates can tell patches apart
+    for coords in (False, True):
+        cfg = ModelConfig(**{**TINY, "patch_embed": patch_embed, "coord_channels": coords}, moe=MoEConfig(every=0))
+        model = VLMoE(cfg).eval()
+        emb = model.embeddings["image"]
+        first = next(m for m in emb.patch.modules() if isinstance(m, torch.nn.Conv2d))
+        assert first.in_channels == (5 if coords else 3)
+        with torch.no_grad():
+            emb.position.zero_()
+            tokens = emb(flat)[0][0, 1:]  # [P, D] patch tokens, position embeddings zeroed
+        spread = (tokens - tokens.mean(0)).abs().max()
+        assert (spread > 1e-5) if coords else (spread < 1e-7), (coords, float(spread))
+        # another resolution still works (positions interpolated, coordinates recomputed)
+        assert model.encode_image(torch.randn(2, 3, 32, 32)).hidden.shape == (2, 17, 32)
+
+
 def test_conv_stem_patch_embedding():
     cfg = ModelConfig(**{**TINY, "patch_embed": "conv_stem"}, moe=MoEConfig(num_experts=4, min_capacity=1))
     model = VLMoE(cfg)
@@ -165,7 +189,7 @@ def test_conv_stem_patch_embedding():
     pixels, ids, mask = inputs()
     out = model.fuse(pixels, ids, mask)
     assert out.hidden.shape == (3, 5 + 8, 32)
-    out.pooled.sum().backward()
+    (out.pooled * torch.randn_like(out.pooled)).sum().backward()  # a plain sum of LayerNorm outputs has no gradient
     assert convs[0].weight.grad is not None and convs[0].weight.grad.abs().sum() > 0
     # 32x32 images: the same stem gives a 4x4 grid (positions interpolated)
     assert model.encode_image(torch.randn(2, 3, 32, 32)).hidden.shape == (2, 17, 32)

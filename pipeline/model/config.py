@@ -93,6 +93,10 @@ class ModelConfig:
         "help": "linear = one patch_size x patch_size conv (ViT); conv_stem = log2(patch_size) 3x3 stride-2 "
                 "conv+BN+ReLU blocks and a 1x1 conv (Xiao et al. 2021; patch_size a power of 2)"})
     num_channels: int = field(default=3, metadata={"help": "image channels"})
+    coord_channels: bool = field(default=False, metadata={
+        "help": "append x and y coordinate planes (-1..1) to the pixels before the patch embedding "
+                "(CoordConv, Liu et al. 2018): patch tokens then carry where they are in their own "
+                "features, not only through the added position embedding"})
     vocab_size: int = field(default=8192, metadata={"help": "text vocabulary size (>= the tokenizer's)"})
     max_text_len: int = field(default=32, metadata={"help": "text positions (>= data.text_len)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout after attention and FFN"})
@@ -129,6 +133,11 @@ class ModelConfig:
     @property
     def ffn_size(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def patch_in_channels(self) -> int:
+        """Input channels of the patch embedding: the image's, plus 2 with ``coord_channels``."""
+        return self.num_channels + (2 if self.coord_channels else 0)
 
     @property
     def num_patches(self) -> int:

@@ -34,7 +34,7 @@ def resize_positions(position_1nd: torch.Tensor, grid: int) -> torch.Tensor:
 
 def stem_channels(cfg: ModelConfig) -> list[int]:
     """Channels of the conv stem: input, then one entry per 3x3 stride-2 conv (32, 64, ... capped at D)."""
-    return [cfg.num_channels] + [min(cfg.hidden_size, 32 * 2**i) for i in range(cfg.patch_size.bit_length() - 1)]
+    return [cfg.patch_in_channels] + [min(cfg.hidden_size, 32 * 2**i) for i in range(cfg.patch_size.bit_length() - 1)]
 
 
 def conv_stem(cfg: ModelConfig) -> nn.Sequential:
@@ -49,11 +49,20 @@ def conv_stem(cfg: ModelConfig) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Conv2d(chans[-1], cfg.hidden_size, 1))
 
 
+def with_coordinates(pixels_bchw: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C+2, H, W]: x then y of each pixel centre, -1 (left/top) .. 1 (right/bottom)."""
+    b, _, h, w = pixels_bchw.shape
+    ys = torch.linspace(-1, 1, h, device=pixels_bchw.device, dtype=pixels_bchw.dtype)
+    xs = torch.linspace(-1, 1, w, device=pixels_bchw.device, dtype=pixels_bchw.dtype)
+    return torch.cat([pixels_bchw, xs.view(1, 1, 1, w).expand(b, 1, h, w),
+                      ys.view(1, 1, h, 1).expand(b, 1, h, w)], dim=1)
+
+
 def patch_embed_flops(cfg: ModelConfig, side: int) -> float:
     """Forward matmul FLOPs of the patch embedding for one ``side`` x ``side`` image."""
     grid = side // cfg.patch_size
     if cfg.patch_embed == "linear":
-        return 2.0 * grid * grid * cfg.num_channels * cfg.patch_size ** 2 * cfg.hidden_size
+        return 2.0 * grid * grid * cfg.patch_in_channels * cfg.patch_size ** 2 * cfg.hidden_size
     chans, flops, out = stem_channels(cfg), 0.0, side
     for c_in, c_out in zip(chans[:-1], chans[1:]):
         out = (out + 1) // 2
@@ -63,7 +72,7 @@ def patch_embed_flops(cfg: ModelConfig, side: int) -> float:
 
 class ImageEmbedding(nn.Module):
     """Patchify (one conv, or a conv stem) + CLS + learned positions (ViT layout): [B,C,H,W] -> [B, 1+P, D],
-    mask None.
+    mask None. With ``coord_channels`` the patchify sees two coordinate planes next to the pixels.
 
     Positions are learned for ``image_size``; square images of another size (a multiple of the patch)
     interpolate them (bicubic), as when fine-tuning at a higher resolution."""
@@ -71,8 +80,9 @@ class ImageEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.patch_size = cfg.patch_size
+        self.coord_channels = cfg.coord_channels
         self.patch = conv_stem(cfg) if cfg.patch_embed == "conv_stem" else \
-            nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+            nn.Conv2d(cfg.patch_in_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
         self.position = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, cfg.hidden_size))
 
@@ -82,7 +92,10 @@ class ImageEmbedding(nn.Module):
             raise ValueError(f"pixel_values must be [B, C, S, S] with S a multiple of patch_size="
                              f"{self.patch_size}, got {list(pixel_values.shape)}")
         dtype = next(self.patch.parameters()).dtype
-        patches_bpd = self.patch(pixel_values.to(dtype)).flatten(2).transpose(1, 2)
+        pixels = pixel_values.to(dtype)
+        if self.coord_channels:
+            pixels = with_coordinates(pixels)
+        patches_bpd = self.patch(pixels).flatten(2).transpose(1, 2)
         cls_b1d = self.cls.expand(patches_bpd.shape[0], -1, -1)
         position = resize_positions(self.position, side // self.patch_size)
         return torch.cat([cls_b1d, patches_bpd], dim=1) + position, None

@@ -150,6 +150,9 @@ def init_from_vit(model: nn.Module, folder: str | Path) -> list[str]:
     modality-type embeddings are zeroed (ViT has none), so image-only outputs match ViT exactly.
     Returns the keys left at fresh init (text embeddings, routers)."""
     folder = Path(folder)
+    if model.cfg.coord_channels:
+        raise PretrainedMismatch("model.coord_channels=true: a ViT checkpoint's patch projection reads 3 pixel "
+                                 "channels, not pixels + 2 coordinate planes; set coord_channels: false")
     if model.cfg.patch_embed != "linear":
         raise PretrainedMismatch(f"model.patch_embed={model.cfg.patch_embed!r}: a ViT checkpoint has a single "
                                  "linear patch projection; initialise from a ViT with patch_embed: linear")
