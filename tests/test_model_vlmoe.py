@@ -181,6 +181,31 @@ def test_coord_channels_put_location_into_the_patch_tokens(patch_embed):
         assert model.encode_image(torch.randn(2, 3, 32, 32)).hidden.shape == (2, 17, 32)
 
 
+def test_conv_stem_trains_with_bf16_parameters_and_fp32_batchnorm_buffers():
+    """What DeepSpeed's bf16 engine leaves: parameters cast, buffers kept fp32 (the CPU BatchNorm kernel
+    rejects that mix); the stem must run forward and backward and keep updating its fp32 statistics."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TINY, "patch_embed": "conv_stem", "coord_channels": True}, moe=MoEConfig(every=0))
+    model = VLMoE(cfg)
+    for param in model.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    bn = next(m for m in model.embeddings["image"].patch if isinstance(m, torch.nn.BatchNorm2d))
+    assert bn.running_mean.dtype == torch.float32 and bn.weight.dtype == torch.bfloat16
+    before = bn.running_mean.clone()
+    out = model.encode_image(torch.randn(2, 3, 16, 16).bfloat16())
+    assert out.hidden.dtype == torch.bfloat16
+    (out.pooled.float() * torch.randn(out.pooled.shape)).sum().backward()
+    assert bn.weight.grad is not None and bn.weight.grad.abs().sum() > 0
+    assert bn.running_mean.dtype == torch.float32 and not torch.equal(bn.running_mean, before)
+    assert int(bn.num_batches_tracked) == 1
+    # fp32 is plain nn.BatchNorm2d: same output as the stock module with the same state
+    ref = torch.nn.BatchNorm2d(4).eval()
+    ours = type(bn)(4).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 3, 3)
+    assert torch.equal(ours(x), ref(x))
+
+
 def test_conv_stem_patch_embedding():
     cfg = ModelConfig(**{**TINY, "patch_embed": "conv_stem"}, moe=MoEConfig(num_experts=4, min_capacity=1))
     model = VLMoE(cfg)

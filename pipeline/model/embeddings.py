@@ -37,6 +37,35 @@ def stem_channels(cfg: ModelConfig) -> list[int]:
     return [cfg.patch_in_channels] + [min(cfg.hidden_size, 32 * 2**i) for i in range(cfg.patch_size.bit_length() - 1)]
 
 
+class FP32BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that normalises in float32 whatever the input and parameter dtype (as torch.autocast does).
+
+    DeepSpeed's bf16/fp16 engines cast parameters but keep buffers in fp32, and the CPU kernel rejects
+    bf16 weights with fp32 running statistics. Same parameters, buffers and state-dict keys as
+    ``nn.BatchNorm2d``; the running statistics are kept (and updated) in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and (
+                self.running_mean is None or self.running_mean.dtype == torch.float32):
+            return super().forward(x)
+        self._check_input_dim(x)
+        for name in ("running_mean", "running_var"):
+            buffer = getattr(self, name)
+            if buffer is not None and buffer.dtype != torch.float32:
+                buffer.data = buffer.data.float()
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or self.running_mean is None
+        track = not self.training or self.track_running_stats
+        out = F.batch_norm(x.float(), self.running_mean if track else None, self.running_var if track else None,
+                           self.weight.float() if self.weight is not None else None,
+                           self.bias.float() if self.bias is not None else None,
+                           use_batch_stats, factor, self.eps)
+        return out.to(x.dtype)
+
+
 def conv_stem(cfg: ModelConfig) -> nn.Sequential:
     """"Early convolutions help transformers see better" (Xiao et al. 2021): log2(patch_size) blocks of
     3x3 stride-2 conv + BatchNorm + ReLU, then a 1x1 conv to D. Replaces the single patch_size x
@@ -45,7 +74,7 @@ def conv_stem(cfg: ModelConfig) -> nn.Sequential:
     chans = stem_channels(cfg)
     layers: list[nn.Module] = []
     for c_in, c_out in zip(chans[:-1], chans[1:]):
-        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), FP32BatchNorm2d(c_out), nn.ReLU()]
     return nn.Sequential(*layers, nn.Conv2d(chans[-1], cfg.hidden_size, 1))
 
 
