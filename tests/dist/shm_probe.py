@@ -4,10 +4,11 @@ import os
 import torch
 import torch.distributed as tdist
 
-from pipeline.distributed import init_distributed, shm_workspace_path
+from pipeline.distributed import init_distributed, shm_workspace_path, shutdown_distributed
 
 dist = init_distributed()
 x = torch.ones(4)
 tdist.all_reduce(x)
 print(f"rank {dist.rank} sum {x[0].item():.0f} workspace_left {os.path.exists(shm_workspace_path(dist.rank))}",
       flush=True)
+shutdown_distributed()  # as pipeline.train does: no gloo abort (exit 250) at teardown
