@@ -38,6 +38,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], float]] = {
     "conv_stem_p16": ({"patch_embed": "conv_stem", "patch_size": 16}, 1.0),
     "conv_stem_p16_coords": ({"patch_embed": "conv_stem", "patch_size": 16, "coord_channels": True}, 1.0),
     "coords": ({"coord_channels": True}, 1.0),
+    "conv_stem_p16_coords_qknorm": ({"patch_embed": "conv_stem", "patch_size": 16, "coord_channels": True,
+                                     "qk_norm": True}, 1.0),
     "wide_p8": ({"hidden_size": 192, "num_layers": 6, "num_heads": 6}, 1.0),
 }
 

@@ -87,6 +87,9 @@ def test_mismatches_are_named(vit_dir, tmp_path):
     coords = ModelConfig(**{**our_cfg(every=0).__dict__, "coord_channels": True})
     with pytest.raises(PretrainedMismatch, match="coord_channels"):
         init_from_vit(VLMoE(coords), folder)
+    qk = ModelConfig(**{**our_cfg(every=0).__dict__, "qk_norm": True})
+    with pytest.raises(PretrainedMismatch, match="qk_norm"):
+        init_from_vit(VLMoE(qk), folder)
 
 
 def test_bert_text_embeddings(tmp_path):

@@ -220,3 +220,23 @@ def test_conv_stem_patch_embedding():
     assert model.encode_image(torch.randn(2, 3, 32, 32)).hidden.shape == (2, 17, 32)
     with pytest.raises(ValueError, match="power of 2"):
         ModelConfig(**{**TINY, "patch_size": 6, "image_size": 18, "patch_embed": "conv_stem"})
+
+
+def test_qk_norm_makes_attention_independent_of_query_key_scale():
+    """With qk_norm the logits depend on the direction of each head's q and k, not their size: scaling the
+    q and k projections changes nothing. Without it the same scaling sharpens the attention."""
+    from pipeline.model.blocks import Attention
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 32)
+    for qk_norm in (False, True):
+        attn = Attention(ModelConfig(**{**TINY, "qk_norm": qk_norm}, moe=MoEConfig(every=0))).eval()
+        assert hasattr(attn, "q_norm") == qk_norm
+        before = attn(x, None)
+        with torch.no_grad():
+            attn.qkv.weight[:64] *= 30.0  # rows of q and k (D=32 each); v untouched
+            attn.qkv.bias[:64] *= 30.0
+        change = float((attn(x, None) - before).abs().max())
+        assert (change < 1e-4) if qk_norm else (change > 1e-2), (qk_norm, change)
+    cfg = ModelConfig(**{**TINY, "qk_norm": True}, moe=MoEConfig(every=0))
+    keys = VLMoE(cfg).state_dict()
+    assert {"blocks.0.attn.q_norm.weight", "blocks.3.attn.k_norm.bias"} <= set(keys)

@@ -39,12 +39,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.attn_dropout = cfg.attn_dropout
+        if cfg.qk_norm:  # per head dim K, shared by the heads (ViT-22B)
+            head_dim = cfg.hidden_size // cfg.num_heads
+            self.q_norm = nn.LayerNorm(head_dim, eps=cfg.layer_norm_eps)
+            self.k_norm = nn.LayerNorm(head_dim, eps=cfg.layer_norm_eps)
 
     def forward(self, x_bnd: torch.Tensor, mask_b1nn: torch.Tensor | None) -> torch.Tensor:
         b, n, d = x_bnd.shape
         qkv = self.qkv(x_bnd).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q_bhnk, k_bhnk = qkv[0], qkv[1]
+        if hasattr(self, "q_norm"):
+            q_bhnk, k_bhnk = self.q_norm(q_bhnk), self.k_norm(k_bhnk)
         out_bhnk = F.scaled_dot_product_attention(
-            qkv[0], qkv[1], qkv[2], attn_mask=mask_b1nn,
+            q_bhnk, k_bhnk, qkv[2], attn_mask=mask_b1nn,
             dropout_p=self.attn_dropout if self.training else 0.0)
         return self.proj(out_bhnk.transpose(1, 2).reshape(b, n, d))
 

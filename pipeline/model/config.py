@@ -101,6 +101,10 @@ class ModelConfig:
     max_text_len: int = field(default=32, metadata={"help": "text positions (>= data.text_len)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout after attention and FFN"})
     attn_dropout: float = field(default=0.0, metadata={"help": "attention-probability dropout"})
+    qk_norm: bool = field(default=False, metadata={
+        "help": "LayerNorm on each head's queries and keys before the dot product (ViT-22B, Dehghani et al. "
+                "2023; Chameleon): attention logits start at cosine x sqrt(head dim) instead of near 0, so "
+                "attention sharpens within a few hundred steps (BENCHMARKS.md, VQA learning speed)"})
     pooling: Literal["cls", "mean"] = field(default="cls", metadata={
         "help": "pooled output the heads read: cls = first token (VLMo); mean = mean of the valid tokens "
                 "(open_clip pool_type='avg'; learns much faster from scratch on small data)"})

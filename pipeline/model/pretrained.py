@@ -153,6 +153,9 @@ def init_from_vit(model: nn.Module, folder: str | Path) -> list[str]:
     if model.cfg.coord_channels:
         raise PretrainedMismatch("model.coord_channels=true: a ViT checkpoint's patch projection reads 3 pixel "
                                  "channels, not pixels + 2 coordinate planes; set coord_channels: false")
+    if model.cfg.qk_norm:
+        raise PretrainedMismatch("model.qk_norm=true: a ViT checkpoint has no query/key LayerNorms and its "
+                                 "attention was trained without them; set qk_norm: false")
     if model.cfg.patch_embed != "linear":
         raise PretrainedMismatch(f"model.patch_embed={model.cfg.patch_embed!r}: a ViT checkpoint has a single "
                                  "linear patch projection; initialise from a ViT with patch_embed: linear")
