@@ -231,11 +231,11 @@ def test_qk_norm_makes_attention_independent_of_query_key_scale():
     for qk_norm in (False, True):
         attn = Attention(ModelConfig(**{**TINY, "qk_norm": qk_norm}, moe=MoEConfig(every=0))).eval()
         assert hasattr(attn, "q_norm") == qk_norm
-        before = attn(x, None)
         with torch.no_grad():
+            before = attn(x, None)
             attn.qkv.weight[:64] *= 30.0  # rows of q and k (D=32 each); v untouched
             attn.qkv.bias[:64] *= 30.0
-        change = float((attn(x, None) - before).abs().max())
+            change = float((attn(x, None) - before).abs().max())
         assert (change < 1e-4) if qk_norm else (change > 1e-2), (qk_norm, change)
     cfg = ModelConfig(**{**TINY, "qk_norm": True}, moe=MoEConfig(every=0))
     keys = VLMoE(cfg).state_dict()
