@@ -34,8 +34,6 @@ class IndexedMOELayer(MOELayer):
         x_sm = x.reshape(-1, x.shape[-1])
         self.l_aux, capacity, num_experts, indices_ks, locations_ks, gates_ks, self.exp_counts = \
             self.gate(x_sm, used_token, True, False)
-        # routes kept within capacity, per expert (exp_counts counts the router's choices before dropping)
-        self.kept_counts = torch.bincount(indices_ks[indices_ks >= 0].long(), minlength=num_experts)
         if self.ep_size == 1:
             out_sm = self._compact(x_sm, indices_ks, gates_ks, num_experts)
         else:
@@ -54,16 +52,11 @@ class IndexedMOELayer(MOELayer):
         tokens_r = order_r % num_tokens
         sizes = torch.bincount(experts_flat[order_r], minlength=num_experts).tolist()
         routed_rm = x_sm.index_select(0, tokens_r)
-        outputs = []
-        for expert, chunk in zip(self.experts.deepspeed_experts, routed_rm.split(sizes)):
-            if chunk.shape[0]:
-                out = expert(chunk)
-                outputs.append(out[0] if isinstance(out, tuple) else out)
-        gates_r = gates_ks.reshape(-1)[order_r]
-        if outputs:
-            weighted_rm = torch.cat(outputs).float() * gates_r.unsqueeze(1)
-        else:  # nothing kept: keep the graph (and the experts' parameters) connected with zeros
-            weighted_rm = routed_rm.float() * gates_r.unsqueeze(1)
+        # every expert runs, on an empty [0, M] chunk if it got no token: its parameters then get a zero
+        # gradient instead of none, so ZeRO's gradient buckets have the same layout on every rank
+        outputs = [_expert_out(expert, chunk)
+                   for expert, chunk in zip(self.experts.deepspeed_experts, routed_rm.split(sizes))]
+        weighted_rm = torch.cat(outputs).float() * gates_ks.reshape(-1)[order_r].unsqueeze(1)
         combined = x_sm.new_zeros(num_tokens, x_sm.shape[1], dtype=torch.float32)
         combined.index_add_(0, tokens_r, weighted_rm)
         return combined.to(x_sm.dtype)
@@ -76,8 +69,9 @@ class IndexedMOELayer(MOELayer):
         slots_ks = _route_slots(indices_ks, locations_ks, num_experts, capacity)
         dispatched_ecm = _sparse_encode(x_sm, slots_ks, num_experts, capacity)
         dispatched_ecm = _AllToAll.apply(self.ep_group, dispatched_ecm)
-        filled = torch.empty_like(self.kept_counts)  # [ep * L]: rows each source filled per local expert
-        dist.all_to_all_single(filled, self.kept_counts.contiguous(), group=self.ep_group)
+        kept_e = torch.bincount(indices_ks[indices_ks >= 0].long(), minlength=num_experts)
+        filled = torch.empty_like(kept_e)  # [ep * L]: rows each source filled per local expert
+        dist.all_to_all_single(filled, kept_e, group=self.ep_group)
         expert_out = self._run_filled(dispatched_ecm.reshape(-1, d_model), filled, capacity)
         expert_out = _AllToAll.apply(self.ep_group, expert_out.view(num_experts, capacity, d_model))
         return _sparse_decode(expert_out.reshape(num_experts * capacity, d_model), slots_ks, gates_ks,
@@ -96,9 +90,12 @@ class IndexedMOELayer(MOELayer):
             (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
         index_r = base + offsets
         routed_rm = rows_m.index_select(0, index_r)
-        outputs = []
-        for expert, chunk in zip(self.experts.deepspeed_experts, routed_rm.split(sizes)):
-            out = expert(chunk)
-            outputs.append(out[0] if isinstance(out, tuple) else out)
+        outputs = [_expert_out(expert, chunk)  # every local expert, even on 0 rows (see _compact)
+                   for expert, chunk in zip(self.experts.deepspeed_experts, routed_rm.split(sizes))]
         result = rows_m.new_zeros(rows_m.shape)
         return result.index_copy(0, index_r, torch.cat(outputs).to(rows_m.dtype))
+
+
+def _expert_out(expert: torch.nn.Module, chunk_rm: Tensor) -> Tensor:
+    out = expert(chunk_rm)
+    return out[0] if isinstance(out, tuple) else out
