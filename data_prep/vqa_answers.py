@@ -1,7 +1,7 @@
-"""VQA answer normalisation, soft target scores and the official accuracy, as in VQA's ``vqaEval.py``.
+"""VQA answer normalisation and soft target scores, as in VQA's ``vqaEval.py``.
 
 One definition for the whole project: ``data_prep vqa`` builds targets and the answer vocabulary with
-these, and ``pipeline`` metrics import them from here.
+these, and the official accuracy (``pipeline.metrics.vqa.question_accuracy``) imports them from here.
 
     >>> normalize_answer("Two dogs.")
     '2 dogs'
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import Iterable
 
 # The official table, quirks included ("somebody'd" -> "somebodyd").
 CONTRACTIONS = {
@@ -101,26 +101,6 @@ def soft_targets(answers: Iterable[str]) -> dict[str, float]:
     counts = Counter(normalize_answer(a) for a in answers)
     counts.pop("", None)
     return {a: soft_score(c) for a, c in sorted(counts.items())}
-
-
-def vqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
-    """Official per-question accuracy in [0, 1]: mean over the 10 leave-one-out min(1, matches / 3).
-
-    As in vqaEval.py, the ground truth gets punctuation/digit/article normalisation only when the
-    annotators disagree; the prediction always gets it in that case.
-    """
-    if not gt_answers:
-        raise ValueError("vqa_accuracy needs at least one ground-truth answer")
-    gts = [strip_whitespace(a) for a in gt_answers]
-    pred = strip_whitespace(prediction)
-    if len(set(gts)) > 1:
-        gts = [process_digit_article(process_punctuation(a)) for a in gts]
-        pred = process_digit_article(process_punctuation(pred))
-    scores = []
-    for i in range(len(gts)):
-        matches = sum(1 for j, g in enumerate(gts) if j != i and g == pred)
-        scores.append(min(1.0, matches / 3.0))
-    return sum(scores) / len(scores)
 
 
 def build_vocabulary(counts: Counter, min_count: int) -> tuple[list[str], list[int]]:

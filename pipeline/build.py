@@ -61,12 +61,18 @@ def build_task(recipe: Any, model_cfg: Any, tokenizer: Any, dist: DistInfo) -> T
                           f"{len(tokenizer)} tokens: set model.vocab_size >= {len(tokenizer)}")
     if recipe.data.text_len > model_cfg.max_text_len or recipe.data.image_size > model_cfg.image_size:
         raise ConfigError("data.text_len/image_size exceed model.max_text_len/image_size")
-    first = recipe.data.eval or recipe.data.train[0]
-    data_dir = Path(first.path) if Path(first.path).is_dir() else None
+    # the training data's vocabulary sizes the heads; eval data is scored against it, never sizes them
+    train_path = Path(recipe.data.train[0].path)
+    data_dir = train_path if train_path.is_dir() else None
+    task_class = get_task_class(recipe.task)
+    if task_class.vocab_files and data_dir is None:
+        raise ConfigError(f"data.train[0].path: {train_path} is not a folder; task {recipe.task} reads "
+                          f"{', '.join(task_class.vocab_files)} from the training data folder (it sizes the "
+                          "heads, also when evaluating on other data)")
     ctx = TaskContext(model_cfg=model_cfg, tokenizer=tokenizer, text_len=recipe.data.text_len,
                       image_size=recipe.data.image_size, data_dir=data_dir, objectives=dict(recipe.objectives),
                       dist=dist, options=dict(recipe.task_options))
-    return get_task_class(recipe.task)(ctx)
+    return task_class(ctx)
 
 
 def build_task_model(recipe: Any, model_cfg: Any, task: Task, seed: int) -> TaskModel:

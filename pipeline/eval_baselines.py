@@ -5,6 +5,8 @@
 - retrieval: chance level of R@K for the split's image and caption counts.
 - nlvr2: always answering the majority train label.
 - classification: chance level (K / classes).
+- gqa: the most frequent train answer per question type, scored with exact match.
+- snli_ve: always answering the majority train label (by label name, mapped to the task's classes).
 """
 from __future__ import annotations
 
@@ -15,9 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.metrics.classification import class_accuracy
+from pipeline.metrics.gqa import gqa_accuracy
 from pipeline.metrics.nlvr2 import nlvr2_metrics
 from pipeline.metrics.retrieval import chance_recall
-from pipeline.metrics.vqa import baseline_predictions, question_type_baseline, vqa_accuracy
+from pipeline.metrics.vqa import (baseline_predictions, most_frequent_by_type, question_type_baseline,
+                                  vqa_accuracy)
 
 log = logging.getLogger(__name__)
 BASELINE_SPLIT = "train"
@@ -61,4 +66,14 @@ def baseline_for(task_name: str, task: Any, outputs: dict[str, Any], data_dir: P
         majority = sum(labels) * 2 >= len(labels)
         truth = [bool(y) for y in outputs["label"].tolist()]
         return "majority", nlvr2_metrics([majority] * len(truth), truth, outputs["identifier"])
+    if task_name == "gqa":
+        table, fallback = most_frequent_by_type(
+            (str(r.get("question_type") or ""), str(r["answer"])) for r in records if r.get("answer"))
+        preds = baseline_predictions(outputs["question_type"], table, fallback)
+        return "q-type prior", gqa_accuracy(preds, outputs["answer"], outputs["question_type"])
+    if task_name == "snli_ve":
+        _, majority = most_frequent_by_type(("", str(r.get("label_name"))) for r in records)
+        labels = [int(y) for y in outputs["label"].tolist()]
+        pred = task.class_index.get(majority, -1)
+        return "majority", class_accuracy([pred] * len(labels), labels, task.classes)
     return "baseline", {}

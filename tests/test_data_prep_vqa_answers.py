@@ -1,11 +1,13 @@
-"""VQA answer normalisation (official vqaEval.py rules, hand-worked), soft scores, accuracy, vocabulary."""
+"""VQA answer normalisation (official vqaEval.py rules and tables, hand-worked), soft scores, vocabulary.
+The accuracy itself is tested in test_metrics_vqa.py."""
 from __future__ import annotations
 
 from collections import Counter
 
 import pytest
 
-from data_prep.vqa_answers import build_vocabulary, normalize_answer, soft_score, soft_targets, vqa_accuracy
+from data_prep.vqa_answers import (build_vocabulary, normalize_answer, process_digit_article, process_punctuation,
+                                   soft_score, soft_targets)
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -39,15 +41,32 @@ def test_soft_scores():
     assert soft_targets(["two", "2", "2 ", "3"]) == {"2": 0.9, "3": 0.3}
 
 
-def test_vqa_accuracy_official_leave_one_out():
-    gts = ["two", "2", "2", "3", "3", "3", "3", "3", "3", "3"]
-    # normalised: 2,2,2,3x7. Leaving out a '2' leaves 2 matches (2/3), leaving out a '3' leaves 3 (1).
-    assert vqa_accuracy("2", gts) == pytest.approx((3 * 2 / 3 + 7 * 1.0) / 10)
-    assert vqa_accuracy("Three", gts) == 1.0  # six or seven '3' remain whichever is left out
-    assert vqa_accuracy("4", gts) == 0.0
-    assert vqa_accuracy("3", ["3"] * 10) == 1.0
-    assert vqa_accuracy("three", ["3"] * 10) == 0.0  # identical answers: no normalisation (official)
-    assert vqa_accuracy("3\n", ["3"] * 10) == 1.0
+@pytest.mark.parametrize("raw, expected", [
+    ("1,000 black/white", "1000 blackwhite"),  # a digit,digit anywhere: every mark is removed, not spaced
+    ("x-ray - yes", "xray  yes"),           # ' - ' anywhere: every '-' is removed, not spaced
+    ("x-ray", "x ray"),                     # otherwise each mark becomes a space
+    ("(yes)", " yes "),
+    ("3.5.", "3.5"),                        # a period before a digit stays, the last one goes
+    ("a.m.", "am"),
+    ("don't", "don't"),                     # ' and : are not in the table
+    ("12:30", "12:30"),
+    ("." * 40, "." * 8),                    # the official code passes re.UNICODE (32) as the count
+])
+def test_process_punctuation_quirks(raw, expected):
+    assert process_punctuation(raw) == expected
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("Zero none ONE two three four five six seven eight nine ten eleven",
+     "0 0 1 2 3 4 5 6 7 8 9 10 eleven"),   # number words up to ten only, after lowercasing
+    ("A cat and AN owl under THE tree", "cat and owl under tree"),  # articles dropped as whole words
+    ("theater another", "theater another"),
+    ("youre wont shouldnt've", "you're won't shouldn't've"),  # contraction table, per word
+    ("somebody'd", "somebodyd"),          # the table's own quirk
+    ("Im", "im"),                          # key 'Im' never matches: the text is lowercased first
+])
+def test_process_digit_article_tables(raw, expected):
+    assert process_digit_article(raw) == expected
 
 
 def test_build_vocabulary_order_and_threshold():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pipeline.metrics.classification import topk_accuracy
+from pipeline.metrics.classification import class_accuracy, topk_accuracy
 from pipeline.metrics.nlvr2 import majority_baseline, nlvr2_metrics, sentence_key
 
 
@@ -41,3 +41,16 @@ def test_topk_accuracy():
     assert res["top5"] == pytest.approx(3 / 4)
     # K larger than the number of classes counts every sample
     assert topk_accuracy(logits, labels, ks=(10,))["top10"] == 1.0
+
+
+def test_labels_outside_the_classes_count_as_wrong_and_are_never_indexed():
+    logits = torch.tensor([[0.9, 0.1, 0.0], [0.9, 0.1, 0.0], [0.9, 0.1, 0.0]])
+    res = topk_accuracy(logits, torch.tensor([0, -1, 7]), ks=(1, 5))
+    assert res == {"top1": pytest.approx(1 / 3), "top5": pytest.approx(1 / 3)}
+
+
+def test_class_accuracy_per_class_name():
+    res = class_accuracy([0, 1, 1, 2, 0], [0, 1, 2, 2, -1], ["entailment", "neutral", "contradiction"])
+    assert res["acc"] == pytest.approx(3 / 5) and res["num_scored"] == 5
+    assert res["acc/entailment"] == 1.0 and res["acc/contradiction"] == 0.5 and res["acc/neutral"] == 1.0
+    assert len(res) == 5  # the unknown label has no per-class key

@@ -1,4 +1,5 @@
-"""Official VQA accuracy: hand-worked cases from vqaEval.py's definition."""
+"""Official VQA accuracy: hand-worked cases from vqaEval.py (GT-Vision-Lab/VQA master, a013f00): strip
+every answer; normalise answers and prediction only when the stripped answers disagree."""
 import pytest
 
 from pipeline.metrics.vqa import (baseline_predictions, question_accuracy, question_type_baseline,
@@ -48,6 +49,19 @@ def test_prediction_is_normalised_when_answers_differ():
     assert question_accuracy("Two.", gts) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("prediction, gts, expected", [
+    ("two", ["2"] * 10, 0.0),                   # identical answers: nothing is normalised
+    ("Yes", ["yes"] * 10, 0.0),
+    ("yes", ["yes"] * 10, 1.0),
+    ("2", ["two"] * 3 + ["3"] * 7, 0.9),        # answers differ: "two" -> "2" matches 3 answers
+    ("dog", ["the dog"] * 4 + ["cat"] * 6, 1.0),  # articles dropped from the answers too
+    ("Yes", ["yes"] * 9 + ["yes\n"], 0.0),      # answers are stripped BEFORE the agreement test
+    ("yes", [" yes"] * 10, 1.0),
+])
+def test_official_master_cases(prediction, gts, expected):
+    assert question_accuracy(prediction, gts) == pytest.approx(expected)
+
+
 def test_overall_and_per_answer_type():
     preds = ["yes", "2", "red"]
     gts = [["yes"] * 10, answers("2", 2, "3"), answers("blue", 10)]
@@ -74,3 +88,12 @@ def test_question_type_baseline_uses_most_frequent_answer_per_type():
     assert table == {"is there": "yes", "how many": "2", "what color": "red"}
     assert fallback == "yes"
     assert baseline_predictions(["how many", "unseen type"], table, fallback) == ["2", "yes"]
+
+
+def test_empty_answer_type_gets_no_per_type_key():
+    res = vqa_accuracy(["yes", "no"], [["yes"] * 10, ["yes"] * 10], ["", "yes/no"])
+    assert res == {"acc": 0.5, "num_scored": 2.0, "acc/yes/no": 0.0}
+
+
+def test_no_scored_question_reports_no_accuracy():
+    assert vqa_accuracy(["yes", "no"], [[], []], ["yes/no", "other"]) == {"num_scored": 0.0}

@@ -13,6 +13,8 @@ TASKS: dict[str, str] = {
     "retrieval": "pipeline.tasks.retrieval:RetrievalTask",
     "nlvr2": "pipeline.tasks.nlvr2:NLVR2Task",
     "classification": "pipeline.tasks.classification:ClassificationTask",
+    "gqa": "pipeline.tasks.gqa:GQATask",
+    "snli_ve": "pipeline.tasks.snli_ve:SNLIVETask",
 }
 
 

@@ -9,6 +9,7 @@ Shape letters: B batch, L text length, C channels, H/W image size, D hidden, V v
 from __future__ import annotations
 
 import dataclasses
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -42,7 +43,7 @@ class TaskContext:
     tokenizer: Any  # transformers.PreTrainedTokenizerBase
     text_len: int  # every text is padded/truncated to exactly this many tokens
     image_size: int  # every image becomes exactly image_size x image_size
-    data_dir: Path | None  # folder of the task's (first) manifest: answers.json, classes.json live there
+    data_dir: Path | None  # the first TRAINING folder: its answers.json / classes.json size the heads
     objectives: dict[str, float]  # objective name -> loss weight (e.g. {"itc": 1, "itm": 1, "mlm": 1})
     dist: DistInfo = dataclasses.field(default_factory=DistInfo)
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # task-specific recipe options
@@ -62,6 +63,10 @@ class Task(ABC):
     name: ClassVar[str]
     #: shard fields the task reads (webdataset extensions), e.g. ("jpg", "txt", "json")
     fields: ClassVar[tuple[str, ...]]
+    #: data_prep manifest ``task`` values whose folders this task can read
+    manifest_tasks: ClassVar[tuple[str, ...]]
+    #: files the task reads from the training folder (``ctx.data_dir``), e.g. ("answers.json",)
+    vocab_files: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: TaskContext):
         self.ctx = ctx
@@ -102,5 +107,15 @@ class Task(ABC):
         """Metrics from all gathered eval outputs (all ranks, padding removed). Runs on every rank."""
 
     def predictions(self, outputs: dict[str, Any]) -> Any | None:
-        """Optional official-format predictions (e.g. VQA results list) written next to metrics."""
+        """Optional official-format predictions (e.g. VQA results list), JSON-able; None if none."""
         return None
+
+    def write_predictions(self, outputs: dict[str, Any], path_stem: Path) -> Path | None:
+        """Write ``predictions(outputs)`` in the benchmark's submission format to ``path_stem`` + the
+        format's suffix; returns the path, or None when the task has no predictions. Default: JSON."""
+        predictions = self.predictions(outputs)
+        if predictions is None:
+            return None
+        path = Path(f"{path_stem}.json")
+        path.write_text(json.dumps(predictions))
+        return path

@@ -1,6 +1,11 @@
 """Image classification: a linear classifier on the image CLS of ``encode_image``. Linear probe = freeze the
 backbone with the recipe's ``freeze: ['^model\\.']``; full fine-tune = no freeze. Metrics top-1 / top-5.
 
+The classes are the training folder's ``classes.json``. A sample's class is its ``label_name`` looked up
+there (so an eval folder with another class list is scored against the training classes; a name the
+training data never had is skipped in training and counts as wrong at eval), or the integer ``cls`` when
+the sample has no name. Predictions: the top-5 class names with softmax scores per sample.
+
 Shape letters: B batch, D hidden, C classes.
 """
 from __future__ import annotations
@@ -13,7 +18,10 @@ from torch import nn
 
 from pipeline.metrics.classification import topk_accuracy
 from pipeline.tasks.base import LossOutput, SkipSample, Task, TaskContext
-from pipeline.tasks.downstream_common import blank_image, image_tensor, read_json_file, sample_json
+from pipeline.tasks.downstream_common import blank_image, image_tensor, read_json_file
+
+UNKNOWN_LABEL = -1  # an eval sample whose class is not a training class: counted wrong, never indexed
+PREDICTION_TOP_K = 5
 
 
 def parse_class(value: Any, num_classes: int) -> int:
@@ -28,27 +36,46 @@ def parse_class(value: Any, num_classes: int) -> int:
     return label
 
 
+def sample_label(sample: dict[str, Any], class_index: dict[str, int], train: bool) -> int:
+    """The training-class index of a sample: by ``json.label_name`` when present, else ``cls``. Unknown
+    classes raise SkipSample in training and give ``UNKNOWN_LABEL`` at eval."""
+    meta = sample.get("json") if isinstance(sample.get("json"), dict) else {}
+    name = meta.get("label_name")
+    try:
+        if name is not None:
+            if str(name) not in class_index:
+                raise SkipSample("label_not_in_training_classes")
+            return class_index[str(name)]
+        value = sample.get("cls")
+        return parse_class(meta.get("label") if value is None else value, len(class_index))
+    except SkipSample as skip:
+        if train or skip.reason == "bad_label":
+            raise
+        return UNKNOWN_LABEL
+
+
 class ClassificationTask(Task):
     name = "classification"
     fields = ("jpg", "cls", "json")
+    manifest_tasks = ("classification",)
+    vocab_files = ("classes.json",)
 
     def __init__(self, ctx: TaskContext):
         super().__init__(ctx)
         self.classes: list[str] = read_json_file(ctx.data_dir, "classes.json", "classes", self.name)
+        self.class_index = {str(c): i for i, c in enumerate(self.classes)}
 
     def build_heads(self, model: nn.Module) -> nn.ModuleDict:
         d = self.ctx.model_cfg.hidden_size
         return nn.ModuleDict({"classifier": nn.Sequential(nn.LayerNorm(d), nn.Linear(d, len(self.classes)))})
 
     def prepare_sample(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
-        value = sample.get("cls")
-        if value is None:
-            value = sample_json(sample).get("label")
         return {"pixel_values": image_tensor(sample.get("jpg"), self.ctx.image_size),
-                "label": torch.tensor(parse_class(value, len(self.classes)))}
+                "label": torch.tensor(sample_label(sample, self.class_index, train)),
+                "key": str(sample.get("__key__", ""))}
 
     def padding_sample(self) -> dict[str, Any]:
-        return {"pixel_values": blank_image(self.ctx.image_size), "label": torch.tensor(0)}
+        return {"pixel_values": blank_image(self.ctx.image_size), "label": torch.tensor(0), "key": ""}
 
     def _logits(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]):
         out = model.encode_image(batch["pixel_values"])
@@ -65,7 +92,15 @@ class ClassificationTask(Task):
     @torch.no_grad()
     def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:
         logits, _ = self._logits(model, heads, batch)
-        return {"logits": logits, "label": batch["label"].long()}
+        return {"logits": logits, "label": batch["label"].long(), "key": list(batch["key"])}
 
     def metrics(self, outputs: dict[str, Any]) -> dict[str, float]:
         return topk_accuracy(torch.as_tensor(outputs["logits"]), torch.as_tensor(outputs["label"]), ks=(1, 5))
+
+    def predictions(self, outputs: dict[str, Any]) -> list[dict[str, Any]]:
+        """``[{"key", "top5": [{"class", "score"}]}]``: the top-5 classes by softmax probability."""
+        probs = torch.as_tensor(outputs["logits"]).float().softmax(dim=1)
+        top = probs.topk(min(PREDICTION_TOP_K, probs.shape[1]), dim=1)
+        return [{"key": key, "top5": [{"class": self.classes[c], "score": round(s, 6)}
+                                      for c, s in zip(idx, scores)]}
+                for key, idx, scores in zip(outputs["key"], top.indices.tolist(), top.values.tolist())]

@@ -6,6 +6,7 @@ Shape letters: N texts, L text length, H=W image size, E experts.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from PIL import Image
 from pipeline.config_utils import ConfigError
 from pipeline.model import PIXEL_MEAN, PIXEL_STD
 from pipeline.tasks.base import SkipSample
+
+log = logging.getLogger(__name__)
 
 
 def image_tensor(image: Any, size: int) -> torch.Tensor:
@@ -71,6 +74,14 @@ def sum_counts(*counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for key, value in c.items():
             total[key] = total[key] + value if key in total else value.clone()
     return total
+
+
+def warn_if_unscored(metrics: dict[str, float], task: str) -> dict[str, float]:
+    """Say so when no eval sample had a ground truth (``num_scored`` 0, no ``acc``): a test split."""
+    if metrics.get("num_scored") == 0:
+        log.warning("%s: no eval sample has a ground-truth answer (a test split?): no accuracy; the "
+                    "predictions file is what a benchmark server scores", task)
+    return metrics
 
 
 def sample_json(sample: dict[str, Any]) -> dict[str, Any]:

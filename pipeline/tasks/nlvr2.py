@@ -5,6 +5,7 @@ Shape letters: B batch, L text length, D hidden.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ def parse_label(value: Any) -> bool:
 class NLVR2Task(Task):
     name = "nlvr2"
     fields = ("img0.jpg", "img1.jpg", "txt", "json")
+    manifest_tasks = ("nlvr2",)
 
     def build_heads(self, model: nn.Module) -> nn.ModuleDict:
         d = self.ctx.model_cfg.hidden_size
@@ -75,3 +77,15 @@ class NLVR2Task(Task):
         preds = [bool(p) for p in torch.as_tensor(outputs["pred"]).tolist()]
         labels = [bool(y) for y in torch.as_tensor(outputs["label"]).tolist()]
         return nlvr2_metrics(preds, labels, list(outputs["identifier"]))
+
+    def predictions(self, outputs: dict[str, Any]) -> list[dict[str, str]]:
+        """``[{"identifier", "prediction": "True"|"False"}]``, the rows of the submission CSV."""
+        return [{"identifier": ident, "prediction": str(bool(p))}
+                for ident, p in zip(outputs["identifier"], torch.as_tensor(outputs["pred"]).tolist())]
+
+    def write_predictions(self, outputs: dict[str, Any], path_stem: Path) -> Path:
+        """NLVR2's submission CSV (what ``nlvr2/eval/metrics.py`` reads): ``identifier,prediction`` lines,
+        no header, prediction ``True`` / ``False``."""
+        path = Path(f"{path_stem}.csv")
+        path.write_text("".join(f"{r['identifier']},{r['prediction']}\n" for r in self.predictions(outputs)))
+        return path

@@ -17,6 +17,7 @@ from pipeline.tasks.base import LossOutput, SkipSample, Task, TaskContext
 from pipeline.tasks.downstream_common import image_tensor
 
 EVAL_MASK_SEED = 1234
+CAPTION_MANIFESTS = ("pairs", "retrieval")  # data_prep folders whose txt is a caption (synth captions: pairs)
 MLM_PROB_OPTION = "mlm_prob"
 
 
@@ -57,6 +58,7 @@ def _mlm_metrics(outputs: dict[str, Any]) -> dict[str, float]:
 class TextMLMTask(_TextMixin, Task):
     name = "text_mlm"
     fields = ("txt",)
+    manifest_tasks = CAPTION_MANIFESTS
 
     def build_heads(self, model: nn.Module) -> nn.ModuleDict:
         return nn.ModuleDict({"mlm": MLMHead(model.token_embedding, model.cfg.layer_norm_eps)})
@@ -90,6 +92,7 @@ class TextMLMTask(_TextMixin, Task):
 class VLPretrainTask(_TextMixin, Task):
     name = "vl_pretrain"
     fields = ("jpg", "txt")
+    manifest_tasks = CAPTION_MANIFESTS
 
     def build_heads(self, model: nn.Module) -> nn.ModuleDict:
         hidden = model.cfg.hidden_size

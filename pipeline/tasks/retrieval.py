@@ -7,6 +7,8 @@ Training samples: image + one caption drawn from its captions. Eval samples: ima
 ``captions_per_image`` captions, ``input_ids`` [K, L] with ``caption_valid`` [K] marking real ones.
 Shape letters: B batch, K captions per image, L text length, P projection dim, N images, T captions.
 Options (``task_options``): ``captions_per_image`` (5), ``keep_inputs`` (false; needed for re-ranking).
+Predictions: each image's top-10 caption ids and each caption's top-10 image ids, with the shards' ids
+(``image_id``; caption ids from ``sentids`` when the shard has them, else ``<image_id>#<k>``).
 """
 from __future__ import annotations
 
@@ -25,6 +27,17 @@ from pipeline.tasks.downstream_common import (blank_image, blank_text, image_ten
                                               tokenize)
 
 
+PREDICTION_TOP_K = 10
+
+
+def caption_ids(meta: dict[str, Any], image_id: str, count: int) -> list[str]:
+    """Ids of an image's first ``count`` captions: the shard's ``sentids`` (Karpathy) or ``image_id#k``."""
+    sentids = meta.get("sentids")
+    if isinstance(sentids, list) and len(sentids) >= count:
+        return [str(s) for s in sentids[:count]]
+    return [f"{image_id}#{k}" for k in range(count)]
+
+
 def flatten_captions(text_emb_bkp: torch.Tensor, caption_valid_bk: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K, P] caption embeddings + [N, K] validity -> ([T, P] real captions, [T] their image index)."""
@@ -37,6 +50,7 @@ def flatten_captions(text_emb_bkp: torch.Tensor, caption_valid_bk: torch.Tensor
 class RetrievalTask(Task):
     name = "retrieval"
     fields = ("jpg", "txt", "json")
+    manifest_tasks = ("retrieval",)
 
     @property
     def captions_per_image(self) -> int:
@@ -68,14 +82,17 @@ class RetrievalTask(Task):
         ids[:len(captions)], mask[:len(captions)] = real_ids, real_mask
         valid = torch.zeros(k, dtype=torch.bool)
         valid[:len(captions)] = True
+        meta = sample_json(sample)
+        image_id = str(meta.get("image_id", sample.get("__key__", "")))
+        ids_k = caption_ids(meta, image_id, len(captions))
         return {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask, "caption_valid": valid,
-                "image_id": str(sample_json(sample).get("image_id", sample.get("__key__", "")))}
+                "image_id": image_id, "caption_ids": ids_k + [""] * (k - len(captions))}
 
     def padding_sample(self) -> dict[str, Any]:
         k = self.captions_per_image
         ids, mask = blank_text(self.ctx.text_len, k)
         return {"pixel_values": blank_image(self.ctx.image_size), "input_ids": ids, "attention_mask": mask,
-                "caption_valid": torch.zeros(k, dtype=torch.bool), "image_id": ""}
+                "caption_valid": torch.zeros(k, dtype=torch.bool), "image_id": "", "caption_ids": [""] * k}
 
     def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
         weights = self.ctx.objectives or {"itc": 1.0, "itm": 1.0}
@@ -104,7 +121,8 @@ class RetrievalTask(Task):
         text_emb = heads["itc"].embed_text(model.encode_text(ids.reshape(b * k, length),
                                                              mask.reshape(b * k, length)).pooled)
         out = {"image_emb": image_emb, "text_emb": text_emb.reshape(b, k, -1),
-               "caption_valid": batch["caption_valid"].bool(), "image_id": list(batch["image_id"])}
+               "caption_valid": batch["caption_valid"].bool(), "image_id": list(batch["image_id"]),
+               "caption_ids": list(batch["caption_ids"])}
         if self.ctx.options.get("keep_inputs", False):
             out.update(pixel_values=pixels, input_ids=ids, attention_mask=mask)
         return out
@@ -119,6 +137,20 @@ class RetrievalTask(Task):
         sim, text_image = self.similarity(outputs)
         return {**retrieval_recall(sim, text_image), "num_images": float(sim.shape[0]),
                 "num_captions": float(sim.shape[1])}
+
+    def predictions(self, outputs: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+        """Ranked ids: ``{"image_to_text": [{"image_id", "caption_ids": top-10}], "text_to_image":
+        [{"caption_id", "image_ids": top-10}]}``, best first, by dual-encoder similarity."""
+        sim, _ = self.similarity(outputs)
+        valid = outputs["caption_valid"].bool().tolist()
+        captions = [c for ids, ok in zip(outputs["caption_ids"], valid) for c, v in zip(ids, ok) if v]
+        images = list(outputs["image_id"])
+        top_txt = sim.topk(min(PREDICTION_TOP_K, sim.shape[1]), dim=1).indices.tolist()
+        top_img = sim.topk(min(PREDICTION_TOP_K, sim.shape[0]), dim=0).indices.t().tolist()
+        return {"image_to_text": [{"image_id": images[i], "caption_ids": [captions[t] for t in row]}
+                                  for i, row in enumerate(top_txt)],
+                "text_to_image": [{"caption_id": captions[t], "image_ids": [images[i] for i in row]}
+                                  for t, row in enumerate(top_img)]}
 
     @torch.no_grad()
     def itm_rerank(self, model: nn.Module, heads: nn.ModuleDict, outputs: dict[str, Any], top_k: int,

@@ -1,6 +1,10 @@
 """VQA fine-tuning as in VLMo: a classifier over the answer vocabulary on the joint CLS, trained with
 binary cross-entropy against the soft scores (loss x A), predicting the argmax answer string.
 
+The answer vocabulary is the training folder's ``answers.json``; eval scores the predicted string against
+the sample's raw human answers, so an eval folder with another vocabulary is scored correctly (answers
+the training vocabulary lacks simply score 0).
+
 Shape letters: B batch, L text length, D hidden, A answers.
 """
 from __future__ import annotations
@@ -14,7 +18,7 @@ from torch import nn
 from pipeline.metrics.vqa import vqa_accuracy
 from pipeline.tasks.base import LossOutput, SkipSample, Task, TaskContext
 from pipeline.tasks.downstream_common import (blank_image, blank_text, image_tensor, read_json_file,
-                                              sample_json, tokenize)
+                                              sample_json, tokenize, warn_if_unscored)
 
 
 def vqa_head(hidden: int, num_answers: int) -> nn.Module:
@@ -36,6 +40,8 @@ def soft_target_vector(targets: dict[str, float], answer_index: dict[str, int]) 
 class VQATask(Task):
     name = "vqa"
     fields = ("jpg", "txt", "json")
+    manifest_tasks = ("vqa",)
+    vocab_files = ("answers.json",)
 
     def __init__(self, ctx: TaskContext):
         super().__init__(ctx)
@@ -45,27 +51,33 @@ class VQATask(Task):
     def build_heads(self, model: nn.Module) -> nn.ModuleDict:
         return nn.ModuleDict({"vqa": vqa_head(self.ctx.model_cfg.hidden_size, len(self.answers))})
 
-    def prepare_sample(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
+    def question_inputs(self, sample: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(the sample's json, {pixel_values, input_ids, attention_mask} of image + question)."""
         meta = sample_json(sample)
         question = sample.get("txt") or meta.get("question")
         if not question:
             raise SkipSample("missing_question")
-        targets = soft_target_vector(meta.get("targets") or {}, self.answer_index)
         ids, mask = tokenize(self.ctx.tokenizer, [question], self.ctx.text_len)
+        return meta, {"pixel_values": image_tensor(sample.get("jpg"), self.ctx.image_size),
+                      "input_ids": ids[0], "attention_mask": mask[0]}
+
+    def blank_inputs(self) -> dict[str, torch.Tensor]:
+        ids, mask = blank_text(self.ctx.text_len)
+        return {"pixel_values": blank_image(self.ctx.image_size), "input_ids": ids, "attention_mask": mask}
+
+    def prepare_sample(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
+        meta, inputs = self.question_inputs(sample)
         return {
-            "pixel_values": image_tensor(sample.get("jpg"), self.ctx.image_size),
-            "input_ids": ids[0], "attention_mask": mask[0], "targets": targets,
+            **inputs, "targets": soft_target_vector(meta.get("targets") or {}, self.answer_index),
             "question_id": int(meta.get("question_id", -1)),
             "answers": list(meta.get("answers") or []),
-            "answer_type": str(meta.get("answer_type", "unknown")),
-            "question_type": str(meta.get("question_type", "unknown")),
+            "answer_type": str(meta.get("answer_type") or ""),  # empty: no per-type accuracy
+            "question_type": str(meta.get("question_type") or "unknown"),
         }
 
     def padding_sample(self) -> dict[str, Any]:
-        ids, mask = blank_text(self.ctx.text_len)
-        return {"pixel_values": blank_image(self.ctx.image_size), "input_ids": ids, "attention_mask": mask,
-                "targets": torch.zeros(len(self.answers)), "question_id": -1, "answers": [],
-                "answer_type": "padding", "question_type": "padding"}
+        return {**self.blank_inputs(), "targets": torch.zeros(len(self.answers)), "question_id": -1,
+                "answers": [], "answer_type": "padding", "question_type": "padding"}
 
     def _logits(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]):
         out = model.fuse(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
@@ -91,7 +103,8 @@ class VQATask(Task):
         return [self.answers[int(i)] for i in torch.as_tensor(outputs["pred"]).tolist()]
 
     def metrics(self, outputs: dict[str, Any]) -> dict[str, float]:
-        return vqa_accuracy(self.answer_strings(outputs), outputs["answers"], outputs["answer_type"])
+        return warn_if_unscored(vqa_accuracy(self.answer_strings(outputs), outputs["answers"],
+                                             outputs["answer_type"]), self.name)
 
     def predictions(self, outputs: dict[str, Any]) -> list[dict[str, Any]]:
         return [{"question_id": int(q), "answer": a}
