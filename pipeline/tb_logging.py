@@ -1,5 +1,5 @@
 """Rank-0 metrics sink (TensorBoard + ``train_log.jsonl`` + console) and the derived figures it logs:
-expert load and its entropy, dropped-token estimate, throughput and MFU."""
+expert load and its entropy, measured dropped-token fraction, throughput and MFU."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
+KEPT_SUFFIX = "/kept"  # expert_counts key of the kept counts beside "layer{L}/{modality}" (routed)
 PEAK_MATMUL_SIZE = 1024
 PEAK_MATMUL_REPEATS = 8
 
@@ -46,13 +47,18 @@ class MetricsSink:
             self.jsonl.close()
 
 
-def expert_load_scalars(counts: dict[str, torch.Tensor], capacity_factor: float | None = None,
-                        calls: int = 1) -> dict[str, float]:
-    """Per ``layer{L}/{modality}``: fraction of tokens per expert, normalised entropy of that load
-    (1 = perfectly balanced), max/mean load, and (if ``capacity_factor``) an estimate of the fraction of
-    tokens over capacity, assuming the counts come from ``calls`` equal-sized MoE calls."""
+def expert_load_scalars(counts: dict[str, torch.Tensor], capacity_factor: float | None = None
+                        ) -> dict[str, float]:
+    """Per ``layer{L}/{modality}`` (routed counts [E]; with ``layer{L}/{modality}/kept`` beside it, the
+    routes kept within capacity): fraction of routed tokens per expert, normalised entropy of that load
+    (1 = perfectly balanced), max/mean load, and the measured ``routed``, ``kept`` and
+    ``dropped_frac`` = 1 - kept/routed. Counts are of real tokens (padding is never routed with top-1).
+    ``capacity_factor`` is ignored (drops are measured, not estimated); it goes once the trainer stops
+    passing it."""
     out: dict[str, float] = {}
     for key, count in sorted(counts.items()):
+        if key.endswith(KEPT_SUFFIX):
+            continue
         count = count.double().cpu()
         total = float(count.sum())
         num_experts = count.numel()
@@ -65,9 +71,11 @@ def expert_load_scalars(counts: dict[str, torch.Tensor], capacity_factor: float 
         out[f"moe/{key}/max_over_mean"] = float(frac.max() * num_experts)
         for index, value in enumerate(frac.tolist()):
             out[f"moe_load/{key}/expert{index:02d}"] = value
-        if capacity_factor is not None and num_experts > 1:
-            capacity = capacity_factor * total / num_experts
-            out[f"moe/{key}/dropped_frac_est"] = float((count - capacity).clamp(min=0).sum() / total)
+        if key + KEPT_SUFFIX in counts:
+            kept = float(counts[key + KEPT_SUFFIX].double().sum())
+            out[f"moe/{key}/routed"] = total
+            out[f"moe/{key}/kept"] = kept
+            out[f"moe/{key}/dropped_frac"] = 1.0 - kept / total
     return out
 
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from pipeline.model.config import ModelConfig, MoEConfig
-from pipeline.model.moe import MLP, SparseFFN
+from pipeline.model import VLMoE
+from pipeline.model.moe import MLP, SparseFFN, run_ffn
+from pipeline.tb_logging import expert_load_scalars
 
 D = 16
 
@@ -109,3 +111,39 @@ def test_gradients_reach_every_used_expert_and_router_learns():
 def test_too_few_tokens_is_a_clear_error():
     with pytest.raises(ValueError, match="min_capacity"):
         SparseFFN(ModelConfig(hidden_size=D, num_heads=2, moe=MoEConfig(min_capacity=8)))(torch.randn(4, D))
+
+
+
+@pytest.mark.parametrize("dispatch", ["deepspeed", "indexed"])
+@pytest.mark.parametrize("capacity_factor,dropped", [(2.0, 0.0), (1.0, 0.5)])
+def test_measured_drops_over_real_tokens(dispatch, capacity_factor, dropped):
+    """32 tokens, 16 of them padding, the 16 real ones all routed to expert 0; capacity ceil(32/4 * cf)
+    is 16 (nothing dropped) or 8 (half dropped). The old estimate, from the routed counts alone, said
+    50% and 75%."""
+    moe = sparse(num_experts=4, dispatch=dispatch, capacity_factor=capacity_factor)
+    torch.nn.init.zeros_(moe.router.weight)  # equal logits: argmax picks expert 0
+    used = torch.arange(32) % 2
+    _, _, routed, kept = run_ffn(moe, torch.randn(32, D), used)
+    assert routed.tolist() == [16, 0, 0, 0]
+    assert kept.tolist() == [int(16 * (1 - dropped)), 0, 0, 0]
+    scalars = expert_load_scalars({"layer1/text": routed, "layer1/text/kept": kept})
+    assert scalars["moe/layer1/text/routed"] == 16
+    assert scalars["moe/layer1/text/dropped_frac"] == pytest.approx(dropped)
+    assert not any("est" in key or key.startswith("moe/layer1/text/kept/") for key in scalars)
+
+
+def test_model_counts_carry_kept_counts_to_the_logged_drop_fraction():
+    """Padding-heavy text through the whole model: every layer's counts travel with their kept counts
+    (as the trainer sums them), and a capacity that cannot overflow logs 0 dropped."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=D, num_layers=2, num_heads=2, vocab_size=50, max_text_len=16,
+                      num_fusion_layers=0, moe=MoEConfig(num_experts=4, every=1, min_capacity=1,
+                                                         capacity_factor=4.0))
+    model = VLMoE(cfg)
+    mask = torch.zeros(4, 16, dtype=torch.long)
+    mask[:, :3] = 1
+    out = model.encode_text(torch.randint(5, 50, (4, 16)), mask)
+    scalars = expert_load_scalars(out.expert_counts)
+    for layer in (0, 1):
+        assert scalars[f"moe/layer{layer}/text/routed"] == 12
+        assert scalars[f"moe/layer{layer}/text/dropped_frac"] == 0.0

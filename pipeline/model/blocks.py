@@ -78,7 +78,9 @@ class Block(nn.Module):
 
     def forward(self, x_bnd: torch.Tensor, segments: list[Segment], mask_b1nn: torch.Tensor | None
                 ) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """-> (x, aux losses, routed counts, kept counts); counts keyed "layer{i}/{ffn key}"."""
+        """-> (x, aux losses, counts, kept counts). Counts: "layer{i}/{ffn key}" -> routed per expert and
+        "layer{i}/{ffn key}/kept" -> kept within capacity (together, so every sum of counts carries both);
+        kept counts: "layer{i}/{ffn key}" -> kept."""
         x_bnd = x_bnd + self.drop(self.attn(self.norm1(x_bnd), mask_b1nn))
         h_bnd = self.norm2(x_bnd)
         b, _, d = h_bnd.shape
@@ -94,8 +96,8 @@ class Block(nn.Module):
             outs.append(y_sd.view(b, end - start, d))
             if l_aux is not None:
                 aux.append(l_aux)
-                counts[f"layer{self.index}/{key}"] = count_e
-                kept[f"layer{self.index}/{key}"] = kept_e
+                name = f"layer{self.index}/{key}"
+                counts[name], counts[f"{name}/kept"], kept[name] = count_e, kept_e, kept_e
         y_bnd = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         return x_bnd + self.drop(y_bnd), aux, counts, kept
 

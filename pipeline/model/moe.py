@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import TopKGate
 from torch import nn
 
 from pipeline.model.config import ModelConfig
@@ -32,6 +33,24 @@ class MLP(nn.Module):
         return self.drop(self.fc2(self.act(self.fc1(x))))
 
 
+class CountingGate(TopKGate):
+    """DeepSpeed's ``TopKGate`` that also records ``kept_counts`` [E]: routes each expert keeps within
+    capacity in the last call (the gate's ``exp_counts`` are its choices before dropping). Both count
+    the same tokens: the real ones for top-1 (``used_token``), every token for top-k > 1 (DeepSpeed's
+    top-2 gate has no padding mask, so padding takes capacity there like any token)."""
+
+    def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None, sparse_routes: bool = False,
+                use_tutel: bool = False):
+        output = super().forward(input, used_token, sparse_routes, use_tutel)
+        num_experts = self.wg.weight.shape[0]
+        if sparse_routes:  # (l_aux, capacity, E, indices [K, S] with -1 for dropped routes, ...)
+            indices = output[3]
+            self.kept_counts = torch.bincount(indices[indices >= 0].long(), minlength=num_experts)
+        else:  # (l_aux, combine_weights [S, E, C], dispatch_mask, exp_counts)
+            self.kept_counts = output[2].sum((0, 2)).long()
+        return output
+
+
 class SparseFFN(MoE):
     """DeepSpeed MoE FFN configured from ``cfg.moe``; ``forward(x_sd, used_s) -> (y_sd, l_aux, counts_e)``.
 
@@ -48,7 +67,9 @@ class SparseFFN(MoE):
             min_capacity=moe.min_capacity, use_residual=moe.use_residual,
             noisy_gate_policy=moe.noisy_gate_policy, drop_tokens=moe.drop_tokens, use_rts=moe.use_rts,
             top2_2nd_expert_sampling=moe.top2_2nd_expert_sampling)
-        if moe.dispatch == "indexed":  # same attributes and submodules, only forward differs
+        # same attributes, submodules and state-dict keys; only forward differs
+        self.deepspeed_moe.gate.__class__ = CountingGate
+        if moe.dispatch == "indexed":
             self.deepspeed_moe.__class__ = IndexedMOELayer
 
     @property
@@ -78,8 +99,8 @@ def build_ffn(cfg: ModelConfig, sparse: bool) -> nn.Module:
 def run_ffn(ffn: nn.Module, x_sd: torch.Tensor, used_s: torch.Tensor | None
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Uniform call for dense and sparse FFNs: (y, l_aux, routed counts [E], kept counts [E]); the last
-    three are None for a dense FFN. Kept = within capacity (the stock dispatch does not tell: = routed)."""
+    three are None for a dense FFN. Routed = the router's choices, kept = those within capacity."""
     if isinstance(ffn, SparseFFN):
         y, l_aux, counts = ffn(x_sd, used_s)
-        return y, l_aux, counts, getattr(ffn.deepspeed_moe, "kept_counts", counts)
+        return y, l_aux, counts, ffn.deepspeed_moe.gate.kept_counts
     return ffn(x_sd), None, None, None

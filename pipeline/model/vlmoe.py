@@ -55,7 +55,8 @@ class EncoderOutput:
     num_image_tokens: int  # image tokens at the start of ``hidden`` (0 without image)
     aux_loss: torch.Tensor  # scalar: sum of l_aux over every MoE call (0 without MoE)
     expert_counts: dict[str, torch.Tensor]  # "layer{L}/{ffn key}" -> [E] tokens routed per expert
-    #   (router choices of this rank's tokens, padding excluded for top-1, before capacity dropping)
+    #   (router choices of this rank's tokens, padding excluded for top-1, before capacity dropping) and
+    #   "layer{L}/{ffn key}/kept" -> [E] routes kept within capacity (same tokens)
     token_mask: torch.Tensor  # [B, N] bool, False for padding
     spans: dict[str, tuple[int, int]]  # modality -> [start, end) in ``hidden``
     kept_counts: dict[str, torch.Tensor]  # like expert_counts, routes kept within capacity
