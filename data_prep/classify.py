@@ -4,9 +4,10 @@
     python -m data_prep classify --input imagenette/ --output out/cls        # DIR/<split>/<class>/<image>
     python -m data_prep classify --input labels.csv --image-root imgs --label-column label --output out/cls
 
-Classes are the sorted class-folder names (or sorted distinct label values; integer labels are used
-as they are). Each sample: jpg, cls = label index (text), json = {label, label_name, file}.
-classes.json = {"classes": [names in label order]}.
+Classes are the sorted class-folder names of the train split that hold a usable image (or sorted
+distinct label values; integer labels are used as they are). Each sample: jpg, cls = label index (text),
+json = {label, label_name, file}. classes.json = {"classes": [names in label order]}, written with the
+train split; another split written alone uses the folder's classes.json.
 """
 from __future__ import annotations
 
@@ -14,10 +15,15 @@ import argparse
 import os
 from typing import Iterator
 
+from PIL import Image
+
 from data_prep.cli_common import add_output_options, make_writer
+from data_prep.folder_files import TRAIN_SPLIT, note_if_absent
+from data_prep.manifest import read_json
 from data_prep.pairs import image_source
 from data_prep.records import BAD_LABEL, MISSING_FIELD, ReaderItem, Record, Skip
 from data_prep.tables import iter_rows
+from data_prep.writer import DatasetWriter
 
 SPLIT_NAMES = ("train", "val", "validation", "test")
 HIDDEN = (".", "_")
@@ -39,13 +45,37 @@ def folder_splits(root: str, default_split: str) -> dict[str, str]:
     return {default_split: root}
 
 
-def folder_items(class_root: str, classes: list[str]) -> Iterator[ReaderItem]:
-    for label, name in enumerate(classes):
-        folder = os.path.join(class_root, name)
-        if not os.path.isdir(folder):
+def has_usable_image(folder: str) -> bool:
+    """Whether any file of `folder` opens as an image (header only; stops at the first that does)."""
+    for file in _files(folder):
+        try:
+            with Image.open(os.path.join(folder, file)):
+                return True
+        except (OSError, ValueError, SyntaxError):
             continue
+    return False
+
+
+def folder_classes(roots: list[str], writer: DatasetWriter) -> list[str]:
+    """Sorted class-folder names under `roots` that hold at least one usable image (the others get no id)."""
+    names = sorted({c for root in roots for c in _subdirs(root)})
+    usable = [n for n in names if any(has_usable_image(os.path.join(r, n)) for r in roots
+                                      if os.path.isdir(os.path.join(r, n)))]
+    if len(usable) < len(names):
+        empty = ", ".join(n for n in names if n not in usable)
+        writer.add_note(f"class folders without a usable image get no class id: {empty}")
+    return usable
+
+
+def folder_items(class_root: str, classes: list[str]) -> Iterator[ReaderItem]:
+    for name in _subdirs(class_root):
+        folder = os.path.join(class_root, name)
         for file in _files(folder):
             rel = f"{name}/{file}"
+            if name not in classes:
+                yield Skip(BAD_LABEL, f"{rel}: class folder {name!r} has no class id (classes: {classes[:5]}...)")
+                continue
+            label = classes.index(name)
             yield Record(images={"jpg": os.path.join(folder, file)}, extra={"cls": str(label)},
                          meta={"label": label, "label_name": name, "file": rel})
 
@@ -79,26 +109,51 @@ def table_record(row: dict, *, image_column: str, label_column: str, image_root:
     return Record(images={"jpg": source}, extra={"cls": str(label)}, meta=meta)
 
 
-def run(args: argparse.Namespace) -> int:
+def existing_classes(writer: DatasetWriter) -> list[str] | None:
+    """The folder's classes.json (written with its train split), or None."""
+    if "classes" not in writer.state.files:
+        return None
+    path = os.path.join(writer.out_dir, writer.state.files["classes"])
+    classes = read_json(path).get("classes")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"{path}: expected {{'classes': [str, ...]}}")
+    return classes
+
+
+def plan_splits(args: argparse.Namespace, writer: DatasetWriter) -> tuple[list[str], dict[str, Iterator]]:
+    """(classes, {split: items}): class ids come from the train split, else from the folder's classes.json."""
+    kept = existing_classes(writer)
     if os.path.isdir(args.input):
         splits = folder_splits(args.input, args.split)
-        classes = sorted({c for root in splits.values() for c in _subdirs(root)})
-        if not classes:
+        if not any(_subdirs(root) for root in splits.values()):
             raise ValueError(f"{args.input}: no class folders; expected DIR/<class>/<image> or "
                              f"DIR/<split>/<class>/<image>")
-        plan = {split: folder_items(root, classes) for split, root in splits.items()}
-    else:
-        rows = list(iter_rows(args.input, required=(args.image_column, args.label_column)))
-        classes = table_labels(rows, args.label_column)
-        root = args.image_root or os.path.dirname(os.path.abspath(args.input))
-        name = os.path.basename(args.input)
-        plan = {args.split: (table_record(row, image_column=args.image_column, label_column=args.label_column,
-                                          image_root=root, classes=classes, where=f"{name}:{line}")
-                             for line, row in rows)}
+        if TRAIN_SPLIT in splits:
+            classes = folder_classes([splits[TRAIN_SPLIT]], writer)
+        else:
+            classes = kept or folder_classes(list(splits.values()), writer)
+        return classes, {split: folder_items(root, classes) for split, root in splits.items()}
+    rows = list(iter_rows(args.input, required=(args.image_column, args.label_column)))
+    classes = table_labels(rows, args.label_column) if args.split == TRAIN_SPLIT or not kept else kept
+    root = args.image_root or os.path.dirname(os.path.abspath(args.input))
+    name = os.path.basename(args.input)
+    return classes, {args.split: (table_record(row, image_column=args.image_column, label_column=args.label_column,
+                                               image_root=root, classes=classes, where=f"{name}:{line}")
+                                  for line, row in rows)}
+
+
+def run(args: argparse.Namespace) -> int:
     with make_writer(args, task="classification", fields=["jpg", "cls", "json"]) as writer:
+        classes, plan = plan_splits(args, writer)
+        if not classes:
+            raise ValueError(f"{args.input}: no class with a usable image or label")
         for split, items in plan.items():
             writer.write_split(split, items)
-        writer.finish({"classes": ("classes.json", {"classes": classes})})
+        if TRAIN_SPLIT in plan:
+            writer.finish({"classes": ("classes.json", {"classes": classes})})
+        else:
+            note_if_absent(writer, "classes", "classes.json")
+            writer.finish()
     return 0
 
 

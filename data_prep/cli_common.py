@@ -8,7 +8,8 @@ import sys
 from data_prep.images import RESIZE_MODES, ImageOptions
 from data_prep.writer import DatasetWriter
 
-NOT_OPTIONS = ("func", "workers", "progress", "command_line")  # do not change the output, so kept out of the manifest
+# options that do not change the output, so kept out of the manifest
+NOT_OPTIONS = ("func", "workers", "progress", "command_line", "min_written")
 
 
 def add_output_options(parser: argparse.ArgumentParser, *, image_size: int = 256, quality: int = 90,
@@ -29,6 +30,9 @@ def add_output_options(parser: argparse.ArgumentParser, *, image_size: int = 256
     g.add_argument("--shard-size", type=int, default=shard_size, help="samples per shard (default %(default)s)")
     g.add_argument("--workers", type=int, default=1,
                    help="encoding processes; output is byte-identical for any value (default %(default)s)")
+    g.add_argument("--min-written", type=float, default=0.5,
+                   help="fail (exit 2) when a split writes less than this fraction of the records read, or "
+                        "nothing (default %(default)s)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
@@ -52,4 +56,4 @@ def make_writer(args: argparse.Namespace, *, task: str, fields: list[str], out_d
     return DatasetWriter(out_dir or args.output, task=task, fields=fields, image_opts=image_options(args),
                          shard_size=args.shard_size, workers=args.workers, command=args.command_line,
                          options=options if options is not None else recorded_options(args),
-                         progress=args.progress)
+                         progress=args.progress, min_written=args.min_written)

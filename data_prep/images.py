@@ -51,6 +51,7 @@ def open_image(source: ImageSource, max_pixels: int) -> Image.Image:
             if img.width * img.height > max_pixels:
                 raise SkipSample(TOO_MANY_PIXELS, f"{img.width}x{img.height}")
             img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # a portrait photo stored landscape + EXIF rotation
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise SkipSample(TOO_MANY_PIXELS, str(exc)) from None
     except UnidentifiedImageError:

@@ -51,22 +51,26 @@ def stats_path(out_dir: str, shard: str) -> str:
     return os.path.join(out_dir, STATS_DIR, shard + ".json")
 
 
-def load_finished_stats(out_dir: str, shard: str, fingerprint: str) -> dict | None:
-    """The stats of `shard` if it was finished by a run with the same fingerprint, else None."""
-    path = stats_path(out_dir, shard)
-    try:
-        stats = read_json(path)
-    except (OSError, ValueError):
+def stale_reason(out_dir: str, shard: str, stats: dict) -> str | None:
+    """Why the finished `shard` cannot be reused as `stats` describe it (None when it can).
+
+    A shard with samples must exist with the recorded size and sha256 (a damaged or replaced file is redone).
+    """
+    if not stats.get("num_samples"):
         return None
-    if stats.get("fingerprint") != fingerprint:
-        return None
-    if stats.get("num_samples", 0) > 0 and not os.path.isfile(os.path.join(out_dir, shard)):
-        return None
-    return stats
+    path = os.path.join(out_dir, shard)
+    if not os.path.isfile(path):
+        return "shard missing"
+    if "size" in stats and os.path.getsize(path) != stats["size"]:
+        return "shard damaged (size differs)"
+    if file_sha256(path) != stats.get("sha256"):
+        return "shard damaged (sha256 differs)"
+    return None
 
 
 def build_manifest(task: str, command: str, options: dict, splits: dict[str, dict], skipped: dict[str, int],
                    fields: list[str], files: dict[str, str], checksums: dict[str, str]) -> dict:
+    """`splits`: {split: {shards, num_samples, skipped, command}}; `skipped`: the total over the folder."""
     return {
         "format_version": FORMAT_VERSION,
         "task": task,

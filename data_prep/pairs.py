@@ -20,7 +20,7 @@ import tarfile
 from typing import Any, Iterator
 
 from data_prep.cli_common import add_output_options, make_writer
-from data_prep.records import MISSING_FIELD, InputFormatError, ReaderItem, Record, Skip, check_text
+from data_prep.records import DUPLICATE_KEY, MISSING_FIELD, InputFormatError, ReaderItem, Record, Skip, check_text
 from data_prep.shards import iter_tar_samples
 from data_prep.tables import iter_rows
 
@@ -81,10 +81,16 @@ def shard_sample_record(key: str, fields: dict[str, bytes], where: str) -> Reade
 
 
 def shard_items(paths: list[str]) -> Iterator[ReaderItem]:
+    """Samples of webdataset tars; a key seen before in the same tar is skipped as duplicate_key."""
     for path in paths:
         name = os.path.basename(path)
+        seen: set[str] = set()
         try:
             for key, fields in iter_tar_samples(path):
+                if key in seen:
+                    yield Skip(DUPLICATE_KEY, f"{name}/{key}: key seen before in this tar; the first is kept")
+                    continue
+                seen.add(key)
                 yield shard_sample_record(key, fields, f"{name}/{key}")
         except (tarfile.TarError, OSError) as exc:
             raise InputFormatError(path, None, f"unreadable tar ({exc}); expected webdataset shards") from None

@@ -20,6 +20,7 @@ MISSING_FIELD = "missing_field"
 BAD_LABEL = "bad_label"
 TOO_SMALL = "too_small"
 BAD_ASPECT_RATIO = "bad_aspect_ratio"
+DUPLICATE_KEY = "duplicate_key"
 
 
 class InputFormatError(ValueError):

@@ -19,6 +19,8 @@ def split_member_name(name: str) -> tuple[str, str]:
 def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) for each sample of a tar, grouping consecutive members by key.
 
+    A member whose key and extension the current sample already has starts a new sample with the same
+    key (never overwrites): callers see a duplicated key instead of losing a sample silently.
     Raises tarfile.TarError / OSError on an unreadable tar; the caller decides what that means.
     """
     key, fields = None, {}
@@ -27,7 +29,7 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             if not member.isfile():
                 continue
             member_key, ext = split_member_name(member.name)
-            if member_key != key:
+            if member_key != key or ext in fields:
                 if key is not None:
                     yield key, fields
                 key, fields = member_key, {}
@@ -45,7 +47,8 @@ def manifest_shards(out_dir: str) -> list[tuple[str, str]]:
 
 
 def sample_texts(fields: dict[str, bytes]) -> Iterator[str]:
-    """The natural-language text of a sample: txt, and captions / questions / sentences in its json."""
+    """The natural-language text of a sample: txt, and the captions / questions / sentences / answers /
+    hypotheses / premises in its json."""
     if "txt" in fields:
         yield fields["txt"].decode("utf-8", "replace")
     if "json" in fields:
@@ -55,7 +58,7 @@ def sample_texts(fields: dict[str, bytes]) -> Iterator[str]:
             return
         if not isinstance(meta, dict):
             return
-        for name in ("caption", "question", "sentence"):
+        for name in ("caption", "question", "sentence", "answer", "full_answer", "hypothesis", "premise"):
             if isinstance(meta.get(name), str):
                 yield meta[name]
         for name in ("captions", "answers"):

@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Iterator
 
 from data_prep.cli_common import add_output_options, make_writer, recorded_options
+from data_prep.folder_files import TRAIN_SPLIT
 from data_prep.records import Record
 from data_prep.synth_text import AnswerCycle, answer_vocabulary, make_captions, make_qa
 from data_prep.synth_world import random_scene
@@ -95,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
                          options={**options, "part": part}) as writer:
             for split, count in splits.items():
                 records = make_records(args.seed, split, count, args.canvas)
-                writer.write_split(split, counting(records, counter) if task == "vqa" else records, total=count)
+                counted = task == "vqa" and split == TRAIN_SPLIT
+                writer.write_split(split, counting(records, counter) if counted else records, total=count)
             files = None
             if task == "vqa":
                 for answer in answer_vocabulary():

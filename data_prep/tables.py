@@ -7,10 +7,10 @@ that is not valid JSON, or a header without the required columns, raises InputFo
 from __future__ import annotations
 
 import csv
-import json
 import os
 from typing import Any, Iterator, Sequence
 
+from data_prep.jsonio import loads_unique
 from data_prep.records import InputFormatError
 
 TABLE_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv",
@@ -45,7 +45,7 @@ def iter_jsonl(path: str) -> Iterator[Row]:
             if not line:
                 continue
             try:
-                row = json.loads(line)
+                row = loads_unique(line)
             except ValueError as exc:
                 raise InputFormatError(path, line_no, f"expected one JSON object per line ({exc})") from None
             if not isinstance(row, dict):

@@ -4,7 +4,7 @@
 
 Checks: every listed shard exists and has the recorded sha256; every sample has exactly the manifest
 fields, a dot-free key equal to its json "key", UTF-8 text and fully decodable images; per-shard counts
-match sizes.json and split totals match the manifest; extra files (answers.json, classes.json) load.
+match sizes.json and split totals match the manifest; no split is empty; extra files (answers.json, classes.json) load.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ JSON_KEYS = {
     "retrieval": ("key", "image_id", "filename", "captions"),
     "nlvr2": ("key", "identifier", "sentence", "label"),
     "classification": ("key", "label", "label_name"),
+    "gqa": ("key", "question", "question_id", "image_id", "full_answer", "question_type"),
+    "snli_ve": ("key", "pair_id", "image_id", "hypothesis", "premise", "label", "label_name"),
 }
 MAX_REPORTED = 20
 
@@ -87,10 +89,14 @@ def verify(out_dir: str) -> tuple[list[str], dict]:
                 continue
             if name in checksums and mf.file_sha256(path) != checksums[name]:
                 problems.append(f"{name}: sha256 differs from the manifest (modified after writing)")
+            keys: set[str] = set()
             n = 0
             try:
                 for key, fields in iter_tar_samples(path):
                     n += 1
+                    if key in keys:
+                        problems.append(f"{name}: key {key} appears twice")
+                    keys.add(key)
                     problems += check_sample(key, fields, expected, json_keys)
             except (tarfile.TarError, OSError) as exc:
                 problems.append(f"{name}: unreadable tar ({exc})")
@@ -100,6 +106,8 @@ def verify(out_dir: str) -> tuple[list[str], dict]:
             counts["shards"] += 1
         if split_total != info["num_samples"]:
             problems.append(f"split {split}: {split_total} samples, manifest says {info['num_samples']}")
+        if split_total == 0:
+            problems.append(f"split {split}: no samples (the conversion wrote nothing)")
         counts["samples"] += split_total
     listed = {n for info in manifest["splits"].values() for n in info["shards"]}
     for name in sorted(f for f in os.listdir(out_dir) if f.endswith(".tar") and f not in listed):

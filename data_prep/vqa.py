@@ -6,7 +6,8 @@ r"""`data_prep vqa`: VQAv2 questions (+ annotations) and COCO images -> VQA shar
 Each sample: jpg, txt = question, json = {question, question_id, image_id, question_type, answer_type,
 multiple_choice_answer, answers (10 raw), targets {normalised answer: soft score}}. Without
 --annotations (test splits) answers are [] and targets {}. answers.json holds the normalised
-multiple-choice answers seen at least --min-answer-count times (count desc, then alphabetical).
+multiple-choice answers of the split named train seen at least --min-answer-count times (count desc, then
+alphabetical); writing another split into the folder keeps its answers.json.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from collections import Counter
 from typing import Iterator
 
 from data_prep.cli_common import add_output_options, make_writer
+from data_prep.folder_files import TRAIN_SPLIT, answers_file
 from data_prep.jsonio import load_json_file, require_list
 from data_prep.records import MISSING_FIELD, ReaderItem, Record, Skip, check_text
-from data_prep.vqa_answers import build_vocabulary, normalize_answer, soft_targets
+from data_prep.vqa_answers import normalize_answer, soft_targets
 
 QUESTIONS_SHAPE = '{"questions": [{"image_id", "question", "question_id"}, ...], "data_subtype": ...}'
 ANNOTATIONS_SHAPE = ('{"annotations": [{"question_id", "image_id", "question_type", "answer_type", '
@@ -97,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
     counter: Counter = Counter()
     with make_writer(args, task="vqa", fields=["jpg", "txt", "json"]) as writer:
         writer.write_split(args.split, vqa_items(args, counter))
-        answers, counts = build_vocabulary(counter, args.min_answer_count)
-        writer.finish({"answers": ("answers.json", {"answers": answers, "counts": counts})})
+        files = answers_file(writer, counter, args.min_answer_count, args.split == TRAIN_SPLIT,
+                             "pass --annotations: questions files have no answers")
+        writer.finish(files)
     return 0
 
 
@@ -112,7 +115,7 @@ def add_parser(subparsers) -> None:
                    help="image file under --image-root (default %(default)s)")
     p.add_argument("--data-subtype", default=None, help="e.g. train2014 (default: from the questions file)")
     p.add_argument("--min-answer-count", type=int, default=9,
-                   help="answers.json keeps answers seen at least this often (default %(default)s)")
+                   help="answers.json keeps train answers seen at least this often (default %(default)s)")
     p.add_argument("--split", default="train", help="split name of the output (default %(default)s)")
     add_output_options(p)
     p.set_defaults(func=run)

@@ -58,7 +58,7 @@ def test_bad_records_skipped_and_counted(bad_pairs, tmp_path, capsys, workers):
     table, root = bad_pairs
     out = tmp_path / "out"
     assert run_cli("pairs", "--input", table, "--image-root", root, "--output", out, "--max-pixels", 20000,
-                   "--workers", workers) == 0
+                   "--workers", workers, "--min-written", 0) == 0
     m = manifest(out)
     assert m["skipped"] == EXPECTED_SKIPS
     assert [g["caption"] for g in metas(out)] == ["fine", "also fine"]
@@ -74,7 +74,7 @@ def test_bad_csv_rows_and_non_utf8(tmp_path):
     table = tmp_path / "t.csv"
     table.write_bytes(b"image,caption\na.jpg,good one\na.jpg,\xff\xfe broken\nmissing.jpg,gone\na.jpg,\n")
     out = tmp_path / "out"
-    assert run_cli("pairs", "--input", table, "--image-root", root, "--output", out) == 0
+    assert run_cli("pairs", "--input", table, "--image-root", root, "--output", out, "--min-written", 0) == 0
     assert manifest(out)["skipped"] == {"bad_encoding": 1, "missing_file": 1, "empty_caption": 1}
 
 
@@ -148,7 +148,8 @@ def test_bad_records_in_official_formats(tmp_path):
     path = tmp_path / "dev.json"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path / "out"
-    assert run_cli("nlvr2", "--input", path, "--image-root", root, "--output", out, "--split", "dev") == 0
+    assert run_cli("nlvr2", "--input", path, "--image-root", root, "--output", out, "--split", "dev",
+                   "--min-written", 0) == 0
     assert manifest(out)["skipped"] == {"bad_label": 1, "missing_file": 1, "missing_field": 2}
     assert manifest(out)["splits"]["dev"]["num_samples"] == 1
 
@@ -163,11 +164,12 @@ def test_bad_records_in_official_formats(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(annotations))
     out = tmp_path / "vqa"
     assert run_cli("vqa", "--questions", tmp_path / "q.json", "--annotations", tmp_path / "a.json",
-                   "--image-root", root, "--output", out, "--min-answer-count", 1) == 0
+                   "--image-root", root, "--output", out, "--min-answer-count", 1, "--min-written", 0) == 0
     assert manifest(out)["skipped"] == {"missing_annotation": 3}
     assert manifest(out)["splits"]["train"]["num_samples"] == 1
     out = tmp_path / "vqa_test"
-    assert run_cli("vqa", "--questions", tmp_path / "q.json", "--image-root", root, "--output", out) == 0
+    assert run_cli("vqa", "--questions", tmp_path / "q.json", "--image-root", root, "--output", out,
+                   "--split", "test", "--min-written", 0) == 0
     assert manifest(out)["skipped"] == {"empty_caption": 1, "missing_field": 1, "missing_file": 1}
 
 
@@ -181,6 +183,6 @@ def test_size_and_aspect_filters(tmp_path):
                              for n in ("ok", "tiny", "banner")))
     out = tmp_path / "out"
     assert run_cli("pairs", "--input", table, "--image-root", root, "--output", out, "--min-image-size", 16,
-                   "--max-aspect-ratio", 3) == 0
+                   "--max-aspect-ratio", 3, "--min-written", 0) == 0
     assert manifest(out)["skipped"] == {"too_small": 1, "bad_aspect_ratio": 1}
     assert [m["caption"] for m in metas(out)] == ["ok"]

@@ -31,7 +31,8 @@ def pairs_args(table, out, *extra):
 
 
 def without_run_details(m: dict) -> dict:
-    return {**m, "command": None, "options": {**m["options"], "output": None}}
+    splits = {name: {**info, "command": None} for name, info in m["splits"].items()}
+    return {**m, "command": None, "options": {**m["options"], "output": None}, "splits": splits}
 
 
 def test_byte_identical_whatever_the_worker_count(pairs_input, tmp_path):
