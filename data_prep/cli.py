@@ -9,7 +9,8 @@ import sys
 from data_prep.cli_common import command_line
 from data_prep.records import InputFormatError
 
-COMMAND_MODULES = ("pairs", "vqa", "retrieval", "nlvr2", "classify", "synth", "tokenizer", "verify")
+COMMAND_MODULES = ("pairs", "vqa", "retrieval", "nlvr2", "classify", "gqa", "snli_ve", "synth", "tokenizer",
+                   "verify")
 
 
 def build_parser() -> argparse.ArgumentParser:
