@@ -216,7 +216,8 @@ class DatasetWriter:
         raise ConversionError(
             f"split {split!r}: wrote {tally.written} of the {tally.read} records read (--min-written "
             f"{self.min_written} needs {max(needed, 1)}); top skip reasons: {tally.top_reasons()}. Check "
-            f"the input file and --image-root (finished shards are kept and reused by the next run)")
+            f"the input file and --image-root (finished shards are kept and reused by the next run, which also "
+            f"writes manifest.json again with the folder's other splits)")
 
     def _write_shard(self, job: ShardJob, fingerprint: str, results, bar) -> dict:
         final = os.path.join(self.out_dir, job.name)

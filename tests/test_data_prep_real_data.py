@@ -178,6 +178,10 @@ def test_wrong_image_root_fails_with_reasons_and_example(tmp_path, capsys):
     assert "wrote 1 of the 4 records read (--min-written 0.5 needs 2)" in capsys.readouterr().err
     assert run_cli("vqa", "--questions", qf, "--annotations", af, "--image-root", tmp_path / "nowhere",
                    "--output", out, "--min-answer-count", 1, "--min-written", 0.25) == 0
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert run_cli("pairs", "--input", empty, "--output", tmp_path / "empty_out") == 2
+    assert "the input holds no records" in capsys.readouterr().err
 
 
 def test_verify_fails_on_an_empty_split(tmp_path):
