@@ -106,3 +106,47 @@ def make_classification_data(root: Path, num_classes: int = 6) -> Path:
     out = root / "shards"
     assert run_cli("classify", "--input", tree, "--output", out) == 0
     return out
+
+
+COLOURS = ("red", "green", "blue", "yellow", "purple", "white")  # the names of PALETTE's colours
+
+
+def make_gqa_data(root: Path, splits: dict[str, int], colours: tuple[str, ...] = COLOURS[:3]) -> Path:
+    """GQA-format question files (one per split) converted by ``data_prep gqa`` into one folder: "what
+    colour is the square?" (structural type ``query``, answer the colour) and "is the square red?"
+    (``verify``, yes/no). answers.json comes from the split named train."""
+    images, out = root / "images", root / "shards"
+    for split, n in splits.items():
+        questions = {}
+        for i in range(n):
+            colour = i % len(colours)
+            image_id = f"{split}{i}"
+            write_image(images / f"{image_id}.jpg", PALETTE[COLOURS.index(colours[colour])], size=(36, 36))
+            query = i % 2 == 0
+            questions[f"{split}-{i}"] = {
+                "imageId": image_id, "question": "what color is it?" if query else "is it red?",
+                "answer": colours[colour] if query else ("yes" if colours[colour] == "red" else "no"),
+                "fullAnswer": "", "types": {"structural": "query" if query else "verify", "semantic": "attr"}}
+        path = root / f"{split}_balanced_questions.json"
+        path.write_text(json.dumps(questions))
+        assert run_cli("gqa", "--questions", path, "--image-root", images, "--output", out, "--split", split) == 0
+    return out
+
+
+def make_snli_ve_data(root: Path, splits: dict[str, int]) -> Path:
+    """SNLI-VE JSON lines (one file per split) converted by ``data_prep snli_ve``: the hypothesis names a
+    colour; entailment when it is the image's, contradiction when not, neutral for "a shape"."""
+    images, out = root / "images", root / "shards"
+    for split, n in splits.items():
+        lines = []
+        for i in range(n):
+            colour, said = i % 3, (i // 3) % 3
+            write_image(images / f"{split}{i}.jpg", PALETTE[colour], size=(36, 36))
+            label = "neutral" if i % 4 == 3 else ("entailment" if said == colour else "contradiction")
+            lines.append({"Flikr30kID": f"{split}{i}.jpg", "pairID": f"{split}-{i}", "gold_label": label,
+                          "sentence1": "a picture", "sentence2": "a shape" if label == "neutral" else
+                          f"it is {COLOURS[said]}"})
+        path = root / f"snli_ve_{split}.jsonl"
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        assert run_cli("snli_ve", "--input", path, "--image-root", images, "--output", out, "--split", split) == 0
+    return out

@@ -147,3 +147,127 @@ def test_classification(tmp_path, model, tokenizer):
 def test_missing_answers_file_is_a_clear_error(tmp_path, model, tokenizer):
     with pytest.raises(ValueError, match="answers.json"):
         make_task("vqa", model, tokenizer, tmp_path)
+
+
+def test_every_task_declares_what_it_reads():
+    from data_prep.cli import COMMAND_MODULES
+    from pipeline.tasks import TASKS
+
+    declared = {name: (get_task_class(name).manifest_tasks, get_task_class(name).vocab_files) for name in TASKS}
+    assert declared == {
+        "text_mlm": (("pairs", "retrieval"), ()), "vl_pretrain": (("pairs", "retrieval"), ()),
+        "vqa": (("vqa",), ("answers.json",)), "gqa": (("gqa",), ("answers.json",)),
+        "retrieval": (("retrieval",), ()), "nlvr2": (("nlvr2",), ()),
+        "classification": (("classification",), ("classes.json",)), "snli_ve": (("snli_ve",), ("classes.json",))}
+    assert {"vqa", "gqa", "nlvr2", "snli_ve", "retrieval"} <= set(COMMAND_MODULES)
+
+
+def test_vqa_writes_json_predictions_and_skips_empty_answer_types(tmp_path, model, tokenizer):
+    (tmp_path / "answers.json").write_text(json.dumps({"answers": ["yes", "no"], "counts": [9, 9]}))
+    task = make_task("vqa", model, tokenizer, tmp_path)
+    raw = {"jpg": image("red"), "txt": "is it red?", "json": {"question_id": 3, "answer_type": "",
+                                                             "answers": ["yes"] * 10}}
+    s = task.prepare_sample(raw, train=False)
+    outputs = {"pred": torch.tensor([0]), "question_id": [s["question_id"]], "answers": [s["answers"]],
+               "answer_type": [s["answer_type"]], "question_type": [s["question_type"]]}
+    assert task.metrics(outputs) == {"acc": 1.0, "num_scored": 1.0}
+    path = task.write_predictions(outputs, tmp_path / "step_1_predictions")
+    assert path.name == "step_1_predictions.json"
+    assert json.loads(path.read_text()) == [{"question_id": 3, "answer": "yes"}]
+
+
+def test_gqa(tmp_path, model, tokenizer):
+    (tmp_path / "answers.json").write_text(json.dumps({"answers": ["yes", "no", "red"], "counts": [3, 2, 1]}))
+    task = make_task("gqa", model, tokenizer, tmp_path)
+
+    def raw(qid, answer, qtype="query"):
+        meta = {"question": "what color is it?", "question_id": qid, "image_id": "1", "question_type": qtype}
+        return {"jpg": image("red"), "txt": meta["question"], "json": {**meta, **({"answer": answer} if answer else {})}}
+
+    samples = [task.prepare_sample(raw("q1", "red"), train=True), task.prepare_sample(raw("q2", "no", "verify"), True)]
+    assert [int(s["label"]) for s in samples] == [2, 1]
+    for bad, reason in ((raw("q3", "blue"), "answer_not_in_vocabulary"), (raw("q4", None), "missing_answer")):
+        with pytest.raises(SkipSample, match=reason):
+            task.prepare_sample(bad, train=True)
+    heads, batch, out = check_contract(task, samples, model)
+    out.loss.backward()
+    assert heads["vqa"][-1].weight.shape[0] == 3 and heads["vqa"][-1].weight.grad is not None
+    assert {"gqa_ce", "gqa_acc"} == set(out.terms)
+    unknown = task.prepare_sample(raw("q3", "blue"), train=False)  # scored wrong, never an index
+    test = task.prepare_sample(raw("q5", None), train=False)
+    outputs = {"pred": torch.tensor([2, 0, 2, 0]), "question_id": ["q1", "q2", "q3", "q5"],
+               "answer": ["red", "no", unknown["answer"], test["answer"]],
+               "question_type": ["query", "verify", "query", "query"]}
+    assert task.metrics(outputs) == {"acc": pytest.approx(1 / 3), "num_scored": 3.0, "acc/query": 0.5,
+                                     "acc/verify": 0.0}
+    assert task.predictions(outputs)[:2] == [{"questionId": "q1", "prediction": "red"},
+                                             {"questionId": "q2", "prediction": "yes"}]
+
+
+def test_snli_ve(tmp_path, model, tokenizer):
+    (tmp_path / "classes.json").write_text(json.dumps({"classes": ["entailment", "neutral", "contradiction"]}))
+    task = make_task("snli_ve", model, tokenizer, tmp_path)
+    raws = [{"jpg": image("red"), "txt": "a red circle", "json": {
+        "pair_id": f"p{i}", "image_id": "1", "hypothesis": "a red circle", "premise": "", "label": i,
+        "label_name": name}} for i, name in enumerate(["entailment", "neutral", "contradiction"])]
+    samples = [task.prepare_sample(r, train=True) for r in raws]
+    assert [int(s["label"]) for s in samples] == [0, 1, 2]
+    heads, batch, out = check_contract(task, samples, model)
+    out.loss.backward()
+    assert heads["snli_ve"][-1].weight.grad is not None
+    ev = task.eval_outputs(model, heads, batch)
+    ev = {"pred": torch.tensor([0, 0, 2]), "label": ev["label"][:3], "pair_id": ev["pair_id"][:3]}
+    assert task.metrics(ev) == {"acc": pytest.approx(2 / 3), "num_scored": 3.0, "acc/contradiction": 1.0,
+                                "acc/entailment": 1.0, "acc/neutral": 0.0}
+    assert task.predictions(ev) == [{"pair_id": "p0", "prediction": "entailment"},
+                                    {"pair_id": "p1", "prediction": "entailment"},
+                                    {"pair_id": "p2", "prediction": "contradiction"}]
+
+
+def test_nlvr2_writes_the_leaderboard_csv(tmp_path, model, tokenizer):
+    task = make_task("nlvr2", model, tokenizer)
+    outputs = {"pred": torch.tensor([1.0, 0.0]), "label": torch.tensor([1, 1]),
+               "identifier": ["test1-0-1-0", "test1-0-2-0"]}
+    path = task.write_predictions(outputs, tmp_path / "nlvr2_test1")
+    assert path.name == "nlvr2_test1.csv"
+    assert path.read_text() == "test1-0-1-0,True\ntest1-0-2-0,False\n"
+
+
+def test_retrieval_predictions_rank_the_shard_ids(model, tokenizer):
+    task = make_task("retrieval", model, tokenizer)
+    s = task.prepare_sample({"jpg": image("red"), "json": {"image_id": 42, "captions": ["a", "b"],
+                                                           "sentids": [7, 8]}}, train=False)
+    assert s["caption_ids"] == ["7", "8", "", "", ""]
+    assert task.prepare_sample({"jpg": image("red"), "json": {"image_id": 5, "captions": ["a"]}},
+                               train=False)["caption_ids"][:2] == ["5#0", ""]
+    # 12 images with one caption each: caption t is most similar to image t, then t+1, ...
+    n = 12
+    image_emb = torch.nn.functional.one_hot(torch.arange(n), n).float()
+    text_emb = torch.zeros(n, 5, n)
+    for t in range(n):
+        text_emb[t, 0] = torch.tensor([max(0.0, 1.0 - 0.05 * ((i - t) % n)) for i in range(n)])
+    valid = torch.zeros(n, 5, dtype=torch.bool)
+    valid[:, 0] = True
+    outputs = {"image_emb": image_emb, "text_emb": text_emb, "caption_valid": valid,
+               "image_id": [f"img{i}" for i in range(n)], "caption_ids": [[f"cap{i}", "", "", "", ""] for i in range(n)]}
+    pred = task.predictions(outputs)
+    assert pred["text_to_image"][0] == {"caption_id": "cap0", "image_ids": [f"img{i}" for i in range(10)]}
+    assert len(pred["image_to_text"]) == n and len(pred["image_to_text"][3]["caption_ids"]) == 10
+    assert pred["image_to_text"][3]["caption_ids"][0] == "cap3"
+
+
+def test_classification_maps_label_names_and_writes_top5(tmp_path, model, tokenizer):
+    (tmp_path / "classes.json").write_text(json.dumps({"classes": [f"c{i}" for i in range(6)]}))
+    task = make_task("classification", model, tokenizer, tmp_path)
+    named = {"jpg": image("red"), "cls": 0, "json": {"label": 0, "label_name": "c4"}, "__key__": "k1"}
+    assert int(task.prepare_sample(named, train=True)["label"]) == 4  # the name, not the folder's index
+    unknown = {"jpg": image("red"), "cls": 0, "json": {"label": 0, "label_name": "zebra"}}
+    with pytest.raises(SkipSample, match="label_not_in_training_classes"):
+        task.prepare_sample(unknown, train=True)
+    assert int(task.prepare_sample(unknown, train=False)["label"]) == -1
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [5.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    outputs = {"logits": logits, "label": torch.tensor([4, -1]), "key": ["k1", "k2"]}
+    assert task.metrics(outputs) == {"top1": 0.0, "top5": 0.5}
+    pred = task.predictions(outputs)
+    assert [p["class"] for p in pred[0]["top5"]] == ["c5", "c4", "c3", "c2", "c1"] and pred[0]["key"] == "k1"
+    assert pred[1]["top5"][0]["class"] == "c0" and pred[1]["top5"][0]["score"] > 0.9

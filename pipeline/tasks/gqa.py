@@ -41,7 +41,7 @@ class GQATask(VQATask):
                 "question_type": str(meta.get("question_type") or "")}
 
     def padding_sample(self) -> dict[str, Any]:
-        return {**self.blank_inputs(), "label": torch.tensor(NO_LABEL), "answer": "", "question_id": "",
+        return {**self.blank_inputs(), "label": torch.tensor(0), "answer": "", "question_id": "",
                 "question_type": ""}
 
     def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
