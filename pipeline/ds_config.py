@@ -35,7 +35,24 @@ def load_engine_json(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"ds_config {path}: invalid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"ds_config {path}: expected a JSON object")
+    check_engine_types(data, str(path))
     return data
+
+
+def check_engine_types(engine: dict[str, Any], where: str) -> None:
+    """The shape of the keys we read: ``zero_optimization.stage`` an integer 0-3, ``bf16``/``fp16``
+    ``enabled`` booleans (DeepSpeed would fail later, on every rank, or silently read ``"false"`` as true)."""
+    for section in ("zero_optimization", "bf16", "fp16"):
+        if not isinstance(engine.get(section, {}), dict):
+            raise ConfigError(f"ds_config {where}: {section} must be an object, got {engine[section]!r}")
+    stage = engine.get("zero_optimization", {}).get("stage", 0)
+    if type(stage) is not int or stage not in range(4):
+        raise ConfigError(f"ds_config {where}: zero_optimization.stage must be one of the integers 0, 1, 2, 3, "
+                          f"got {stage!r}")
+    for section in ("bf16", "fp16"):
+        enabled = engine.get(section, {}).get("enabled", False)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"ds_config {where}: {section}.enabled must be true or false, got {enabled!r}")
 
 
 def zero_stage(engine: dict[str, Any]) -> int:

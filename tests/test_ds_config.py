@@ -1,5 +1,7 @@
 """ds_config builder: one owner per value, batch arithmetic against the real world size, MoE checks."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,29 @@ def test_shipped_ds_configs_hold_engine_settings_only():
         data = json.loads(path.read_text())
         assert "zero_optimization" in data, path.name
         assert not {"train_batch_size", "optimizer", "scheduler", "gradient_clipping"} & set(data), path.name
+
+
+@pytest.mark.parametrize("engine,message", [
+    ({"zero_optimization": {"stage": "two"}}, r"zero_optimization\.stage must be one of the integers 0, 1, 2, 3, got 'two'"),
+    ({"zero_optimization": {"stage": 4}}, r"zero_optimization\.stage .* got 4"),
+    ({"zero_optimization": {"stage": True}}, r"zero_optimization\.stage .* got True"),
+    ({"zero_optimization": 2}, r"zero_optimization must be an object, got 2"),
+    ({"bf16": {"enabled": "false"}}, r"bf16\.enabled must be true or false, got 'false'"),
+    ({"fp16": {"enabled": 1}}, r"fp16\.enabled must be true or false, got 1"),
+], ids=["stage_word", "stage_4", "stage_bool", "zero_not_object", "bf16_string", "fp16_int"])
+def test_wrongly_typed_engine_settings_are_named_when_loaded(tmp_path, engine, message):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(engine))
+    with pytest.raises(ConfigError, match=f"ds_config {path}: {message}"):
+        load_engine_json(path)
+
+
+def test_plan_reports_a_wrongly_typed_stage_without_a_traceback(tmp_path):
+    """It used to die in int("two") with a ValueError traceback."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": "two"}}))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.plan", "--recipe", str(VL), "--ds-config", str(path),
+                           "--world-size", "2", "--skip-input-checks"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "zero_optimization.stage must be one of the integers" in proc.stderr
+    assert "Traceback" not in proc.stderr
