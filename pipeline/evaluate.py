@@ -23,20 +23,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from pipeline.checkpoint_merge import merge_moe_checkpoint, resolve_checkpoint, run_dir_of
 from pipeline.config_utils import ConfigError
-from pipeline.eval_baselines import baseline_for
-from pipeline.tasks import TASKS
 
 log = logging.getLogger("pipeline.evaluate")
+PRETRAIN_TASKS = ("text_mlm", "vl_pretrain")  # no evaluation of their own: fine-tune them first
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="RUN_DIR (newest complete checkpoint) or RUN_DIR/TAG")
-    p.add_argument("--task", required=True, choices=[t for t in TASKS if t not in ("text_mlm", "vl_pretrain")])
+    p.add_argument("--task", required=True, help="downstream task the checkpoint was fine-tuned for (vqa, "
+                   "retrieval, nlvr2, classification: pipeline.tasks.TASKS without the pretraining ones)")
     p.add_argument("--data", required=True, help="data_prep output folder (manifest.json) to evaluate on")
     p.add_argument("--split", default="val", help="split name in the manifest")
     p.add_argument("--output", default=None, help="metrics JSON path (default RUN/eval/<task>_<split>_<tag>.json)")
@@ -48,13 +45,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: bf16 when the run's ds_config trained in bf16, else fp32")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher arg
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.batch_size <= 0 or args.itm_rerank < 0:
         p.error("--batch-size must be > 0 and --itm-rerank >= 0")
+    from pipeline.tasks import TASKS  # after parsing: --help must not import torch
+
+    downstream = [t for t in TASKS if t not in PRETRAIN_TASKS]
+    if args.task not in downstream:
+        p.error(f"--task {args.task!r}: choose from {downstream}")
     return args
 
 
-def eval_dtype(choice: str, ckpt_dir: Path) -> torch.dtype:
+def check_inputs(args: argparse.Namespace) -> None:
+    """Before any rank work: the checkpoint exists, was trained for ``--task``, and ``--data``/``--split``,
+    the run's vocabulary (its first training folder) and tokenizer are usable (ConfigError otherwise)."""
+    from pipeline.checkpoint_merge import resolve_checkpoint
+    from pipeline.preflight import eval_input_problems, require_no_problems
+    from pipeline.recipe import load_recipe, resolve_init_from
+
+    run_dir = resolve_init_from(str(resolve_checkpoint(args.checkpoint)))
+    recipe, model_cfg = load_recipe(run_dir / "resolved_recipe.yaml", ["init_from=null", "model.moe.ep_size=1"])
+    require_no_problems(eval_input_problems(recipe, model_cfg, args.task, args.data, args.split),
+                        f"pipeline.evaluate --checkpoint {args.checkpoint}")
+
+
+def eval_dtype(choice: str, ckpt_dir: Path) -> Any:
+    import torch
+
+    from pipeline.checkpoint_merge import run_dir_of
+
     if choice != "auto":
         return torch.bfloat16 if choice == "bf16" else torch.float32
     for folder in (ckpt_dir, run_dir_of(ckpt_dir)):
@@ -82,8 +106,10 @@ def format_table(metrics: dict[str, float], baseline: dict[str, float], baseline
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
+    from pipeline.checkpoint_merge import resolve_checkpoint, run_dir_of
     from pipeline.data import build_eval_loader, num_samples
     from pipeline.distributed import init_distributed, single_process
+    from pipeline.eval_baselines import baseline_for
     from pipeline.eval_loop import load_for_eval, run_eval
     from pipeline.recipe import SourceConfig
 
@@ -94,8 +120,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.eval_capacity_factor is not None:
         overrides.append(f"model.moe.eval_capacity_factor={args.eval_capacity_factor}")
     run = load_for_eval(ckpt_dir, dist, overrides)
-    if run.recipe.task != args.task:
-        raise ConfigError(f"{ckpt_dir} was trained for task {run.recipe.task!r}, not {args.task!r}")
     run.module.to(eval_dtype(args.dtype, ckpt_dir))
     source = SourceConfig(path=args.data, split=args.split)
     loader = build_eval_loader(source, run.recipe.data, run.task, args.batch_size, dist.rank, dist.world_size)
@@ -136,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.distributed import shutdown_distributed
 
     try:
+        check_inputs(args)  # every rank, no process group yet: all exit 2 together, rank 0 says why
         evaluate(args)
     except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"pipeline.evaluate: error: {exc}", file=sys.stderr)
         return 2
     shutdown_distributed()
     return 0

@@ -1,11 +1,12 @@
 """Plan a stage before launching it: sizes, FLOPs and memory per rank, and the checks that would make
 the launch fail (batch arithmetic, ZeRO-3 with MoE, EP not dividing experts/world size, a model whose tensor
-shapes differ from those of its ``init_from`` checkpoint).
+shapes differ from those of its ``init_from`` checkpoint, and the run's inputs: ``pipeline.preflight``).
 
     python -m pipeline.plan --recipe launch/recipes/vl_pretrain.yaml --ds-config ds_configs/zero2_bf16.json \
         --world-size 8 [--ep-size 4] [--set model.num_layers=12 ...] [--json]
 
-Exit status 2 with the reason on stderr when the settings are impossible. Memory figures are estimates:
+Exit status 2 with the reasons on stderr when the settings are impossible or an input is unusable
+(``--skip-input-checks`` sizes a config whose data is not on this machine). Memory figures are estimates:
 model states via DeepSpeed's ZeRO-2 estimator formula (dense params partitioned over all ranks, expert
 params over their expert-data-parallel group), activations via 34*N*D + 5*heads*N^2 bytes per layer per
 sample (Korthikanti et al. 2022, half precision, no recomputation).
@@ -47,12 +48,12 @@ def dense_baseline(model_cfg: Any) -> Any:
 def model_state_bytes(dense: int, experts: int, ep_size: int, world: int, stage: int, prec: str,
                       offload: bool) -> dict[str, float]:
     """Bytes per rank of weights, gradients and optimizer states (AdamW, mixed precision = fp32 master)."""
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     def per_rank(params: float, dp: int) -> float:
-        if stage == 2 and prec != "fp32":  # DeepSpeed's own estimator
-            return estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=dp, cpu_offload=offload,
-                                                         additional_buffer_factor=1.0)[1]
+        if stage == 2 and prec != "fp32":  # the accelerator-memory figure of DeepSpeed's own estimator,
+            # deepspeed/runtime/zero/stage_1_and_2.py estimate_zero2_model_states_mem_needs (0.19.8): 2 bytes
+            # of 16-bit weights, plus 16-bit grads, fp32 grads, master weights, Adam m and v (2+4+4+8) / dp
+            return int(2 * params) if offload else int(2 * params) + int(18 * params / dp)
         # same accounting as DeepSpeed's: mixed precision = 16-bit weights + grads, then fp32 grads,
         # master weights, Adam m and v (4+4+8); fp32 training = weights, grads, m, v (4+4+8)
         weights, grads, rest = (2, 2, 16) if prec != "fp32" else (4, 4, 8)
@@ -149,24 +150,47 @@ def check_init_from(recipe: Any, model_cfg: Any) -> None:
         raise init_from_shape_error(recipe.init_from, mismatched)
 
 
-def main(argv: list[str] | None = None) -> int:
+def checked_plan(recipe: Any, model_cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The plan, or one ConfigError listing every problem found: the run's inputs (``pipeline.preflight``,
+    unless ``--skip-input-checks``), then the first of init_from shapes / engine / batch arithmetic."""
+    from pipeline.ds_config import load_engine_json
+    from pipeline.preflight import check_run_inputs, require_no_problems
+
+    problems = [] if args.skip_input_checks else check_run_inputs(recipe, model_cfg)
+    plan: dict[str, Any] = {}
+    try:
+        check_init_from(recipe, model_cfg)
+        plan = make_plan(recipe, model_cfg, load_engine_json(args.ds_config), args.world_size)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    require_no_problems(problems, args.recipe)
+    return plan
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline.plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", required=True)
-    parser.add_argument("--ds-config", required=True)
+    parser.add_argument("--recipe", required=True, help="stage recipe YAML (launch/recipes/*.yaml)")
+    parser.add_argument("--ds-config", required=True, help="engine settings JSON (ds_configs/*.json)")
     parser.add_argument("--world-size", type=int, required=True, help="total ranks (GPUs x nodes)")
     parser.add_argument("--ep-size", type=int, default=None, help="override model.moe.ep_size")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. --set model.num_layers=12 (repeatable)")
+    parser.add_argument("--skip-input-checks", action="store_true",
+                        help="size the config only: do not check data folders, tokenizer and init_from "
+                             "checkpoint (e.g. planning a cluster run on a laptop)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    args = parser.parse_args(argv)
-    from pipeline.ds_config import load_engine_json
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from pipeline.recipe import load_recipe
 
     overrides = list(args.overrides) + ([f"model.moe.ep_size={args.ep_size}"] if args.ep_size else [])
     try:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout; stdout is the plan only
             recipe, model_cfg = load_recipe(args.recipe, overrides)
-            check_init_from(recipe, model_cfg)
-            plan = make_plan(recipe, model_cfg, load_engine_json(args.ds_config), args.world_size)
+            plan = checked_plan(recipe, model_cfg, args)
     except ConfigError as exc:
         print(f"pipeline.plan: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ from pipeline.config_utils import ConfigError
 log = logging.getLogger("pipeline.train")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", required=True, help="stage recipe YAML (launch/recipes/*.yaml)")
     parser.add_argument("--ds-config", required=True, help="engine settings JSON (ds_configs/*.json)")
@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", choices=["auto", "never"], default="never",
                         help="auto: continue from the newest complete checkpoint in --output-dir")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # launcher arg
-    return parser.parse_args(argv)
+    return parser
 
 
 def setup_logging(rank: int) -> None:
@@ -38,13 +38,32 @@ def setup_logging(rank: int) -> None:
                         force=True)
 
 
+def input_error(args: argparse.Namespace) -> str | None:
+    """The recipe's and its inputs' problems as one message (``pipeline.preflight``), or None."""
+    from pipeline.preflight import check_run_inputs, require_no_problems
+    from pipeline.recipe import load_recipe
+
+    try:
+        recipe, model_cfg = load_recipe(args.recipe, args.overrides)
+        require_no_problems(check_run_inputs(recipe, model_cfg), args.recipe)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from pipeline.distributed import init_distributed, shutdown_distributed
+    args = build_parser().parse_args(argv)
+    from pipeline.distributed import gather_objects, init_distributed, shutdown_distributed
     from pipeline.trainer import Trainer
 
     dist = init_distributed()
     setup_logging(dist.rank)
+    error = gather_objects(input_error(args) if dist.is_main else None)[0]  # rank 0 checks, all ranks learn
+    if error is not None:
+        if dist.is_main:
+            print(f"pipeline.train: configuration error: {error}", file=sys.stderr)
+        shutdown_distributed()
+        return 2
     try:
         trainer = Trainer.create(args.recipe, args.ds_config, Path(args.output_dir), args.overrides,
                                  args.resume == "auto", dist)

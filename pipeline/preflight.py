@@ -1,0 +1,185 @@
+"""Checks of a run's inputs that take seconds before a launch instead of hours into it: data folders,
+splits, shards, the kind of data a task can read, its vocabulary files, the tokenizer and ``init_from``.
+
+    problems = check_run_inputs(recipe, model_cfg)        # [] when every input is usable
+    require_no_problems(problems, "launch/recipes/vqa.yaml")  # or one ConfigError listing them all
+
+Called by ``pipeline.plan`` (which the launch scripts run before the launcher), by rank 0 of
+``pipeline.train`` at start-up, and by ``pipeline.evaluate`` (``eval_input_problems``) before any rank
+work. Reads manifests and small JSON files and loads the tokenizer; never starts a process group.
+What a task reads comes from its class: ``fields``, ``manifest_tasks`` (missing: any manifest task) and
+``vocab_files`` (missing: none; the list is the JSON key named like the file, ``answers.json`` ->
+``answers``). The vocabulary always comes from the first training folder, ``data.train[0]``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.config_utils import ConfigError
+
+MAX_LISTED = 3  # missing shard files named in one message
+
+
+def check_run_inputs(recipe: Any, model_cfg: Any) -> list[str]:
+    """Every problem with the inputs of ``recipe`` (one line each, naming field, path and what is valid)."""
+    from pipeline.tasks import get_task_class
+
+    task_cls = get_task_class(recipe.task)
+    allow_pipe = recipe.data.allow_pipe_urls
+    problems = []
+    for index, source in enumerate(recipe.data.train):
+        problems += source_problems(f"data.train[{index}]", source.path, source.split, task_cls, allow_pipe)
+    if recipe.data.eval is not None:
+        problems += source_problems("data.eval", recipe.data.eval.path, recipe.data.eval.split, task_cls,
+                                    allow_pipe)
+    problems += vocab_problems(task_cls, recipe.data.train[0].path, "data.train[0]")
+    problems += tokenizer_problems(recipe.data.tokenizer, model_cfg.vocab_size)
+    problems += init_from_problems(recipe.init_from)
+    return problems
+
+
+def eval_input_problems(recipe: Any, model_cfg: Any, task: str, data: str, split: str) -> list[str]:
+    """Problems of ``pipeline.evaluate --task TASK --data DATA --split SPLIT`` on a run whose resolved
+    recipe is ``recipe``: the task it was trained for, the data and split, its vocabulary and tokenizer."""
+    from pipeline.tasks import get_task_class
+
+    if recipe.task != task:
+        return [f"--task {task}: the checkpoint was trained for task {recipe.task!r}; use --task {recipe.task} "
+                f"(or the checkpoint of a {task} run)"]
+    task_cls = get_task_class(task)
+    return (source_problems("--data/--split", data, split, task_cls, recipe.data.allow_pipe_urls)
+            + vocab_problems(task_cls, recipe.data.train[0].path, "data.train[0] of the run's resolved_recipe.yaml")
+            + tokenizer_problems(recipe.data.tokenizer, model_cfg.vocab_size))
+
+
+def require_no_problems(problems: list[str], what: str) -> None:
+    """Raise one ConfigError listing ``problems`` (if any) of ``what`` (a recipe path, a command)."""
+    if problems:
+        raise ConfigError(f"{what}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+# --------------------------------------------------------------------------------------- data sources
+def source_problems(field: str, path: str, split: str, task_cls: Any, allow_pipe_urls: bool) -> list[str]:
+    """A data_prep folder (manifest, split, shards, task kind, fields) or a webdataset URL spec."""
+    if Path(path).is_dir():
+        return folder_problems(field, Path(path), split, task_cls)
+    return url_problems(field, path, allow_pipe_urls)
+
+
+def folder_problems(field: str, folder: Path, split: str, task_cls: Any) -> list[str]:
+    where = f"{field}.path={folder}"
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        inner = sorted(p.name for p in folder.iterdir() if (p / "manifest.json").is_file())
+        hint = f"; its sub-folders {inner} are: use one of them" if inner else \
+            " (one written by `python -m data_prep COMMAND --output DIR`)"
+        return [f"{where}: no manifest.json, so not a data_prep output folder{hint}"]
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        return [f"{where}: {manifest_path} is not valid JSON ({exc}); rerun the data_prep command"]
+    problems = kind_problems(where, manifest, task_cls)
+    splits = manifest.get("splits") or {}
+    if split not in splits:
+        return problems + [f"{field}.split={split!r}: not in {manifest_path}; its splits are {sorted(splits)}"]
+    entry = splits[split]
+    if not entry.get("num_samples"):
+        problems.append(f"{field}.split={split!r}: {manifest_path} lists 0 samples for it; pick another split "
+                        f"of {sorted(s for s in splits if splits[s].get('num_samples'))} or rerun data_prep")
+    missing = [name for name in entry.get("shards", []) if not (folder / name).is_file()]
+    if missing or not entry.get("shards"):
+        problems.append(f"{field}.split={split!r}: {len(missing)} of {len(entry.get('shards', []))} shard files "
+                        f"missing in {folder} (e.g. {missing[:MAX_LISTED]}); copy them or rerun data_prep")
+    return problems
+
+
+def kind_problems(where: str, manifest: dict[str, Any], task_cls: Any) -> list[str]:
+    """The manifest's ``task`` and ``fields`` against what ``task_cls`` reads."""
+    problems = []
+    readable = getattr(task_cls, "manifest_tasks", None)
+    kind = manifest.get("task")
+    if readable is not None and kind not in readable:
+        problems.append(f"{where}: holds {kind!r} data (manifest.json task), which recipe task "
+                        f"{task_cls.name!r} cannot read; it reads data_prep folders of task {list(readable)}")
+    fields = manifest.get("fields")
+    lacking = [f for f in task_cls.fields if fields is not None and f not in fields]
+    if lacking:
+        problems.append(f"{where}: its samples lack field(s) {lacking} that task {task_cls.name!r} reads "
+                        f"(manifest.json fields {fields}, the task needs {list(task_cls.fields)})")
+    return problems
+
+
+def url_problems(field: str, spec: str, allow_pipe_urls: bool) -> list[str]:
+    """A webdataset URL spec (``dir/train-{000000..000009}.tar``, ``a.tar::b.tar``): local files must exist."""
+    from webdataset.shardlists import expand_urls
+
+    if "{" not in spec and "::" not in spec and "://" not in spec and not spec.startswith("pipe:") \
+            and not Path(spec).exists():
+        return [f"{field}.path={spec}: does not exist; give a data_prep output folder (with manifest.json) "
+                "or a webdataset URL spec such as DIR/train-{000000..000009}.tar"]
+    urls = list(expand_urls(spec))
+    piped = [u for u in urls if u.startswith("pipe:")]
+    if piped and not allow_pipe_urls:
+        return [f"{field}.path: shard URL {piped[0]!r} runs a shell command; set data.allow_pipe_urls=true "
+                "in the recipe if you trust it"]
+    local = [u.removeprefix("file:") for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).is_file()]
+    if missing:
+        return [f"{field}.path={spec}: {len(missing)} of {len(urls)} shard files do not exist "
+                f"(e.g. {missing[:MAX_LISTED]})"]
+    return []
+
+
+# ------------------------------------------------------------------------ vocabulary, tokenizer, init
+def vocab_problems(task_cls: Any, train_path: str, field: str) -> list[str]:
+    """``task_cls.vocab_files`` in the training folder, each holding a non-empty list under its stem."""
+    problems = []
+    for name in getattr(task_cls, "vocab_files", ()):
+        path, key = Path(train_path) / name, Path(name).stem
+        if not path.is_file():
+            problems.append(f"{field}.path={train_path}: no {name}; task {task_cls.name!r} takes its "
+                            f"vocabulary from the first training folder (written by data_prep {task_cls.name})")
+            continue
+        try:
+            values = json.loads(path.read_text()).get(key)
+        except (json.JSONDecodeError, AttributeError) as exc:
+            problems.append(f"{path}: not a JSON object with a {key!r} list ({exc}); rerun data_prep")
+            continue
+        if not isinstance(values, list) or not values:
+            problems.append(f"{path}: {key!r} must be a non-empty list, got {values!r:.60}; rerun data_prep "
+                            f"(e.g. a lower --min-answer-count) or point {field} at another folder")
+    return problems
+
+
+def tokenizer_problems(path: str, vocab_size: int) -> list[str]:
+    """The tokenizer folder loads with AutoTokenizer and fits ``model.vocab_size``."""
+    if not Path(path).is_dir():
+        return [f"data.tokenizer={path}: not a folder; make one with `python -m data_prep tokenizer --shards "
+                "DATA_DIR ... --output DIR`"]
+    from transformers import AutoTokenizer
+
+    try:
+        size = len(AutoTokenizer.from_pretrained(path))
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for broken folders
+        return [f"data.tokenizer={path}: cannot be loaded by AutoTokenizer.from_pretrained "
+                f"({type(exc).__name__}: {str(exc)[:200]})"]
+    if size > vocab_size:
+        return [f"model.vocab_size={vocab_size} is smaller than the {size} tokens of data.tokenizer={path}: "
+                f"set model.vocab_size >= {size}"]
+    return []
+
+
+def init_from_problems(init_from: str | None) -> list[str]:
+    """``init_from`` names a run (or checkpoint) with a complete checkpoint to take weights from."""
+    if not init_from:
+        return []
+    from pipeline.checkpoint import resolve_checkpoint
+
+    try:
+        resolve_checkpoint(init_from)
+    except FileNotFoundError as exc:
+        return [f"init_from={init_from}: {exc}; finish that stage first or point init_from at a run folder "
+                "with a complete checkpoint"]
+    return []

@@ -1,0 +1,206 @@
+"""pipeline.preflight: every unusable input of a run (data folder, split, shards, kind of data, vocabulary,
+tokenizer, init_from) is found in seconds, before a launch, each problem naming the recipe field, the path
+and what would be valid; the launch scripts, pipeline.train and pipeline.evaluate refuse such inputs with
+exit 2 and that message."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from pipeline.config_utils import ConfigError
+from pipeline.preflight import check_run_inputs, eval_input_problems, require_no_problems
+from pipeline.recipe import recipe_from_dict
+from tests.conftest import TINY_MODEL_SETS
+from tests.finetune_helpers import make_nlvr2_data
+from tests.launcher import REPO, launcher_env, run_deepspeed
+from tests.test_launch import TINY, script, sets
+
+TINY_MODEL = {"hidden_size": 64, "num_heads": 2, "num_layers": 2, "num_fusion_layers": 1, "vocab_size": 320,
+              "moe": {"num_experts": 4, "ep_size": 2}}
+
+
+def recipe(task, train, tokenizer, eval_source=None, **extra):
+    """The shipped ``launch/recipes/<task>.yaml`` pointed at ``train`` (path or (path, split)), tiny model."""
+    data = yaml.safe_load((REPO / "launch" / "recipes" / f"{task}.yaml").read_text())
+    path, split = train if isinstance(train, tuple) else (train, "train")
+    data.update({"init_from": None, "model": TINY_MODEL, **extra})
+    data["data"].update(train=[{"path": str(path), "split": split}], tokenizer=str(tokenizer),
+                        eval=None if eval_source is None else {"path": str(eval_source[0]), "split": eval_source[1]})
+    return recipe_from_dict(data)
+
+
+def problems(task, train, tokenizer, eval_source=None, **extra):
+    return check_run_inputs(*recipe(task, train, tokenizer, eval_source, **extra))
+
+
+def copy_folder(src, tmp_path, name="copy"):
+    return shutil.copytree(src, tmp_path / name)
+
+
+def edit_manifest(folder, edit):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_usable_inputs_have_no_problems(synth_data):
+    assert problems("vqa", synth_data.vqa, synth_data.tokenizer, (synth_data.vqa, "val")) == []
+    assert problems("vl_pretrain", synth_data.captions, synth_data.tokenizer, (synth_data.captions, "val")) == []
+    assert problems("retrieval", synth_data.retrieval, synth_data.tokenizer, (synth_data.retrieval, "test")) == []
+
+
+def test_missing_eval_split_names_the_splits_there_are(synth_data):
+    found = problems("vqa", synth_data.vqa, synth_data.tokenizer, (synth_data.vqa, "test"))
+    assert len(found) == 1
+    assert "data.eval.split='test'" in found[0] and str(synth_data.vqa / "manifest.json") in found[0]
+    assert "['train', 'val']" in found[0]
+
+
+def test_empty_split_and_missing_shards(synth_data, tmp_path):
+    folder = copy_folder(synth_data.vqa, tmp_path)
+    edit_manifest(folder, lambda m: m["splits"]["val"].update(num_samples=0))
+    (folder / "train-000000.tar").unlink()
+    found = problems("vqa", folder, synth_data.tokenizer, (folder, "val"))
+    assert len(found) == 2
+    assert re.search(r"data\.train\[0\]\.split='train': 1 of 1 shard files missing .*train-000000\.tar", found[0])
+    assert "data.eval.split='val'" in found[1] and "0 samples" in found[1] and "['train']" in found[1]
+
+
+def test_folder_without_manifest_is_not_a_data_folder(synth_data, tmp_path):
+    folder = copy_folder(synth_data.captions, tmp_path)
+    (folder / "manifest.json").unlink()
+    found = problems("vl_pretrain", folder, synth_data.tokenizer)
+    assert found == [f"data.train[0].path={folder}: no manifest.json, so not a data_prep output folder (one "
+                     "written by `python -m data_prep COMMAND --output DIR`)"]
+    # the data_prep synth root: point at one of its sub-folders
+    found = problems("vl_pretrain", synth_data.root, synth_data.tokenizer)
+    assert "its sub-folders ['captions', 'retrieval', 'vqa'] are: use one of them" in found[0]
+
+
+def test_wrong_kind_of_folder_names_the_task_and_fields(synth_data, tmp_path):
+    nlvr2 = make_nlvr2_data(tmp_path / "nlvr2")
+    found = problems("nlvr2", synth_data.vqa, synth_data.tokenizer)  # an NLVR2 recipe on a VQA folder
+    assert any("holds 'vqa' data" in p and "task 'nlvr2' cannot read" in p and "['nlvr2']" in p for p in found)
+    assert any("lack field(s) ['img0.jpg', 'img1.jpg']" in p for p in found), found
+    found = problems("vqa", synth_data.retrieval, synth_data.tokenizer)  # same fields, other content
+    assert any("holds 'retrieval' data" in p and "task 'vqa' cannot read" in p for p in found), found
+    found = problems("vqa", synth_data.vqa, synth_data.tokenizer, (nlvr2, "train"))
+    assert len(found) == 2 and all(p.startswith(f"data.eval.path={nlvr2}") for p in found)
+    assert "lack field(s) ['jpg']" in found[1]
+
+
+def test_vocabulary_comes_from_the_first_training_folder_and_must_be_non_empty(synth_data, tmp_path):
+    folder = copy_folder(synth_data.vqa, tmp_path)
+    (folder / "answers.json").write_text(json.dumps({"answers": [], "counts": []}))
+    found = problems("vqa", folder, synth_data.tokenizer, (synth_data.vqa, "val"))
+    assert found == [f"{folder / 'answers.json'}: 'answers' must be a non-empty list, got []; rerun data_prep "
+                     "(e.g. a lower --min-answer-count) or point data.train[0] at another folder"]
+    (folder / "answers.json").unlink()
+    found = problems("vqa", folder, synth_data.tokenizer, (synth_data.vqa, "val"))
+    assert len(found) == 1 and f"data.train[0].path={folder}: no answers.json" in found[0]
+
+
+def test_tokenizer_must_exist_load_and_fit_the_vocabulary(synth_data, tmp_path):
+    assert "not a folder" in problems("vqa", synth_data.vqa, tmp_path / "none")[0]
+    (tmp_path / "empty").mkdir()
+    assert "cannot be loaded by AutoTokenizer" in problems("vqa", synth_data.vqa, tmp_path / "empty")[0]
+    small = {**TINY_MODEL, "vocab_size": 100}
+    found = problems("vqa", synth_data.vqa, synth_data.tokenizer, model=small)
+    assert len(found) == 1 and re.match(r"model.vocab_size=100 is smaller than the \d+ tokens", found[0])
+
+
+def test_init_from_needs_a_complete_checkpoint(synth_data, tmp_path):
+    run = tmp_path / "pretrained"
+    (run / "checkpoints" / "step_000002").mkdir(parents=True)  # interrupted: no COMPLETE marker
+    (run / "resolved_recipe.yaml").write_text(yaml.safe_dump({"model": TINY_MODEL}))
+    found = problems("vqa", synth_data.vqa, synth_data.tokenizer, init_from=str(run))
+    assert len(found) == 1 and found[0].startswith(f"init_from={run}: ") and "no complete checkpoint" in found[0]
+
+
+def test_url_specs_need_their_files(synth_data, tmp_path):
+    good = f"{synth_data.captions}/train-{{000000..000000}}.tar"
+    assert problems("vl_pretrain", (good, "train"), synth_data.tokenizer) == []
+    found = problems("vl_pretrain", (f"{synth_data.captions}/train-{{000000..000002}}.tar", "train"),
+                     synth_data.tokenizer)
+    assert len(found) == 1 and "2 of 3 shard files do not exist" in found[0]
+    found = problems("vl_pretrain", (tmp_path / "nowhere", "train"), synth_data.tokenizer)
+    assert len(found) == 1 and "does not exist; give a data_prep output folder" in found[0]
+
+
+def test_every_problem_in_one_error(synth_data, tmp_path):
+    found = problems("vqa", tmp_path / "nowhere", tmp_path / "none", (synth_data.vqa, "test"))
+    assert len(found) == 4  # train path, eval split, answers.json of the training folder, tokenizer
+    with pytest.raises(ConfigError, match=r"recipe.yaml: 4 problem\(s\)") as info:
+        require_no_problems(found, "recipe.yaml")
+    assert all(p in str(info.value) for p in found)
+    require_no_problems([], "recipe.yaml")
+
+
+def test_evaluate_inputs_task_data_and_vocabulary(synth_data, tmp_path):
+    run_recipe, model_cfg = recipe("vqa", synth_data.vqa, synth_data.tokenizer, (synth_data.vqa, "val"))
+    assert eval_input_problems(run_recipe, model_cfg, "vqa", str(synth_data.vqa), "val") == []
+    assert "trained for task 'vqa'; use --task vqa" in \
+        eval_input_problems(run_recipe, model_cfg, "retrieval", str(synth_data.retrieval), "test")[0]
+    found = eval_input_problems(run_recipe, model_cfg, "vqa", str(synth_data.retrieval), "test")
+    assert len(found) == 1 and found[0].startswith(f"--data/--split.path={synth_data.retrieval}: holds 'retrieval'")
+
+
+# ------------------------------------------------------------------------------ through the commands
+@pytest.mark.parametrize("env,message", [
+    ({"EVAL_SPLIT": "test"}, r"data\.eval\.split='test': not in .*its splits are \['train', 'val'\]"),
+    ({"DATA_PART": "vqa"}, r"holds 'vqa' data \(manifest.json task\), which recipe task 'vl_pretrain' cannot"),
+], ids=["missing_eval_split", "wrong_folder_kind"])
+def test_launch_script_refuses_unusable_inputs_before_the_launcher(synth_data, tmp_path, env, message):
+    data = synth_data.root / env.pop("DATA_PART", "captions")
+    proc = script("pretrain.sh", ["launch/recipes/vl_pretrain.yaml", tmp_path / "run", *sets(TINY)],
+                  {"DATA": str(data), "TOKENIZER": str(synth_data.tokenizer), **env}, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.search(message, proc.stderr), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and " -> " not in proc.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_train_direct_launch_bad_inputs_one_message_exit_2(synth_data, tmp_path):
+    """``deepspeed --module pipeline.train`` without the launch scripts: rank 0 checks the inputs at
+    start-up, every rank exits 2, one message and no traceback (it used to train, then fail at eval)."""
+    args = ["--recipe", "launch/recipes/vl_pretrain.yaml", "--ds-config", "ds_configs/zero2_fp32.json",
+            "--output-dir", str(tmp_path / "run"),
+            *sets([*TINY_MODEL_SETS, f"data.train=[{{path: {synth_data.captions}, split: train}}]",
+                   f"data.eval={{path: {synth_data.captions}, split: test}}", f"data.tokenizer={synth_data.tokenizer}",
+                   "train.steps=1", "train.peak_tflops=1.0", "batch.micro_batch_size=8", "data.num_workers=0"])]
+    proc = run_deepspeed("pipeline.train", args, check=False, timeout=180)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-4000:]
+    assert output.count("pipeline.train: configuration error") == 1 and "data.eval.split='test'" in output
+    assert "Traceback" not in output and not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_vqa_checkpoint_on_nlvr2_folder_exits_2_in_seconds(synth_data, tmp_path):
+    """A real 1-step VQA run, evaluated on an NLVR2 folder: a clear error before any model is built (it
+    used to skip every sample, then die with KeyError: 'question_id')."""
+    recipe_path = tmp_path / "vqa.yaml"
+    data = yaml.safe_load((REPO / "launch/recipes/vqa.yaml").read_text())
+    data.update(init_from=None, model=TINY_MODEL)
+    data["data"].update(train=[{"path": str(synth_data.vqa), "split": "train"}], eval=None, num_workers=0,
+                        tokenizer=str(synth_data.tokenizer))
+    data.update(batch={"micro_batch_size": 8}, train={"steps": 1, "eval_every": 0, "save_every": 0,
+                                                       "peak_tflops": 1.0, "log_every": 1})
+    recipe_path.write_text(yaml.safe_dump(data))
+    run_deepspeed("pipeline.train", ["--recipe", str(recipe_path), "--ds-config", "ds_configs/zero2_fp32.json",
+                                     "--output-dir", str(tmp_path / "run")], timeout=240)
+    nlvr2 = make_nlvr2_data(tmp_path / "nlvr2")
+    for task, data_dir, message in [("vqa", nlvr2, r"lack field\(s\) \['jpg'\] that task 'vqa' reads"),
+                                    ("retrieval", synth_data.retrieval, "trained for task 'vqa'; use --task vqa")]:
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--checkpoint", str(tmp_path / "run"),
+                               "--task", task, "--data", str(data_dir), "--split", "train"], cwd=REPO,
+                              env=launcher_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "eval").exists()
+        print(f"evaluate --task {task}: refused in {time.perf_counter() - started:.1f} s")
