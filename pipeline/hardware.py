@@ -10,6 +10,7 @@ CPU"), so fp32 is the faster choice there too; ``native_bf16`` still reports wha
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -51,7 +52,9 @@ def default_precision() -> tuple[str, str]:
     return "fp32", why
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="python -m pipeline.hardware", description=__doc__.split("\n\n")[0]
+                            + " Prints bf16 or fp32 on stdout, the reason on stderr.").parse_args(argv)
     precision, why = default_precision()
     print(f"precision: {precision} ({why})", file=sys.stderr)
     print(precision)
