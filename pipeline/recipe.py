@@ -112,12 +112,14 @@ class TrainConfig:
     seed: int = _f(1234, help="seed for weights, data order and masking")
     peak_tflops: float | None = _f(None, help="peak TFLOP/s per rank for MFU; null = measure at start")
     eval_max_batches: int | None = _f(None, help="cap on eval batches per rank (null = full pass)")
+    nonfinite_budget: int = _f(3, help="steps in a row with a non-finite loss or gradient norm that are "
+                                       "skipped before the run stops with an error (exit 3)")
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.log_every <= 0 or self.keep_last <= 0:
             raise ConfigError("train.steps, train.log_every and train.keep_last must be > 0")
-        if self.eval_every < 0 or self.save_every < 0:
-            raise ConfigError("train.eval_every and train.save_every must be >= 0")
+        if self.eval_every < 0 or self.save_every < 0 or self.nonfinite_budget < 0:
+            raise ConfigError("train.eval_every, train.save_every and train.nonfinite_budget must be >= 0")
 
 
 @dataclasses.dataclass

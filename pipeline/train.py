@@ -54,6 +54,7 @@ def input_error(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.distributed import gather_objects, init_distributed, shutdown_distributed
+    from pipeline.step_guard import NonFiniteTraining
     from pipeline.trainer import Trainer
 
     dist = init_distributed()
@@ -71,12 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_main:
             print(f"pipeline.train: configuration error: {exc}", file=sys.stderr)
         return 2
+    rc = 0
     try:
         trainer.fit()
+    except NonFiniteTraining as exc:  # raised on every rank at the same step (decisions are all-reduced)
+        if dist.is_main:
+            print(f"pipeline.train: stopped: {exc}", file=sys.stderr)
+        rc = 3
     finally:
         trainer.close()
     shutdown_distributed()
-    return 0
+    return rc
 
 
 if __name__ == "__main__":
