@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.checkpoint_merge import check_keys, safe_load
 from pipeline.distributed import Dist, barrier
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step_(\d+)$")
 COMPLETE = "COMPLETE"
 RUN_STATE = "run_state.json"
+HEADS_PREFIX = "heads."  # TaskModel's task heads: the only tensors init_from may lack or leave unused
 
 
 def tag_for(step: int) -> str:
@@ -119,20 +121,47 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------- load
+def deepspeed_safe_globals() -> list[type]:
+    """The classes besides tensors and plain data that DeepSpeed's checkpoint files hold (seen in the ZeRO
+    optimizer files of our bf16/fp32 runs; the model-state files hold none). DynamicLossScaler: fp16 runs."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def weights_only_loads(engine: Any) -> None:
+    """Make ``engine.load_checkpoint`` read every file with ``torch.load(weights_only=True)``: DeepSpeed
+    0.19.8's ``TorchCheckpointEngine.load`` passes ``weights_only=False``."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return safe_load(Path(path), deepspeed_safe_globals(), map_location)
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise RuntimeError(f"resume: checkpoint engine {type(engine.checkpoint_engine).__name__} is not "
+                           "DeepSpeed's TorchCheckpointEngine; cannot make its loads weights-only")
+    engine.checkpoint_engine.__class__ = WeightsOnlyCheckpointEngine
+
+
 def resume(engine: Any, run_dir: Path, dist: Dist) -> dict[str, Any] | None:
     """Restore engine (module, optimizer, scheduler) and RNG from the newest complete checkpoint of
-    ``run_dir``; returns its run state, or None when there is none (fresh start)."""
+    ``run_dir``; returns its run state, or None when there is none (fresh start). Every file is read
+    weights-only (ConfigError naming a file that holds anything else)."""
     ckpt_root = run_dir / "checkpoints"
     tag = latest_complete(ckpt_root)
     if tag is None:
         return None
+    weights_only_loads(engine)
     load_path, _ = engine.load_checkpoint(str(ckpt_root), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt_root / tag}")
     rng_file = ckpt_root / tag / "rng" / f"rank_{dist.rank:05d}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(safe_load(rng_file))
     else:
         log.warning("%s missing: RNG not restored on rank %d (world size changed?)", rng_file, dist.rank)
     state = json.loads((ckpt_root / tag / RUN_STATE).read_text())
@@ -142,9 +171,10 @@ def resume(engine: Any, run_dir: Path, dist: Dist) -> dict[str, Any] | None:
 
 def load_weights(engine: Any, init_from: str | Path) -> Path:
     """Weights only from another run's checkpoint, whatever its EP size or world size: the dense file and
-    every per-expert file are merged (global expert ids), this rank's local experts picked out, loaded
-    non-strictly (parameters the checkpoint lacks, e.g. another task's heads, keep their fresh init and
-    are logged), then the optimizer's fp32 master copy is refreshed."""
+    every per-expert file are merged (global expert ids), this rank's local experts picked out and loaded,
+    then the optimizer's fp32 master copy is refreshed. Only task heads (keys under ``heads.``) may be
+    missing (a new task's heads keep their fresh init) or unused (the old task's); any model tensor
+    missing or extra is a ConfigError."""
     from pipeline.checkpoint_merge import merge_moe_checkpoint
     from pipeline.recipe import init_from_shape_error
 
@@ -162,14 +192,17 @@ def load_weights(engine: Any, init_from: str | Path) -> Path:
                   for key, value in state.items() if value.shape != current[key].shape]
     if mismatched:
         raise init_from_shape_error(init_from, mismatched)
-    missing, _ = module.load_state_dict(state, strict=False)
     used = {_global_expert_key(module, k) for k in state}
-    unexpected = sorted(set(saved) - used)
+    missing = sorted(set(current) - set(state))
+    unexpected = sorted(k for k in set(saved) - used if not _other_ranks_expert(module, k))
+    check_keys(f"init_from {folder}", missing, unexpected, may_differ=HEADS_PREFIX)
+    module.load_state_dict(state, strict=False)
     if missing:
-        log.info("init_from %s: %d tensors not in the checkpoint keep their fresh init: %s", folder,
+        log.info("init_from %s: %d head tensors not in the checkpoint keep their fresh init: %s", folder,
                  len(missing), _summary(missing))
     if unexpected:
-        log.info("init_from %s: %d checkpoint tensors unused: %s", folder, len(unexpected), _summary(unexpected))
+        log.info("init_from %s: %d checkpoint head tensors unused: %s", folder, len(unexpected),
+                 _summary(unexpected))
     optimizer = getattr(engine, "optimizer", None)
     if optimizer is not None and hasattr(optimizer, "refresh_fp32_params"):
         optimizer.refresh_fp32_params()
@@ -191,6 +224,18 @@ def _global_expert_key(module: Any, key: str) -> str:
     ep_rank = groups._get_expert_parallel_rank(moe.expert_group_name)
     global_id = ep_rank * moe.num_local_experts + int(match.group(2))
     return f"{match.group(1)}.deepspeed_moe.experts.deepspeed_experts.{global_id}.{match.group(3)}"
+
+
+def _other_ranks_expert(module: Any, key: str) -> bool:
+    """A checkpoint tensor of a global expert that another EP rank of this model holds."""
+    match = _EXPERT_KEY.match(key)
+    if match is None:
+        return False
+    try:
+        moe = module.get_submodule(match.group(1))
+    except AttributeError:
+        return False
+    return int(match.group(2)) < getattr(moe, "num_experts", 0)
 
 
 def _summary(keys: list[str], limit: int = 8) -> str:

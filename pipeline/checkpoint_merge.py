@@ -11,11 +11,15 @@ local and local id == global id, so the union of those files is exactly an EP=1 
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from pipeline.config_utils import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +52,30 @@ def run_dir_of(checkpoint_dir: Path) -> Path:
     return checkpoint_dir.parent.parent if checkpoint_dir.parent.name == "checkpoints" else checkpoint_dir.parent
 
 
-def _load(path: Path) -> dict:
-    # our own run's files; DeepSpeed pickles non-tensor client state into them, so weights_only=False
-    return torch.load(path, map_location="cpu", weights_only=False)
+def safe_load(path: Path, allowed: list[type] | None = None, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)``: tensors, plain containers and numbers only (plus the classes in
+    ``allowed``), so a crafted file cannot run code. ConfigError naming the file and the refused global."""
+    try:
+        with torch.serialization.safe_globals(allowed or []):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"it refers to {found.group(1)}" if found else str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: refused to load: not a weights-only checkpoint ({what}); loading it "
+                          "could run code. Only tensors and plain data load (torch.load weights_only=True)"
+                          ) from None
 
 
 def merge_moe_checkpoint(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     """Dense weights + every per-expert file -> one state dict with global expert ids (EP=1 names).
     Checks that each MoE module has experts 0..E-1 with nothing missing or duplicated."""
     checkpoint_dir = Path(checkpoint_dir)
-    dense = _load(checkpoint_dir / DENSE_FILE)
+    dense = safe_load(checkpoint_dir / DENSE_FILE)
     state: dict[str, torch.Tensor] = dict(dense["module"] if "module" in dense else dense)
     experts: dict[str, set[int]] = defaultdict(set)
     files = sorted(p for p in checkpoint_dir.iterdir() if EXPERT_FILE.match(p.name))
     for path in files:
-        for key, tensor in _load(path).items():
+        for key, tensor in safe_load(path).items():
             m = EXPERT_KEY.match(key)
             if m is None:
                 raise ValueError(f"{path}: key {key!r} is not an expert parameter")
@@ -76,6 +89,24 @@ def merge_moe_checkpoint(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     log.info("merged %s: %d dense tensors + %d expert files (%d MoE modules)", checkpoint_dir,
              len(state) - sum(1 for k in state if EXPERT_KEY.match(k)), len(files), len(experts))
     return state
+
+
+def check_keys(source: str | Path, missing: list[str], unexpected: list[str], may_differ: str | None = None
+               ) -> None:
+    """ConfigError naming the model tensors ``source`` lacks (``missing``) and the tensors it holds that the
+    model has not (``unexpected``); keys starting with ``may_differ`` (e.g. "heads.") are let through."""
+    missing = [k for k in missing if not (may_differ and k.startswith(may_differ))]
+    unexpected = [k for k in unexpected if not (may_differ and k.startswith(may_differ))]
+    if missing or unexpected:
+        allowed = f" (only tensors under {may_differ!r} may differ)" if may_differ else ""
+        raise ConfigError(f"{source}: the checkpoint does not match the model{allowed}: "
+                          f"{len(missing)} model tensors missing from it ({_summary(missing)}), "
+                          f"{len(unexpected)} checkpoint tensors the model has not ({_summary(unexpected)}). "
+                          "Was it saved by a run of another model or task?")
+
+
+def _summary(keys: list[str], limit: int = 6) -> str:
+    return ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit})" if len(keys) > limit else "") if keys else "-"
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

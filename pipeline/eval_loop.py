@@ -114,7 +114,7 @@ def load_for_eval(run_dir_or_tag: str | Path, dist: Dist | None = None, override
     applied to the saved recipe (e.g. ``data.eval.path=...``). Expert parallelism is set to 1."""
     from pipeline.build import build_task, build_task_model, load_tokenizer
     from pipeline.checkpoint import resolve_checkpoint
-    from pipeline.checkpoint_merge import merge_moe_checkpoint
+    from pipeline.checkpoint_merge import check_keys, merge_moe_checkpoint
     from pipeline.distributed import single_process
     from pipeline.recipe import load_recipe, resolve_init_from
     from pipeline.tasks import DistInfo
@@ -129,7 +129,6 @@ def load_for_eval(run_dir_or_tag: str | Path, dist: Dist | None = None, override
     module = build_task_model(recipe, model_cfg, task, recipe.train.seed)
     state = merge_moe_checkpoint(ckpt_root / tag)
     missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        log.warning("load_for_eval: missing %s, unexpected %s", missing[:8], unexpected[:8])
+    check_keys(ckpt_root / tag, missing, unexpected)  # a model scored on fresh weights is no result
     module.to(device or dist.device).eval()
     return LoadedRun(module, task, recipe, model_cfg, ckpt_root / tag)
