@@ -25,6 +25,7 @@ import random
 import signal
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+from urllib.parse import urlparse
 
 import torch
 import webdataset as wds
@@ -48,6 +49,17 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def url_scheme_problem(url: str, allow_pipe_urls: bool) -> str | None:
+    """Why webdataset must not open ``url``, or None. Plain files (no scheme, ``file:``) always open; every
+    other scheme (webdataset lower-cases it: ``PIPE:`` is ``pipe:``) runs a command (``pipe:`` a shell
+    command, http(s)/sftp/scp/gs/hf/... curl, gsutil, ...), so it needs ``data.allow_pipe_urls: true``."""
+    scheme = urlparse(url).scheme.lower()
+    if scheme in ("", "file") or allow_pipe_urls:
+        return None
+    return (f"shard URL {url!r}: webdataset opens scheme {scheme!r} by running a command; only local files "
+            "open by default: set data.allow_pipe_urls=true in the recipe if you trust it")
+
+
 def shard_urls(path: str, split: str, allow_pipe_urls: bool = False) -> list[str]:
     """Shard URLs of ``split``: from the manifest when ``path`` is a folder, else a webdataset URL spec."""
     folder = Path(path)
@@ -59,9 +71,9 @@ def shard_urls(path: str, split: str, allow_pipe_urls: bool = False) -> list[str
     else:
         urls = list(wds.shardlists.expand_urls(path))
     for url in urls:
-        if url.startswith("pipe:") and not allow_pipe_urls:
-            raise ConfigError(f"shard URL {url!r} runs a shell command: set data.allow_pipe_urls=true "
-                              "in the recipe if you trust it")
+        problem = url_scheme_problem(url, allow_pipe_urls)
+        if problem:
+            raise ConfigError(f"{path}: {problem}")
     if not urls:
         raise ConfigError(f"{path}: split {split!r} has no shards")
     return urls

@@ -150,3 +150,16 @@ def test_pipe_urls_need_explicit_permission(tmp_path):
         ["pipe:cat /tmp/x-000.tar", "pipe:cat /tmp/x-001.tar"]
     with pytest.raises(ConfigError, match="split 'test' not in manifest"):
         shard_urls(str(make_source(tmp_path / "m", "m", 1, 2)), "test")
+
+
+@pytest.mark.parametrize("url", ["PIPE:touch {marker}", "Pipe:touch {marker}", "https://example.com/x.tar",
+                                 "gs://bucket/x.tar", "sftp://host/x.tar"])
+def test_command_schemes_refused_whatever_their_case(tmp_path, url):
+    """webdataset lower-cases the scheme (PIPE: runs a shell) and opens http/gs/sftp through curl/gsutil."""
+    url = url.format(marker=tmp_path / "pwned")
+    with pytest.raises(ConfigError, match="allow_pipe_urls"):
+        shard_urls(url, "train")
+    assert shard_urls(url, "train", allow_pipe_urls=True) == [url]
+    local = tmp_path / "x-000.tar"
+    assert shard_urls(str(local), "train") == [str(local)]
+    assert shard_urls(f"file:{local}", "train") == [f"file:{local}"]
