@@ -9,7 +9,15 @@
 #   DS_CONFIG      engine JSON [ds_configs/zero2_bf16.json]
 #   PYTHON         interpreter [.venv/bin/python if present, else python3]
 #   RESUME         auto|never [auto]
+#   PREEMPT_GRACE_S  after a stop signal, seconds the ranks get to checkpoint before every process is
+#                  killed [180] (pipeline.launch_guard)
+#   LAUNCH_PREEMPTED_MARKER  file to which a preempted run appends "RUN_DIR TAG" (launch/slurm.sbatch)
 set -euo pipefail
+# A stop signal (Ctrl-C, SIGTERM, SIGUSR1) before the launcher starts: launch nothing, exit 0 (see train)
+STOP_REQUESTED=0
+PREEMPTED=0
+trap 'STOP_REQUESTED=1' TERM INT USR1
+die() { echo "launch: $*" >&2; exit 2; }
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 if [[ -z "${PYTHON:-}" ]]; then
@@ -25,6 +33,7 @@ NO_SSH="${NO_SSH:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 RESUME="${RESUME:-auto}"
+PREEMPT_GRACE_S="${PREEMPT_GRACE_S:-180}"
 if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   GPUS_PER_NODE="${GPUS_PER_NODE:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')}"
 else  # no CUDA: N CPU ranks over gloo
@@ -33,21 +42,29 @@ else  # no CUDA: N CPU ranks over gloo
   GPUS_PER_NODE="${GPUS_PER_NODE:-${CPU_RANKS:-2}}"
 fi
 export TOKENIZERS_PARALLELISM=false
-WORLD_SIZE_TOTAL=$((GPUS_PER_NODE * NNODES))
 
-# launcher_args: the deepspeed launcher's own arguments for this node
-launcher_args() {
-  local args=(--master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
-  if [[ -n "${HOSTFILE:-}" ]]; then
-    args+=(--hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE")
-    if [[ "$NO_SSH" == 1 ]]; then args+=(--no_ssh --node_rank "$NODE_RANK"); fi
-  elif [[ "$NNODES" -gt 1 ]]; then
-    echo "launch: NNODES=$NNODES needs HOSTFILE (see launch/hostfile.example)" >&2; return 2
-  else
-    args+=(--num_gpus "$GPUS_PER_NODE")
-  fi
-  printf '%s\n' "${args[@]}"
-}
+# every setting is checked here, before anything runs: a wrong one stops the launch with exit 2
+is_count() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
+is_count "$NNODES" || die "NNODES=$NNODES: expected a whole number >= 1"
+is_count "$GPUS_PER_NODE" || die "GPUS_PER_NODE=$GPUS_PER_NODE (or CPU_RANKS): expected a whole number >= 1"
+[[ "$NO_SSH" == 0 || "$NO_SSH" == 1 ]] || die "NO_SSH=$NO_SSH: expected 0 or 1"
+[[ "$NODE_RANK" =~ ^[0-9]+$ && "$NODE_RANK" -lt "$NNODES" ]] || die "NODE_RANK=$NODE_RANK: expected 0..$((NNODES - 1))"
+[[ "$RESUME" == auto || "$RESUME" == never ]] || die "RESUME=$RESUME: expected auto or never"
+[[ "$PREEMPT_GRACE_S" =~ ^[0-9]+([.][0-9]+)?$ && "$PREEMPT_GRACE_S" != 0 ]] \
+  || die "PREEMPT_GRACE_S=$PREEMPT_GRACE_S: expected seconds > 0"
+[[ -f "$DS_CONFIG" ]] || die "DS_CONFIG=$DS_CONFIG: file not found (ds_configs/ has: $(ls ds_configs | paste -sd' '))"
+WORLD_SIZE_TOTAL=$((GPUS_PER_NODE * NNODES))
+# the deepspeed launcher's own arguments for this node
+LAUNCHER_ARGS=(--master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+if [[ -n "${HOSTFILE:-}" ]]; then
+  [[ -f "$HOSTFILE" ]] || die "HOSTFILE=$HOSTFILE: file not found (format: launch/hostfile.example)"
+  LAUNCHER_ARGS+=(--hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE")
+  if [[ "$NO_SSH" == 1 ]]; then LAUNCHER_ARGS+=(--no_ssh --node_rank "$NODE_RANK"); fi
+elif [[ "$NNODES" -gt 1 ]]; then
+  die "NNODES=$NNODES needs HOSTFILE (see launch/hostfile.example)"
+else
+  LAUNCHER_ARGS+=(--num_gpus "$GPUS_PER_NODE")
+fi
 
 # check_plan RECIPE [--set ...]: fail before launch (batch arithmetic, ZeRO-3 + MoE, EP divisibility, keys)
 check_plan() {
@@ -55,38 +72,64 @@ check_plan() {
   "$PYTHON" -m pipeline.plan --recipe "$recipe" --ds-config "$DS_CONFIG" --world-size "$WORLD_SIZE_TOTAL" "$@"
 }
 
-# train RECIPE RUN_DIR [--set ...]: plan check, then the deepspeed launcher. SIGTERM/SIGUSR1 reaching this
-# script are forwarded to the training ranks as SIGUSR1 (checkpoint at the next step, exit 0).
-train() {
-  local recipe="$1" run_dir="$2"; shift 2
-  check_plan "$recipe" "$@" >/dev/null || { echo "launch: $recipe does not fit this launch (above)" >&2; return 2; }
-  local largs; mapfile -t largs < <(launcher_args)
-  echo "launch: $recipe -> $run_dir on $WORLD_SIZE_TOTAL ranks ($DS_CONFIG): deepspeed ${largs[*]}" >&2
-  "$DEEPSPEED" "${largs[@]}" --module pipeline.train --recipe "$recipe" --ds-config "$DS_CONFIG" \
-    --output-dir "$run_dir" --resume "$RESUME" "$@" &
-  local pid=$!
-  trap "forward_preemption $pid" TERM USR1
-  local rc=0
-  while true; do
-    wait "$pid" && rc=0 || rc=$?
-    kill -0 "$pid" 2>/dev/null || break  # still running: wait was interrupted by a trapped signal
-  done
-  trap - TERM USR1
+# run_forwarding CMD...: run CMD in the background and wait for it, forwarding SIGTERM/SIGINT/SIGUSR1 to it
+# as SIGUSR1 (launch/*.sh and pipeline.launch_guard treat the three alike); returns CMD's exit status.
+# Needed where only this shell is signalled (PID 1 of a container, SLURM's --signal=B:...).
+run_forwarding() {
+  "$@" &
+  local pid=$! rc=0
+  trap "STOP_REQUESTED=1; kill -USR1 $pid 2>/dev/null || true" TERM INT USR1
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done  # a trapped signal interrupts wait
+  wait "$pid" && rc=0 || rc=$?
+  trap 'STOP_REQUESTED=1' TERM INT USR1
   return "$rc"
 }
 
-forward_preemption() {  # SIGUSR1 to the ranks: the processes running pipeline.train under the launcher
-  local launcher=$1 launch_pids pids=""
-  launch_pids=$(pgrep -P "$launcher" | paste -sd, || true)  # deepspeed.launcher.launch (this node)
-  [[ -n "$launch_pids" ]] && pids=$(pgrep -P "$launch_pids" || true)  # its children are the ranks
-  echo "launch: preemption signal, asking ranks ${pids:-none} to checkpoint" >&2
-  [[ -n "$pids" ]] && kill -USR1 $pids || true
+# train RECIPE RUN_DIR [--set ...]: plan check, then the deepspeed launcher under pipeline.launch_guard.
+# A stop signal makes every rank checkpoint at its next step boundary (or finish the checkpoint it is
+# writing) and exit 0; no process outlives the launch (launch/README.md "Stopping and preemption").
+train() {
+  local recipe="$1" run_dir="$2"; shift 2
+  [[ -f "$recipe" ]] || die "recipe $recipe: file not found (launch/recipes/ has: $(ls launch/recipes | paste -sd' '))"
+  check_plan "$recipe" "$@" >/dev/null || die "$recipe does not fit this launch (above)"
+  if [[ "$STOP_REQUESTED" == 1 ]]; then
+    echo "launch: stop requested before $recipe started: nothing launched, rerun to start" >&2
+    note_preempted "$run_dir" none; return 0
+  fi
+  echo "launch: $recipe -> $run_dir on $WORLD_SIZE_TOTAL ranks ($DS_CONFIG): deepspeed ${LAUNCHER_ARGS[*]}" >&2
+  local rc=0
+  run_forwarding "$PYTHON" -m pipeline.launch_guard --grace-period "$PREEMPT_GRACE_S" -- \
+    "$DEEPSPEED" "${LAUNCHER_ARGS[@]}" --module pipeline.train --recipe "$recipe" --ds-config "$DS_CONFIG" \
+    --output-dir "$run_dir" --resume "$RESUME" "$@" || rc=$?
+  if [[ "$rc" == 0 ]]; then
+    local latest finished=""
+    latest="$(latest_checkpoint "$run_dir")"
+    [[ -f "$run_dir/FINISHED" ]] && finished="$(<"$run_dir/FINISHED")"
+    if [[ -n "$latest" && "$latest" != "$finished" ]]; then  # pipeline.train stopped before its last step
+      echo "launch: preempted at step $((10#${latest#step_})) ($run_dir/checkpoints/$latest), rerun to resume" >&2
+      note_preempted "$run_dir" "$latest"
+    fi
+  fi
+  return "$rc"
 }
 
-# data_args STAGE_DATA_DIR EVAL_SPLIT TOKENIZER: --set items pointing a recipe at a data_prep folder
-data_args() {
+note_preempted() {  # RUN_DIR TAG
+  PREEMPTED=1
+  if [[ -n "${LAUNCH_PREEMPTED_MARKER:-}" ]]; then echo "$1 $2" >> "$LAUNCH_PREEMPTED_MARKER"; fi
+}
+
+latest_checkpoint() {  # RUN_DIR -> tag of its newest complete checkpoint (step_N), or nothing
+  local marker tag=""
+  for marker in "$1"/checkpoints/step_*/COMPLETE; do [[ -f "$marker" ]] && tag="$(basename "$(dirname "$marker")")"; done
+  echo "$tag"
+}
+
+# data_sets STAGE_DATA_DIR EVAL_SPLIT TOKENIZER: DATA_SETS = the --set items pointing a recipe at a
+# data_prep folder (an array, not printed: a failure inside $(...) or <(...) would not stop the script)
+data_sets() {
   local data="$1" eval_split="$2" tokenizer="$3"
-  echo "--set"; echo "data.train=[{path: $data, split: train}]"
-  echo "--set"; echo "data.eval={path: $data, split: $eval_split}"
-  echo "--set"; echo "data.tokenizer=$tokenizer"
+  [[ -d "$data" ]] || die "DATA=$data: not a folder (expected a data_prep output folder with manifest.json)"
+  [[ -n "$tokenizer" ]] || die "DATA=$data needs TOKENIZER (a data_prep tokenizer folder)"
+  DATA_SETS=(--set "data.train=[{path: $data, split: train}]" --set "data.eval={path: $data, split: $eval_split}"
+             --set "data.tokenizer=$tokenizer")
 }

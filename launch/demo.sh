@@ -21,6 +21,9 @@ TOKENIZER="$DEMO_DIR/tokenizer"
 started=$SECONDS
 
 step() { echo; echo "==> [$((SECONDS - started))s] $*" >&2; }
+stop_if_preempted() {  # RUN_DIR: a stage that exited 0 without FINISHED was preempted (launch/README.md)
+  if [[ ! -f "$1/FINISHED" ]]; then echo "demo: preempted in $1; rerun to resume" >&2; exit 0; fi
+}
 
 echo "demo: $DEMO_DIR, engine config $DS_CONFIG, $WORLD_SIZE_TOTAL ranks" >&2
 step "data_prep synth -> $DATA"
@@ -37,7 +40,9 @@ fi
 step "pretraining: text_mlm -> vl_pretrain (EP=2) in $DEMO_DIR"
 # ITM is off in the demo's vl_pretrain: within this budget it stays at chance (itm_acc 0.5) while its three
 # fused passes per sample take ~45% of the stage (BENCHMARKS.md); retrieval fine-tuning still trains ITM.
-STAGES="text_mlm vl_pretrain" SETS_vl_pretrain="${SETS_vl_pretrain:-objectives.itm=0}" bash launch/pipeline.sh "$DATA" "$TOKENIZER" "$DEMO_DIR"
+run_forwarding env STAGES="text_mlm vl_pretrain" SETS_vl_pretrain="${SETS_vl_pretrain:-objectives.itm=0}" \
+  bash launch/pipeline.sh "$DATA" "$TOKENIZER" "$DEMO_DIR"
+stop_if_preempted "$DEMO_DIR/vl_pretrain"
 
 finetune() {  # TASK EVAL_SPLIT
   local task="$1" split="$2" run="$DEMO_DIR/$1"
@@ -45,8 +50,9 @@ finetune() {  # TASK EVAL_SPLIT
   if [[ -f "$run/FINISHED" ]]; then
     echo "$task already fine-tuned, reusing" >&2
   else
-    DATA="$DATA/$task" EVAL_SPLIT="$split" TOKENIZER="$TOKENIZER" \
+    run_forwarding env DATA="$DATA/$task" EVAL_SPLIT="$split" TOKENIZER="$TOKENIZER" \
       bash launch/finetune.sh "launch/recipes/$task.yaml" "$DEMO_DIR/vl_pretrain" "$run"
+    stop_if_preempted "$run"
   fi
   step "pipeline.evaluate: $task on $split"
   if [[ -f "$DEMO_DIR/eval/$task.json" && "$DEMO_DIR/eval/$task.json" -nt "$run/FINISHED" ]]; then

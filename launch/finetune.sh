@@ -8,6 +8,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 recipe="$1"; init_from="$2"; run_dir="$3"; shift 3
 extra=()
 if [[ -n "${DATA:-}" ]]; then
-  mapfile -t extra < <(data_args "$DATA" "${EVAL_SPLIT:-val}" "${TOKENIZER:?set TOKENIZER with DATA}")
+  data_sets "$DATA" "${EVAL_SPLIT:-val}" "${TOKENIZER:-}"
+  extra=("${DATA_SETS[@]}")
 fi
 train "$recipe" "$run_dir" --set "init_from=$init_from" "${extra[@]}" "$@"

@@ -6,8 +6,9 @@
 # STAGES: recipe names in launch/recipes [text_mlm vl_pretrain]; EP_SIZES: model.moe.ep_size per stage
 # [recipe value]; SETS_<stage>="k=v k2=v2" adds --set items to one stage. A finished stage (RUN/FINISHED,
 # written by pipeline.train after the last step) is skipped on rerun; an interrupted one resumes.
+# Preempted (stop signal: launch/README.md): exit 0 after the running stage's checkpoint; rerun to continue.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-[[ $# -ge 3 ]] || { sed -n 2,8p "$0" >&2; exit 2; }
+[[ $# -ge 3 ]] || { sed -n 2,9p "$0" >&2; exit 2; }
 data_root="$1"; tokenizer="$2"; run_root="$3"; shift 3
 read -r -a stages <<< "${STAGES:-text_mlm vl_pretrain}"
 read -r -a ep_sizes <<< "${EP_SIZES:-}"
@@ -26,8 +27,8 @@ for i in "${!stages[@]}"; do
   stage="${stages[$i]}"
   run_dir="$run_root/$stage"
   read -r folder eval_split <<< "$(stage_data "$stage")"
-  args=()
-  mapfile -t args < <(data_args "$folder" "$eval_split" "$tokenizer")
+  data_sets "$folder" "$eval_split" "$tokenizer"
+  args=("${DATA_SETS[@]}")
   [[ -n "$previous" ]] && args+=(--set "init_from=$previous")
   [[ -n "${ep_sizes[$i]:-}" ]] && args+=(--set "model.moe.ep_size=${ep_sizes[$i]}")
   stage_sets="SETS_${stage}"
@@ -36,6 +37,10 @@ for i in "${!stages[@]}"; do
     echo "pipeline: $stage already finished in $run_dir, skipping" >&2
   else
     train "launch/recipes/$stage.yaml" "$run_dir" "$@" "${args[@]}"  # stage-specific items win
+    if [[ "$PREEMPTED" == 1 ]]; then
+      echo "pipeline: preempted during $stage; rerun to resume it and the stages after it" >&2
+      exit 0
+    fi
     if [[ ! -f "$run_dir/FINISHED" ]]; then
       echo "pipeline: $stage stopped before its last step (preempted?); rerun to resume" >&2
       exit 3

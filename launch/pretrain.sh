@@ -9,6 +9,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 recipe="$1"; run_dir="$2"; shift 2
 extra=()
 if [[ -n "${DATA:-}" ]]; then
-  mapfile -t extra < <(data_args "$DATA" "${EVAL_SPLIT:-val}" "${TOKENIZER:?set TOKENIZER with DATA}")
+  data_sets "$DATA" "${EVAL_SPLIT:-val}" "${TOKENIZER:-}"
+  extra=("${DATA_SETS[@]}")
 fi
 train "$recipe" "$run_dir" "${extra[@]}" "$@"

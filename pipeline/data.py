@@ -195,11 +195,13 @@ def _restore_default(signum: int, _frame: Any) -> None:
 
 
 def _ignore_preemption_signals(_: int) -> None:
-    """Worker init: a preemption SIGTERM sent to the whole process group must not kill the workers
-    before the trainer has checkpointed; the first SIGTERM is swallowed (a second one terminates, as
-    DataLoader shutdown expects), SIGUSR1 is ignored."""
+    """Worker init: a preemption signal sent to the whole process group (or, by SLURM, to every process)
+    must not kill the workers before the trainer has checkpointed: the first SIGTERM is swallowed (a second
+    one terminates, as DataLoader shutdown expects); SIGUSR1 and SIGINT (Ctrl-C: torch's worker loop would
+    exit quietly on KeyboardInterrupt and fail the next batch) are ignored."""
     signal.signal(signal.SIGTERM, _restore_default)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _loader(pipeline: Any, num_workers: int) -> torch.utils.data.DataLoader:

@@ -3,12 +3,20 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import os
+import signal
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as tdist
 
+log = logging.getLogger(__name__)
+
+DEFAULT_PREEMPT_GRACE_S = 180.0  # as pipeline.launch_guard; the guard passes its own in PREEMPT_GRACE_S
 
 @dataclasses.dataclass(frozen=True)
 class Dist:
@@ -115,3 +123,62 @@ def shutdown_distributed() -> None:
     if tdist.is_available() and tdist.is_initialized():
         barrier()
         tdist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ launcher
+def _is_launcher(cmdline: list[str]) -> bool:
+    """deepspeed's launch.py, the ``deepspeed`` runner script, or ``pipeline.launch_guard``."""
+    return ("deepspeed.launcher.launch" in cmdline or "pipeline.launch_guard" in cmdline
+            or "deepspeed.launcher.runner" in cmdline or any(Path(arg).name == "deepspeed" for arg in cmdline[:2]))
+
+
+def launcher_chain() -> list[Any]:
+    """The launcher processes above this one (launch.py, runner, guard), nearest first; [] when not launched."""
+    import psutil
+
+    chain, proc = [], psutil.Process().parent()
+    while proc is not None and proc.pid > 1:
+        try:
+            if not _is_launcher(proc.cmdline()):
+                break
+            chain.append(proc)
+            proc = proc.parent()
+        except psutil.Error:
+            break
+    return chain
+
+
+def watch_launcher(grace_s: float | None = None, poll_s: float = 1.0) -> threading.Thread | None:
+    """Daemon thread: when a launcher process above this rank exits (a runner killed by SIGTERM leaves
+    launch.py and the ranks running; a SIGKILLed launch.py orphans them), send this process SIGUSR1 (the
+    trainer checkpoints at the next step and exits); if it still runs ``grace_s`` later (stuck in a
+    collective or a data loader), exit at once. ``grace_s`` defaults to $PREEMPT_GRACE_S [180]."""
+    chain = launcher_chain()
+    if not chain:
+        return None
+    if grace_s is None:
+        grace_s = float(os.environ.get("PREEMPT_GRACE_S", DEFAULT_PREEMPT_GRACE_S))
+    thread = threading.Thread(target=_watch, args=(chain, grace_s, poll_s), name="watch_launcher", daemon=True)
+    thread.start()
+    return thread
+
+
+def _alive(proc: Any) -> bool:
+    import psutil
+
+    try:  # is_running also compares the start time (pid reuse); an unreaped zombie has exited too
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _watch(chain: list[Any], grace_s: float, poll_s: float) -> None:
+    while all(_alive(proc) for proc in chain):
+        time.sleep(poll_s)
+    gone = next(proc for proc in chain if not _alive(proc))
+    log.warning("pid %d: launcher process %d exited: checkpointing at the next step, exiting within %.0f s",
+                os.getpid(), gone.pid, grace_s)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    time.sleep(grace_s)
+    log.error("pid %d: still running %.0f s after its launcher exited: exiting now", os.getpid(), grace_s)
+    os._exit(1)

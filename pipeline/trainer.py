@@ -7,6 +7,7 @@ fixed-shape batches; eval pads to equal batch counts (``pipeline.eval_loop``).
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import json
 import logging
 import signal
@@ -21,7 +22,7 @@ from pipeline import checkpoint
 from pipeline.build import apply_freeze, build_engine, build_task, build_task_model, load_tokenizer
 from pipeline.config_utils import to_dict
 from pipeline.data import build_eval_loader, build_train_loader, strip_meta
-from pipeline.distributed import Dist, all_reduce_max, all_reduce_sum, barrier
+from pipeline.distributed import Dist, all_reduce_max, all_reduce_sum, barrier, watch_launcher
 from pipeline.ds_config import build_ds_config, load_engine_json, precision
 from pipeline.eval_loop import run_eval, to_device, write_eval
 from pipeline.recipe import dump_recipe, load_recipe
@@ -30,6 +31,7 @@ from pipeline.tb_logging import MetricsSink, console_line, expert_load_scalars, 
 
 log = logging.getLogger(__name__)
 
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 DATA_SEED_STRIDE = 1_000_003  # data stream seed = seed + stride * step at which the loader started
 
 
@@ -103,15 +105,19 @@ class Trainer:
             step = self.state.step
             if step % self.recipe.train.log_every == 0 or step == steps:
                 self.log_window()
-            if self._stop_requested():
-                log.info("signal %s: checkpointing at step %d and exiting", self.stop_signal, step)
+            stop = self._stop_requested()
+            if stop:
+                log.info("%s: checkpointing at step %d and exiting", _signal_name(self.stop_signal), step)
+            # save before evaluating: a failing evaluation never costs a checkpoint
+            if stop or (step < steps and self.recipe.train.save_every and step % self.recipe.train.save_every == 0):
                 self.save()
-                return
+                if stop or self._stop_requested():  # a signal during this save: it is the checkpoint to stop at
+                    log.info("preempted at step %d: checkpoint %s saved, rerun with --resume auto to continue",
+                             step, checkpoint.tag_for(step))
+                    return
+                self._restart_data()  # data stream is a function of (seed, step): resume is exact
             if step < steps and self.recipe.train.eval_every and step % self.recipe.train.eval_every == 0:
                 self.evaluate()
-            if step < steps and self.recipe.train.save_every and step % self.recipe.train.save_every == 0:
-                self.save()
-                self._restart_data()  # data stream is a function of (seed, step): resume is exact
         self.evaluate()
         self.save()
         self._mark_finished()
@@ -217,14 +223,25 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- signals
     def _install_signal_handlers(self) -> None:
+        """SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) ask for a checkpoint and exit at the next step boundary.
+        pipeline.launch_guard starts the launcher with them blocked (so that the processes between it and
+        the ranks ignore them): unblocked here, once handled; one sent meanwhile is delivered now."""
         def request_stop(signum: int, _frame: Any) -> None:
-            self.stop_signal = signum
+            if self.stop_signal is None:  # the first one names the cause (the guard's SIGUSR1 often follows)
+                self.stop_signal = signum
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, request_stop)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)
+        faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 RANK`: where is it stuck?
+        watch_launcher()  # a launcher that dies (or is killed) makes this rank checkpoint and exit too
 
     def _stop_requested(self) -> bool:
         return all_reduce_max(1.0 if self.stop_signal is not None else 0.0, self.dist.device) > 0
+
+
+def _signal_name(signum: int | None) -> str:
+    return signal.Signals(signum).name if signum is not None else "stop requested by another rank"
 
 
 def _empty_window() -> dict[str, Any]:
