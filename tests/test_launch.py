@@ -89,3 +89,26 @@ def test_wrong_configs_fail_before_launch(synth_data, tmp_path, overrides, env, 
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert re.search(message, proc.stderr), proc.stderr[-3000:]
     assert " -> " not in proc.stderr and not (tmp_path / "run").exists()  # the launcher never started
+
+
+LAUNCH_ERRORS = [  # (environment, recipe, message): wrong settings of the launch scripts themselves
+    ({"NNODES": "2"}, "vl_pretrain", r"NNODES=2 needs HOSTFILE \(see launch/hostfile.example\)"),
+    ({"NNODES": "2", "HOSTFILE": "/nonexistent/hosts"}, "vl_pretrain", "HOSTFILE=/nonexistent/hosts: file not found"),
+    ({"NNODES": "2", "HOSTFILE": "launch/hostfile.example", "NO_SSH": "1", "NODE_RANK": "2"}, "vl_pretrain",
+     r"NODE_RANK=2: expected 0\.\.1"),
+    ({"CPU_RANKS": "two"}, "vl_pretrain", "GPUS_PER_NODE=two .*expected a whole number"),
+    ({"RESUME": "yes"}, "vl_pretrain", "RESUME=yes: expected auto or never"),
+    ({"DS_CONFIG": "ds_configs/nope.json"}, "vl_pretrain", r"DS_CONFIG=ds_configs/nope.json: file not found \(ds_configs/ has"),
+    ({}, "nope", r"recipe launch/recipes/nope.yaml: file not found \(launch/recipes/ has: .*vl_pretrain.yaml"),
+    ({"TOKENIZER": ""}, "vl_pretrain", "DATA=.* needs TOKENIZER"),
+]
+
+
+@pytest.mark.parametrize("env,recipe,message", LAUNCH_ERRORS,
+                         ids=["nnodes_no_hostfile", "hostfile_missing", "node_rank", "ranks", "resume", "ds_config",
+                              "recipe", "tokenizer"])
+def test_launch_script_errors_exit_2_before_launching(synth_data, tmp_path, env, recipe, message):
+    proc = script("pretrain.sh", [f"launch/recipes/{recipe}.yaml", tmp_path / "run", *sets(TINY)],
+                  {"DATA": str(synth_data.captions), "TOKENIZER": str(synth_data.tokenizer), **env}, timeout=120)
+    assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr[-3000:]
+    assert " -> " not in proc.stderr and not (tmp_path / "run").exists()  # the launcher never started
