@@ -47,14 +47,11 @@ class MetricsSink:
             self.jsonl.close()
 
 
-def expert_load_scalars(counts: dict[str, torch.Tensor], capacity_factor: float | None = None
-                        ) -> dict[str, float]:
+def expert_load_scalars(counts: dict[str, torch.Tensor]) -> dict[str, float]:
     """Per ``layer{L}/{modality}`` (routed counts [E]; with ``layer{L}/{modality}/kept`` beside it, the
     routes kept within capacity): fraction of routed tokens per expert, normalised entropy of that load
     (1 = perfectly balanced), max/mean load, and the measured ``routed``, ``kept`` and
-    ``dropped_frac`` = 1 - kept/routed. Counts are of real tokens (padding is never routed with top-1).
-    ``capacity_factor`` is ignored (drops are measured, not estimated); it goes once the trainer stops
-    passing it."""
+    ``dropped_frac`` = 1 - kept/routed. Counts are of real tokens (padding is never routed with top-1)."""
     out: dict[str, float] = {}
     for key, count in sorted(counts.items()):
         if key.endswith(KEPT_SUFFIX):

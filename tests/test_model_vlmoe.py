@@ -33,8 +33,9 @@ def test_modes_shapes_and_counts():
     assert txt.hidden.shape == (3, 8, 32) and txt.num_image_tokens == 0
     assert joint.hidden.shape == (3, 13, 32) and joint.spans == {"image": (0, 5), "text": (5, 13)}
     # MoE blocks 1 and 3; block 3 is the fusion block: the joint pass uses the shared VL-FFN there.
-    assert set(joint.expert_counts) == {"layer1/image", "layer1/text", "layer3/vl"}
-    assert set(txt.expert_counts) == {"layer1/text", "layer3/text"}
+    assert set(joint.expert_counts) == {"layer1/image", "layer1/text", "layer3/vl",
+                                        "layer1/image/kept", "layer1/text/kept", "layer3/vl/kept"}
+    assert set(txt.expert_counts) == {"layer1/text", "layer3/text", "layer1/text/kept", "layer3/text/kept"}
     # top-1 with used_token: padding is never routed
     assert int(txt.expert_counts["layer1/text"].sum()) == int(mask.sum())
     assert int(joint.expert_counts["layer3/vl"].sum()) == 3 * 5 + int(mask.sum())
@@ -70,7 +71,7 @@ def test_shared_routing_uses_one_pool():
     model = VLMoE(tiny(routing="shared"))
     pixels, ids, mask = inputs()
     joint = model.fuse(pixels, ids, mask)
-    assert set(joint.expert_counts) == {"layer1/shared", "layer3/shared"}
+    assert set(joint.expert_counts) == {"layer1/shared", "layer3/shared", "layer1/shared/kept", "layer3/shared/kept"}
     assert "shared" in dict(model.blocks[1].ffn.named_children())
 
 
@@ -101,8 +102,8 @@ def test_kept_counts_show_capacity_drops():
     torch.manual_seed(0)
     model = VLMoE(tiny(capacity_factor=0.25, min_capacity=1))
     out = model.encode_image(torch.randn(4, 3, 16, 16))
-    for key, routed in out.expert_counts.items():
-        kept = out.kept_counts[key]
+    for key in ("layer1/image", "layer3/image"):
+        routed, kept = out.expert_counts[key], out.expert_counts[f"{key}/kept"]
         assert (kept <= routed).all() and kept.sum() < routed.sum()
 
 
@@ -132,7 +133,8 @@ def test_other_image_sizes_interpolate_positions():
 def test_dense_vl_ffn_option():
     model = VLMoE(tiny(sparse_vl_ffn=False))
     joint = model.fuse(*inputs())
-    assert set(joint.expert_counts) == {"layer1/image", "layer1/text"}  # layer 3 fuses through a dense VL-FFN
+    assert set(joint.expert_counts) == {"layer1/image", "layer1/text", "layer1/image/kept", "layer1/text/kept"}
+    # layer 3 fuses through a dense VL-FFN
     assert "layer3/text" in model.encode_text(*inputs()[1:]).expert_counts
 
 

@@ -46,14 +46,17 @@ def test_half_written_checkpoint_is_never_picked_and_prune_keeps_last_k(tmp_path
     assert (root / "step_000040").exists()  # newer than the newest complete: may still be in progress
 
 
-def test_expert_load_entropy_and_dropped_estimate():
-    balanced = expert_load_scalars({"layer1/image": torch.tensor([25, 25, 25, 25])}, capacity_factor=1.0)
+def test_expert_load_entropy_and_measured_drops():
+    balanced = expert_load_scalars({"layer1/image": torch.tensor([25, 25, 25, 25]),
+                                    "layer1/image/kept": torch.tensor([25, 25, 25, 25])})
     assert balanced["moe/layer1/image/entropy"] == pytest.approx(1.0)
-    assert balanced["moe/layer1/image/dropped_frac_est"] == pytest.approx(0.0)
-    skewed = expert_load_scalars({"layer1/text": torch.tensor([100, 0, 0, 0])}, capacity_factor=1.0)
+    assert balanced["moe/layer1/image/dropped_frac"] == pytest.approx(0.0)
+    skewed = expert_load_scalars({"layer1/text": torch.tensor([100, 0, 0, 0]),
+                                  "layer1/text/kept": torch.tensor([40, 0, 0, 0])})
     assert skewed["moe/layer1/text/entropy"] == pytest.approx(0.0)
     assert skewed["moe/layer1/text/max_over_mean"] == pytest.approx(4.0)
-    assert skewed["moe/layer1/text/dropped_frac_est"] == pytest.approx(0.75)
+    assert skewed["moe/layer1/text/routed"] == 100 and skewed["moe/layer1/text/kept"] == 40
+    assert skewed["moe/layer1/text/dropped_frac"] == pytest.approx(0.6)
     assert sum(skewed[f"moe_load/layer1/text/expert{i:02d}"] for i in range(4)) == pytest.approx(1.0)
 
 

@@ -78,13 +78,12 @@ class Block(nn.Module):
 
     def forward(self, x_bnd: torch.Tensor, segments: list[Segment], mask_b1nn: torch.Tensor | None
                 ) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """-> (x, aux losses, counts, kept counts). Counts: "layer{i}/{ffn key}" -> routed per expert and
-        "layer{i}/{ffn key}/kept" -> kept within capacity (together, so every sum of counts carries both);
-        kept counts: "layer{i}/{ffn key}" -> kept."""
+        """-> (x, aux losses, counts). Counts: "layer{i}/{ffn key}" -> routed per expert and
+        "layer{i}/{ffn key}/kept" -> kept within capacity (together, so every sum of counts carries both)."""
         x_bnd = x_bnd + self.drop(self.attn(self.norm1(x_bnd), mask_b1nn))
         h_bnd = self.norm2(x_bnd)
         b, _, d = h_bnd.shape
-        outs, aux, counts, kept = [], [], {}, {}
+        outs, aux, counts = [], [], {}
         for key, segs in self._spans(segments):
             start, end = segs[0].start, segs[-1].end
             used_s = None
@@ -97,9 +96,9 @@ class Block(nn.Module):
             if l_aux is not None:
                 aux.append(l_aux)
                 name = f"layer{self.index}/{key}"
-                counts[name], counts[f"{name}/kept"], kept[name] = count_e, kept_e, kept_e
+                counts[name], counts[f"{name}/kept"] = count_e, kept_e
         y_bnd = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-        return x_bnd + self.drop(y_bnd), aux, counts, kept
+        return x_bnd + self.drop(y_bnd), aux, counts
 
 
 def attention_mask(segments: list[Segment], batch: int, causal: bool, device: torch.device

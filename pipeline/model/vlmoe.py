@@ -59,7 +59,6 @@ class EncoderOutput:
     #   "layer{L}/{ffn key}/kept" -> [E] routes kept within capacity (same tokens)
     token_mask: torch.Tensor  # [B, N] bool, False for padding
     spans: dict[str, tuple[int, int]]  # modality -> [start, end) in ``hidden``
-    kept_counts: dict[str, torch.Tensor]  # like expert_counts, routes kept within capacity
     pooled: torch.Tensor  # [B, D] what heads read: ``cls``, or the mean of valid tokens (cfg.pooling)
 
 
@@ -124,12 +123,11 @@ class VLMoE(nn.Module):
         x_bnd = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
         batch = x_bnd.shape[0]
         mask_b1nn = attention_mask(segments, batch, causal, x_bnd.device)
-        aux_losses, counts, kept = [], {}, {}
+        aux_losses, counts = [], {}
         for block in self.blocks:
-            x_bnd, block_aux, block_counts, block_kept = block(x_bnd, segments, mask_b1nn)
+            x_bnd, block_aux, block_counts = block(x_bnd, segments, mask_b1nn)
             aux_losses += block_aux
             counts.update(block_counts)
-            kept.update(block_kept)
         hidden = self.norm(x_bnd)
         aux = torch.stack([a.float() for a in aux_losses]).sum() if aux_losses \
             else hidden.new_zeros((), dtype=torch.float32)
@@ -139,7 +137,7 @@ class VLMoE(nn.Module):
         spans = {s.modality: (s.start, s.end) for s in segments}
         num_image = spans["image"][1] - spans["image"][0] if "image" in spans else 0
         pooled = hidden[:, 0] if self.cfg.pooling == "cls" else masked_mean(hidden, token_mask)
-        return EncoderOutput(hidden, hidden[:, 0], num_image, aux, counts, token_mask, spans, kept, pooled)
+        return EncoderOutput(hidden, hidden[:, 0], num_image, aux, counts, token_mask, spans, pooled)
 
     def encode_image(self, pixel_values: torch.Tensor) -> EncoderOutput:
         return self.encode({"image": (pixel_values,)})

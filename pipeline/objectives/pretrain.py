@@ -163,14 +163,13 @@ def vl_pretrain_losses(model: torch.nn.Module, heads: torch.nn.ModuleDict, batch
     """One VLMo pretraining micro-step. ``batch``: pixel_values, input_ids, attention_mask and, for MLM,
     mlm_input_ids / mlm_labels (from ``mask_tokens``). ``heads``: itc, itm, mlm as needed by ``weights``.
 
-    Returns {"loss": weighted sum (no aux), "terms": {name: detached}, "aux_loss", "expert_counts",
-    "kept_counts"} (counts summed over the step's model calls).
+    Returns {"loss": weighted sum (no aux), "terms": {name: detached}, "aux_loss", "expert_counts"}
+    (counts, routed and kept, summed over the step's model calls).
     Model calls per step (same on every rank): encode_image(B), encode_text(B) for ITC;
     fuse(3B) for ITM; fuse(B) for MLM."""
     pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
     terms: dict[str, torch.Tensor] = {}
     counts: dict[str, torch.Tensor] = {}
-    kept: dict[str, torch.Tensor] = {}
     loss = pixels.new_zeros((), dtype=torch.float32)
     aux = pixels.new_zeros((), dtype=torch.float32)
     itc = None
@@ -179,9 +178,7 @@ def vl_pretrain_losses(model: torch.nn.Module, heads: torch.nn.ModuleDict, batch
         itc = itc_loss(*heads["itc"](image_out.pooled, text_out.pooled), group=group)
         aux = aux + image_out.aux_loss + text_out.aux_loss
         _merge_counts(counts, image_out.expert_counts)
-        _merge_counts(kept, image_out.kept_counts)
         _merge_counts(counts, text_out.expert_counts)
-        _merge_counts(kept, text_out.kept_counts)
         terms.update(itc=itc.loss.detach(), itc_acc=itc.accuracy)
         if weights.get("itc", 0):
             loss = loss + weights["itc"] * itc.loss
@@ -192,7 +189,6 @@ def vl_pretrain_losses(model: torch.nn.Module, heads: torch.nn.ModuleDict, batch
         term, acc = itm_loss(heads["itm"](fused.pooled), pairs[3])
         loss, aux = loss + weights["itm"] * term, aux + fused.aux_loss
         _merge_counts(counts, fused.expert_counts)
-        _merge_counts(kept, fused.kept_counts)
         terms.update(itm=term.detach(), itm_acc=acc)
     if weights.get("mlm", 0):
         fused = model.fuse(pixels, batch["mlm_input_ids"], mask)
@@ -200,6 +196,5 @@ def vl_pretrain_losses(model: torch.nn.Module, heads: torch.nn.ModuleDict, batch
         term, acc = mlm_loss(heads["mlm"], fused.hidden[:, start:end], batch["mlm_labels"])
         loss, aux = loss + weights["mlm"] * term, aux + fused.aux_loss
         _merge_counts(counts, fused.expert_counts)
-        _merge_counts(kept, fused.kept_counts)
         terms.update(mlm=term.detach(), mlm_acc=acc)
-    return {"loss": loss, "terms": terms, "aux_loss": aux, "expert_counts": counts, "kept_counts": kept}
+    return {"loss": loss, "terms": terms, "aux_loss": aux, "expert_counts": counts}
