@@ -113,18 +113,20 @@ def kind_problems(where: str, manifest: dict[str, Any], task_cls: Any) -> list[s
 
 def url_problems(field: str, spec: str, allow_pipe_urls: bool) -> list[str]:
     """A webdataset URL spec (``dir/train-{000000..000009}.tar``, ``a.tar::b.tar``): local files must exist."""
+    from urllib.parse import urlparse
+
     from webdataset.shardlists import expand_urls
 
-    if "{" not in spec and "::" not in spec and "://" not in spec and not spec.startswith("pipe:") \
-            and not Path(spec).exists():
+    from pipeline.data import url_scheme_problem
+
+    urls = list(expand_urls(spec))
+    refused = [problem for problem in (url_scheme_problem(u, allow_pipe_urls) for u in urls) if problem]
+    if refused:
+        return [f"{field}.path: {refused[0]}"]
+    local = [u.removeprefix("file:") for u in urls if urlparse(u).scheme.lower() in ("", "file")]
+    if urls == [spec] and local and not Path(local[0]).exists():
         return [f"{field}.path={spec}: does not exist; give a data_prep output folder (with manifest.json) "
                 "or a webdataset URL spec such as DIR/train-{000000..000009}.tar"]
-    urls = list(expand_urls(spec))
-    piped = [u for u in urls if u.startswith("pipe:")]
-    if piped and not allow_pipe_urls:
-        return [f"{field}.path: shard URL {piped[0]!r} runs a shell command; set data.allow_pipe_urls=true "
-                "in the recipe if you trust it"]
-    local = [u.removeprefix("file:") for u in urls if "://" not in u and not u.startswith("pipe:")]
     missing = [u for u in local if not Path(u).is_file()]
     if missing:
         return [f"{field}.path={spec}: {len(missing)} of {len(urls)} shard files do not exist "

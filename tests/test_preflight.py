@@ -28,6 +28,7 @@ def recipe(task, train, tokenizer, eval_source=None, **extra):
     """The shipped ``launch/recipes/<task>.yaml`` pointed at ``train`` (path or (path, split)), tiny model."""
     data = yaml.safe_load((REPO / "launch" / "recipes" / f"{task}.yaml").read_text())
     path, split = train if isinstance(train, tuple) else (train, "train")
+    data["data"].update(extra.pop("data_extra", {}))
     data.update({"init_from": None, "model": TINY_MODEL, **extra})
     data["data"].update(train=[{"path": str(path), "split": split}], tokenizer=str(tokenizer),
                         eval=None if eval_source is None else {"path": str(eval_source[0]), "split": eval_source[1]})
@@ -130,6 +131,10 @@ def test_url_specs_need_their_files(synth_data, tmp_path):
     assert len(found) == 1 and "2 of 3 shard files do not exist" in found[0]
     found = problems("vl_pretrain", (tmp_path / "nowhere", "train"), synth_data.tokenizer)
     assert len(found) == 1 and "does not exist; give a data_prep output folder" in found[0]
+    found = problems("vl_pretrain", ("pipe:cat a.tar", "train"), synth_data.tokenizer)
+    assert len(found) == 1 and "scheme 'pipe'" in found[0] and "data.allow_pipe_urls=true" in found[0]
+    remote = ("https://example.com/train-{0..1}.tar", "train")  # not checkable here: allowed, left to the run
+    assert problems("vl_pretrain", remote, synth_data.tokenizer, data_extra={"allow_pipe_urls": True}) == []
 
 
 def test_every_problem_in_one_error(synth_data, tmp_path):
