@@ -182,7 +182,8 @@ def test_gqa(tmp_path, model, tokenizer):
 
     def raw(qid, answer, qtype="query"):
         meta = {"question": "what color is it?", "question_id": qid, "image_id": "1", "question_type": qtype}
-        return {"jpg": image("red"), "txt": meta["question"], "json": {**meta, **({"answer": answer} if answer else {})}}
+        with_answer = {"answer": answer} if answer else {}
+        return {"jpg": image("red"), "txt": meta["question"], "json": {**meta, **with_answer}}
 
     samples = [task.prepare_sample(raw("q1", "red"), train=True), task.prepare_sample(raw("q2", "no", "verify"), True)]
     assert [int(s["label"]) for s in samples] == [2, 1]
@@ -249,7 +250,8 @@ def test_retrieval_predictions_rank_the_shard_ids(model, tokenizer):
     valid = torch.zeros(n, 5, dtype=torch.bool)
     valid[:, 0] = True
     outputs = {"image_emb": image_emb, "text_emb": text_emb, "caption_valid": valid,
-               "image_id": [f"img{i}" for i in range(n)], "caption_ids": [[f"cap{i}", "", "", "", ""] for i in range(n)]}
+               "image_id": [f"img{i}" for i in range(n)],
+               "caption_ids": [[f"cap{i}", "", "", "", ""] for i in range(n)]}
     pred = task.predictions(outputs)
     assert pred["text_to_image"][0] == {"caption_id": "cap0", "image_ids": [f"img{i}" for i in range(10)]}
     assert len(pred["image_to_text"]) == n and len(pred["image_to_text"][3]["caption_ids"]) == 10

@@ -45,7 +45,8 @@ def test_vqa_eval_folder_with_another_vocabulary(tmp_path, tokenizer):
     full = json.loads((train / "answers.json").read_text())["answers"]
     dropped = full[0]  # the most frequent answer: the training vocabulary lacks it
     (train / "answers.json").write_text(json.dumps({"answers": full[1:], "counts": [1] * (len(full) - 1)}))
-    (val / "answers.json").write_text(json.dumps({"answers": ["zebra", *reversed(full)], "counts": [1] * (len(full) + 1)}))
+    other = ["zebra", *reversed(full)]
+    (val / "answers.json").write_text(json.dumps({"answers": other, "counts": [1] * len(other)}))
     task, recipe = task_for("vqa", train, {"path": str(val), "split": "val"}, tokenizer)
     assert task.answers == full[1:]
     samples = eval_samples(task, recipe, val, "val")
