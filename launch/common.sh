@@ -91,8 +91,10 @@ run_forwarding() {
 train() {
   local recipe="$1" run_dir="$2"; shift 2
   [[ -f "$recipe" ]] || die "recipe $recipe: file not found (launch/recipes/ has: $(ls launch/recipes | paste -sd' '))"
-  check_plan "$recipe" "$@" >/dev/null || die "$recipe does not fit this launch (above)"
-  if [[ "$STOP_REQUESTED" == 1 ]]; then
+  if ! check_plan "$recipe" "$@" >/dev/null && [[ "$STOP_REQUESTED" == 0 ]]; then
+    die "$recipe does not fit this launch (above)"
+  fi
+  if [[ "$STOP_REQUESTED" == 1 ]]; then  # (a group-wide signal also stops the plan check)
     echo "launch: stop requested before $recipe started: nothing launched, rerun to start" >&2
     note_preempted "$run_dir" none; return 0
   fi
@@ -120,7 +122,9 @@ note_preempted() {  # RUN_DIR TAG
 
 latest_checkpoint() {  # RUN_DIR -> tag of its newest complete checkpoint (step_N), or nothing
   local marker tag=""
-  for marker in "$1"/checkpoints/step_*/COMPLETE; do [[ -f "$marker" ]] && tag="$(basename "$(dirname "$marker")")"; done
+  for marker in "$1"/checkpoints/step_*/COMPLETE; do  # zero-padded tags: glob order is step order
+    [[ -f "$marker" ]] && tag="$(basename "$(dirname "$marker")")"
+  done
   echo "$tag"
 }
 

@@ -98,7 +98,8 @@ LAUNCH_ERRORS = [  # (environment, recipe, message): wrong settings of the launc
      r"NODE_RANK=2: expected 0\.\.1"),
     ({"CPU_RANKS": "two"}, "vl_pretrain", "GPUS_PER_NODE=two .*expected a whole number"),
     ({"RESUME": "yes"}, "vl_pretrain", "RESUME=yes: expected auto or never"),
-    ({"DS_CONFIG": "ds_configs/nope.json"}, "vl_pretrain", r"DS_CONFIG=ds_configs/nope.json: file not found \(ds_configs/ has"),
+    ({"DS_CONFIG": "ds_configs/nope.json"}, "vl_pretrain",
+     r"DS_CONFIG=ds_configs/nope.json: file not found \(ds_configs/ has"),
     ({}, "nope", r"recipe launch/recipes/nope.yaml: file not found \(launch/recipes/ has: .*vl_pretrain.yaml"),
     ({"TOKENIZER": ""}, "vl_pretrain", "DATA=.* needs TOKENIZER"),
 ]

@@ -2,7 +2,7 @@
 
 Unit tests (one process tree of small Python stand-ins, seconds): pipeline.launch_guard blocks the stop
 signals for the launcher, asks the ranks, kills what outlives the grace period, orphans included;
-pipeline.distributed.watch_launcher stops a rank whose launcher died. Launcher tests (real deepspeed, 2 CPU
+pipeline.distributed.watch_launcher stops a rank whose launcher died; DataLoader workers survive them. Launcher tests (real deepspeed, 2 CPU
 ranks): a group-wide SIGUSR1 during a checkpoint save, SLURM's SIGTERM to every process of the job step
 (launch/slurm.sbatch under a fake srun/scontrol: requeue, then resume at the same data position), and
 SIGTERM to a bare `deepspeed` runner. Each run must end with every process gone.
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from tests.conftest import TINY_MODEL_SETS
 from tests.launcher import REPO, free_port, launcher_env
@@ -177,6 +178,27 @@ def test_rank_checkpoints_then_exits_when_its_launcher_dies(tmp_path):
     proc.kill()  # SIGKILL to launch.py: its rank is orphaned
     wait_gone(proc, 15, tmp_path / "log.txt")
     assert (tmp_path / "asked").is_file()  # asked to checkpoint first, then exited after the grace period
+
+
+class Counting(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        step = 0
+        while True:
+            yield torch.tensor(step)
+            step += 1
+
+
+def test_dataloader_workers_outlive_stop_signals_sent_to_every_process():
+    from pipeline.data import _loader
+
+    batches = iter(_loader(Counting(), num_workers=1))
+    assert int(next(batches)) == 0
+    worker = batches._workers[0]
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM):  # Ctrl-C, SLURM's USR1, the first SIGTERM
+        os.kill(worker.pid, sig)
+    time.sleep(0.5)
+    assert [int(next(batches)) for _ in range(10)] == list(range(1, 11)) and worker.is_alive()
+    del batches
 
 
 # ---------------------------------------------------------------------------------- launcher tests
