@@ -1,8 +1,8 @@
-"""Init from a saved transformers.ViTModel (oracle: equal hidden states), sparse upcycling, BERT
-embeddings, clear mismatch errors."""
+"""Init from a saved transformers.ViTModel (oracle: equal hidden states), sparse upcycling (or not), BERT
+embeddings (oracle: BERT's embedding sum before its LayerNorm), clear mismatch errors."""
 import pytest
 import torch
-from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+from transformers import BertConfig, BertModel, ViTConfig, ViTForImageClassification, ViTModel
 
 from pipeline.model import ModelConfig, MoEConfig, VLMoE
 from pipeline.model.pretrained import (PretrainedMismatch, init_from_vit, init_text_embeddings,
@@ -56,6 +56,28 @@ def test_upcycled_experts_are_copies_and_text_ffn_copies_image(vit_dir):
     assert not torch.equal(image_ffn.router.weight, text_ffn.router.weight)  # routers fresh, independent
 
 
+def test_without_upcycling_experts_keep_their_own_init(vit_dir):
+    folder, vit = vit_dir
+    torch.manual_seed(2)
+    model = VLMoE(our_cfg(every=1, num_experts=2))
+    init_from_vit(model, folder, upcycle=False)
+    vit_fc1 = vit.layers[0].mlp.fc1.weight  # transformers 5 in-memory names
+    experts = model.blocks[0].ffn["image"].experts
+    assert not torch.equal(experts[0].fc1.weight, experts[1].fc1.weight)
+    assert not torch.equal(experts[0].fc1.weight, vit_fc1)
+    assert torch.equal(model.blocks[0].attn.proj.weight, vit.layers[0].attention.o_proj.weight)
+
+
+def test_image_classification_checkpoint_gives_its_encoder(tmp_path, vit_dir):
+    _, vit = vit_dir
+    classifier = ViTForImageClassification(ViTConfig(**VIT, num_labels=3))
+    classifier.vit.load_state_dict(vit.state_dict(), strict=False)  # ViTForImageClassification has no pooler
+    classifier.save_pretrained(tmp_path / "cls")
+    model = VLMoE(our_cfg(every=0))
+    init_from_vit(model, tmp_path / "cls")  # the classifier head is not part of the encoder: ignored
+    assert torch.equal(model.embeddings["image"].patch.weight, vit.embeddings.patch_embeddings.projection.weight)
+
+
 def test_dense_model_upcycles_into_moe_model():
     torch.manual_seed(0)
     dense = VLMoE(our_cfg(every=0)).eval()
@@ -92,15 +114,44 @@ def test_mismatches_are_named(vit_dir, tmp_path):
         init_from_vit(VLMoE(qk), folder)
 
 
-def test_bert_text_embeddings(tmp_path):
-    bert = BertModel(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                intermediate_size=64))
+def tiny_bert(tmp_path, **cfg):
+    torch.manual_seed(3)
+    bert = BertModel(BertConfig(**{"vocab_size": 40, "hidden_size": 32, "num_hidden_layers": 1,
+                                   "num_attention_heads": 4, "intermediate_size": 64, **cfg})).eval()
     bert.save_pretrained(tmp_path / "bert")
+    return bert
+
+
+def test_bert_text_embeddings(tmp_path):
+    bert = tiny_bert(tmp_path)
     model = VLMoE(our_cfg())
     init_text_embeddings(model, tmp_path / "bert", vocab_size=40)
     assert torch.equal(model.token_embedding.weight, bert.embeddings.word_embeddings.weight)
     with pytest.raises(PretrainedMismatch, match="vocab"):
         init_text_embeddings(model, tmp_path / "bert", vocab_size=41)
+
+
+def test_bert_init_matches_bert_embeddings_before_their_layernorm(tmp_path):
+    """What must match: BERT is post-LN, our blocks pre-LN, so no block output can; the residual stream
+    entering our first block equals BERT's word + position + token-type-0 sum (the input of its embedding
+    LayerNorm). Text of 8 tokens, the last 3 padding."""
+    bert = tiny_bert(tmp_path)
+    model = VLMoE(our_cfg()).eval()
+    init_text_embeddings(model, tmp_path / "bert", vocab_size=40)
+    seen = {}
+    bert.embeddings.LayerNorm.register_forward_pre_hook(lambda m, args: seen.__setitem__("bert", args[0]))
+    model.blocks[0].register_forward_pre_hook(lambda m, args: seen.__setitem__("ours", args[0]))
+    ids = torch.randint(1, 40, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[:, 5:] = 0
+    with torch.no_grad():
+        bert(input_ids=ids, attention_mask=mask)
+        model.encode_text(ids, mask)
+    torch.testing.assert_close(seen["ours"], seen["bert"], atol=1e-6, rtol=1e-6)
+    short = tmp_path / "short"
+    tiny_bert(short, max_position_embeddings=4)  # fewer positions than max_text_len=8
+    with pytest.raises(PretrainedMismatch, match="position embeddings"):
+        init_text_embeddings(model, short / "bert", vocab_size=40)
 
 
 def test_vit_of_another_resolution_gets_interpolated_positions(vit_dir):

@@ -5,11 +5,19 @@
     init_text_embeddings(model, "path/to/bert")           # optional, vocab must match
     load_upcycled(model, dense_state_dict)                # any dense VLMoE state dict -> this (MoE) model
 
+Recipes reach these through ``init:`` (pipeline.model.init_recipe: checks before launch, apply at build).
+
 Upcycling (arXiv 2212.05055): every expert of an MoE FFN starts as a copy of the dense FFN it replaces
 (residual MoE: its dense branch too); routers and residual coefficients keep their fresh init. FFNs with no
 dense source of their own (text / vl / shared from a ViT) copy the first modality's FFN (image).
+With ``upcycle=False`` the experts keep their from-scratch init (each drawn independently) instead.
 Image position embeddings of another grid are interpolated (bicubic); anything else that does not fit
 raises ``PretrainedMismatch`` naming every offending weight.
+
+BERT is post-LN (LayerNorm after each residual sum, and after the embeddings), our blocks are pre-LN, so
+no BERT block computes what one of ours does: only the text embeddings are taken. What matches exactly is
+the residual stream entering the first block: word + position + token-type-0 embeddings (BERT's sum before
+its embedding LayerNorm; token type 0 becomes our text modality-type embedding).
 """
 from __future__ import annotations
 
@@ -36,6 +44,8 @@ _VIT_TOP = {"embeddings.cls_token": "embeddings.image.cls",
             "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
 _FFN_PARAM = re.compile(r"^blocks\.(\d+)\.ffn\.([a-z_]+)\.(.+)$")
 _FRESH = re.compile(r"(deepspeed_moe\.gate\.wg\.|\.coefficient\.)")  # routers: never copied
+_EXPERT = ".deepspeed_moe.experts."
+_VIT_HEADS = ("pooler.", "classifier.")  # ViTModel pooler, ViTForImageClassification head: not the encoder
 
 
 class PretrainedMismatch(ValueError):
@@ -81,7 +91,7 @@ def vit_to_dense_state(vit_state: dict[str, torch.Tensor]
             if all(k in vit_state for k in qkv):
                 out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([vit_state[k] for k in qkv])
                 used.update(qkv)
-    unused = sorted(k for k in set(vit_state) - used if not k.startswith("pooler."))
+    unused = sorted(k for k in set(vit_state) - used if not k.startswith(_VIT_HEADS))
     return out, unused
 
 
@@ -100,8 +110,9 @@ def _source_key(key: str, dense: dict[str, torch.Tensor], fallback_ffn: str) -> 
 
 @torch.no_grad()
 def load_upcycled(model: nn.Module, dense: dict[str, torch.Tensor], keep_fresh: tuple[str, ...] = (),
-                  unexpected: list[str] | None = None) -> list[str]:
-    """Copy ``dense`` into ``model``, replicating each dense FFN into every expert that replaces it.
+                  unexpected: list[str] | None = None, upcycle: bool = True) -> list[str]:
+    """Copy ``dense`` into ``model``, replicating each dense FFN into every expert that replaces it
+    (``upcycle=False``: experts keep their init, the dense FFNs they replace go unused).
 
     ``keep_fresh``: key prefixes that may be absent from ``dense`` (they keep their init). Returns the
     model keys left at their fresh init. Raises PretrainedMismatch listing every problem."""
@@ -110,6 +121,10 @@ def load_upcycled(model: nn.Module, dense: dict[str, torch.Tensor], keep_fresh: 
     fresh, consumed = [], set()
     for key, param in model.state_dict().items():
         src = _source_key(key, dense, fallback)
+        if not upcycle and _EXPERT in key:  # the dense FFN it would copy counts as used
+            fresh.append(key)
+            consumed.add(src)
+            continue
         if src is None or (src not in dense and key.startswith(keep_fresh)):
             fresh.append(key)
             continue
@@ -129,70 +144,78 @@ def load_upcycled(model: nn.Module, dense: dict[str, torch.Tensor], keep_fresh: 
     return fresh
 
 
-def _check_vit_config(cfg, vit_cfg: dict) -> None:
+def vit_config_problems(cfg, vit_cfg: dict) -> list[str]:
+    """Fields of a ViT ``config.json`` that do not fit model config ``cfg`` (one line each)."""
     expect = {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
               "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.ffn_size,
               "patch_size": cfg.patch_size, "num_channels": cfg.num_channels, "hidden_act": "gelu",
               "qkv_bias": True}
-    bad = [f"{k}={vit_cfg.get(k)!r} (model needs {v!r})" for k, v in expect.items()
-           if k in vit_cfg and vit_cfg[k] != v]
-    if bad:
-        raise PretrainedMismatch("ViT config does not fit the model: " + ", ".join(bad))
-    if abs(vit_cfg.get("layer_norm_eps", cfg.layer_norm_eps) - cfg.layer_norm_eps) > 1e-15:
-        logger.warning("ViT layer_norm_eps=%s differs from model layer_norm_eps=%s",
-                       vit_cfg.get("layer_norm_eps"), cfg.layer_norm_eps)
+    names = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+             "intermediate_size": "ffn_size = hidden_size x mlp_ratio"}
+    return [f"{k}={vit_cfg.get(k)!r} (model.{names.get(k, k)} needs {v!r})" for k, v in expect.items()
+            if k in vit_cfg and vit_cfg[k] != v]
+
+
+def vit_model_problems(cfg) -> list[str]:
+    """Model settings a ViT checkpoint cannot initialise."""
+    problems = []
+    if cfg.coord_channels:
+        problems.append("model.coord_channels=true: a ViT checkpoint's patch projection reads 3 pixel channels, "
+                        "not pixels + 2 coordinate planes; set coord_channels: false")
+    if cfg.qk_norm:
+        problems.append("model.qk_norm=true: a ViT checkpoint has no query/key LayerNorms and its attention was "
+                        "trained without them; set qk_norm: false")
+    if cfg.patch_embed != "linear":
+        problems.append(f"model.patch_embed={cfg.patch_embed!r}: a ViT checkpoint has a single linear patch "
+                        "projection; initialise from a ViT with patch_embed: linear")
+    if "image" not in cfg.modalities:
+        problems.append(f"model.modalities={cfg.modalities}: a ViT initialises the image modality; add 'image'")
+    return problems
 
 
 @torch.no_grad()
-def init_from_vit(model: nn.Module, folder: str | Path) -> list[str]:
+def init_from_vit(model: nn.Module, folder: str | Path, upcycle: bool = True) -> list[str]:
     """VLMo-style init from a ``transformers.ViTModel`` folder: image embeddings, shared attention, norms and
-    image FFNs; text/VL FFNs start as copies of the image FFNs; MoE FFNs are sparse-upcycled. The
-    modality-type embeddings are zeroed (ViT has none), so image-only outputs match ViT exactly.
+    image FFNs; text/VL FFNs start as copies of the image FFNs; MoE FFNs are sparse-upcycled (or keep
+    their init with ``upcycle=False``). The modality-type embeddings are zeroed (ViT has none), so
+    image-only outputs of a dense or upcycled model match ViT exactly.
     Returns the keys left at fresh init (text embeddings, routers)."""
     folder = Path(folder)
-    if model.cfg.coord_channels:
-        raise PretrainedMismatch("model.coord_channels=true: a ViT checkpoint's patch projection reads 3 pixel "
-                                 "channels, not pixels + 2 coordinate planes; set coord_channels: false")
-    if model.cfg.qk_norm:
-        raise PretrainedMismatch("model.qk_norm=true: a ViT checkpoint has no query/key LayerNorms and its "
-                                 "attention was trained without them; set qk_norm: false")
-    if model.cfg.patch_embed != "linear":
-        raise PretrainedMismatch(f"model.patch_embed={model.cfg.patch_embed!r}: a ViT checkpoint has a single "
-                                 "linear patch projection; initialise from a ViT with patch_embed: linear")
+    problems = vit_model_problems(model.cfg)
     if (folder / "config.json").exists():
-        _check_vit_config(model.cfg, json.loads((folder / "config.json").read_text()))
+        vit_cfg = json.loads((folder / "config.json").read_text())
+        problems += vit_config_problems(model.cfg, vit_cfg)
+        if abs(vit_cfg.get("layer_norm_eps", model.cfg.layer_norm_eps) - model.cfg.layer_norm_eps) > 1e-15:
+            logger.warning("ViT layer_norm_eps=%s differs from model layer_norm_eps=%s",
+                           vit_cfg.get("layer_norm_eps"), model.cfg.layer_norm_eps)
+    if problems:
+        raise PretrainedMismatch(f"ViT {folder} does not fit the model: " + "; ".join(problems))
     dense, unused = vit_to_dense_state(read_state_dict(folder))
-    fresh = load_upcycled(model, dense, keep_fresh=("embeddings.text.", "modality_type."), unexpected=unused)
+    fresh = load_upcycled(model, dense, keep_fresh=("embeddings.text.", "modality_type."), unexpected=unused,
+                          upcycle=upcycle)
     model.modality_type.weight.zero_()
-    logger.info("initialised from ViT %s; fresh: %d tensors", folder, len(fresh))
+    logger.info("initialised from ViT %s (upcycle=%s); fresh: %d tensors", folder, upcycle, len(fresh))
     return fresh
 
 
 @torch.no_grad()
 def init_text_embeddings(model: nn.Module, folder: str | Path, vocab_size: int | None = None) -> None:
-    """Token (and position) embeddings from a BERT-family folder; vocabularies must match exactly."""
+    """Token and position embeddings from a BERT folder (vocabularies must match exactly); its token-type-0
+    embedding becomes the text modality-type embedding. See the module docstring for what then matches."""
     state = {k.split("embeddings.", 1)[1]: v for k, v in read_state_dict(folder).items() if "embeddings." in k}
-    words = state.get("word_embeddings.weight")
+    words, positions = state.get("word_embeddings.weight"), state.get("position_embeddings.weight")
+    types = state.get("token_type_embeddings.weight")
     emb = model.embeddings["text"]
-    if words is None:
-        raise PretrainedMismatch(f"{folder}: no embeddings.word_embeddings.weight")
+    if words is None or positions is None:
+        raise PretrainedMismatch(f"{folder}: no embeddings.word_embeddings.weight / position_embeddings.weight")
     if words.shape != emb.token.weight.shape or (vocab_size is not None and words.shape[0] != vocab_size):
         raise PretrainedMismatch(f"{folder}: word embeddings {list(words.shape)} do not fit the model's "
                                  f"{list(emb.token.weight.shape)} (tokenizer vocab {vocab_size})")
+    if positions.shape[1] != emb.position.weight.shape[1] or positions.shape[0] < emb.position.weight.shape[0]:
+        raise PretrainedMismatch(f"{folder}: position embeddings {list(positions.shape)} do not cover the "
+                                 f"model's {list(emb.position.weight.shape)} (max_text_len x hidden_size)")
     emb.token.weight.copy_(words)
-    positions = state.get("position_embeddings.weight")
-    if positions is not None and positions.shape[1] == emb.position.weight.shape[1] \
-            and positions.shape[0] >= emb.position.weight.shape[0]:
-        emb.position.weight.copy_(positions[: emb.position.weight.shape[0]])
-
-
-def initialize(model: nn.Module, vit: str | Path | None = None, bert: str | Path | None = None,
-               vocab_size: int | None = None, dense_state: dict[str, torch.Tensor] | None = None) -> None:
-    """One call for the training entry point: optional dense (e.g. previous-stage) state dict to upcycle
-    from, then optional ViT and BERT folders. Without arguments the from-scratch init stays."""
-    if dense_state is not None:
-        load_upcycled(model, dense_state)
-    if vit is not None:
-        init_from_vit(model, vit)
-    if bert is not None:
-        init_text_embeddings(model, bert, vocab_size)
+    emb.position.weight.copy_(positions[: emb.position.weight.shape[0]])
+    if types is not None:
+        model.modality_type.weight[model.cfg.modalities.index("text")] = types[0]
+    logger.info("text embeddings from %s", folder)
