@@ -76,10 +76,16 @@ def build_task(recipe: Any, model_cfg: Any, tokenizer: Any, dist: DistInfo) -> T
 
 
 def build_task_model(recipe: Any, model_cfg: Any, task: Task, seed: int) -> TaskModel:
+    """Model (from-scratch init, then ``recipe.init``'s pretrained weights when set) and the task's heads.
+    Identical dense weights on every rank; each EP rank draws (or upcycles) its own experts."""
     from pipeline.model import VLMoE
+    from pipeline.model.init_recipe import apply_init
 
-    torch.manual_seed(seed)  # identical dense init on every rank; experts differ per EP rank anyway
-    return TaskModel(VLMoE(model_cfg), task)
+    torch.manual_seed(seed)
+    model = VLMoE(model_cfg)
+    if recipe.init.active:
+        apply_init(model, recipe.init)
+    return TaskModel(model, task)
 
 
 def apply_freeze(module: nn.Module, patterns: list[str]) -> list[str]:

@@ -24,6 +24,7 @@ MAX_LISTED = 3  # missing shard files named in one message
 
 def check_run_inputs(recipe: Any, model_cfg: Any) -> list[str]:
     """Every problem with the inputs of ``recipe`` (one line each, naming field, path and what is valid)."""
+    from pipeline.model.init_recipe import check_init
     from pipeline.tasks import get_task_class
 
     task_cls = get_task_class(recipe.task)
@@ -37,6 +38,7 @@ def check_run_inputs(recipe: Any, model_cfg: Any) -> list[str]:
     problems += vocab_problems(task_cls, recipe.data.train[0].path, "data.train[0]")
     problems += tokenizer_problems(recipe.data.tokenizer, model_cfg.vocab_size)
     problems += init_from_problems(recipe.init_from)
+    problems += check_init(recipe, model_cfg)
     return problems
 
 

@@ -123,11 +123,33 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class InitConfig:
+    """Pretrained weights for this stage's fresh model (pipeline.model.init_recipe); not with init_from."""
+
+    vit: str | None = _f(None, help="Hugging Face ViT folder (config.json + weights): image embeddings, shared "
+                                    "attention, norms and FFNs (text/VL FFNs start as copies of its FFN)")
+    bert: str | None = _f(None, help="Hugging Face BERT folder with data.tokenizer's vocabulary: text token and "
+                                     "position embeddings (BERT blocks are post-LN, ours pre-LN: not copied)")
+    upcycle: bool = _f(True, help="with vit: every MoE expert starts as a copy of the ViT FFN it replaces, "
+                                  "routers fresh (sparse upcycling); false = experts keep their from-scratch init")
+
+    def __post_init__(self) -> None:
+        if not self.upcycle and self.vit is None:
+            raise ConfigError("init.upcycle=false only applies with init.vit (experts upcycled from its FFN)")
+
+    @property
+    def active(self) -> bool:
+        return self.vit is not None or self.bert is not None
+
+
+@dataclasses.dataclass
 class Recipe:
     task: str = _f(help="task registry name (pipeline.tasks.TASKS)")
     data: DataConfig = _f(help="shards, tokenizer, shapes")
     model: dict[str, Any] = _f({}, help="ModelConfig fields (pipeline.model.config)")
     init_from: str | None = _f(None, help="RUN_DIR or RUN_DIR/TAG of an earlier stage: weights only")
+    init: InitConfig = _f(default_factory=InitConfig, help="pretrained ViT / BERT weights for a fresh model "
+                                                             "(first stage; `--set init={}` turns it off)")
     objectives: dict[str, float] = _f({}, help="objective name -> loss weight")
     task_options: dict[str, Any] = _f({}, help="task-specific options (TaskContext.options)")
     freeze: list[str] = _f([], help="regexes over parameter names to freeze")
@@ -143,6 +165,9 @@ class Recipe:
 
         if self.task not in TASKS:
             raise ConfigError(f"task: {self.task!r} is unknown; valid tasks are {sorted(TASKS)}")
+        if self.init.active and self.init_from:
+            raise ConfigError(f"init (init.vit / init.bert) and init_from={self.init_from} are both set: init_from "
+                              "already gives every weight (the earlier stage's); drop the init section")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
