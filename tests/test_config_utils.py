@@ -38,3 +38,20 @@ def test_overrides_are_yaml_typed_including_exponent_floats():
 def test_override_without_equals_is_rejected():
     with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
         apply_overrides({}, ["inner.lr"])
+
+
+def test_optional_dataclass_field_reports_the_inner_mistake():
+    with pytest.raises(ConfigError, match=r"part\.size: expected an integer, got 'big'"):
+        from_dict(Holder, {"part": {"size": "big"}})
+    with pytest.raises(ConfigError, match=r"part: unknown key\(s\) \['sise'\]"):
+        from_dict(Holder, {"part": {"sise": 2}})
+
+
+@dataclasses.dataclass
+class Part:
+    size: int = 1
+
+
+@dataclasses.dataclass
+class Holder:
+    part: Part | None = None
