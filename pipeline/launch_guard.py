@@ -199,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         log(f"cannot start {args.command[0]!r}: {exc}")
         return 127
-    return guard.run()
+    rc = guard.run()
+    for sig in PREEMPTION_SIGNALS:  # a late one during interpreter teardown (default action again) would kill us
+        signal.signal(sig, signal.SIG_IGN)
+    return rc
 
 
 if __name__ == "__main__":

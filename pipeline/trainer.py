@@ -6,8 +6,8 @@ fixed-shape batches; eval pads to equal batch counts (``pipeline.eval_loop``).
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
-import faulthandler
 import json
 import logging
 import signal
@@ -225,7 +225,9 @@ class Trainer:
     def _install_signal_handlers(self) -> None:
         """SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) ask for a checkpoint and exit at the next step boundary.
         pipeline.launch_guard starts the launcher with them blocked (so that the processes between it and
-        the ranks ignore them): unblocked here, once handled; one sent meanwhile is delivered now."""
+        the ranks ignore them): unblocked here, once handled; one sent meanwhile is delivered now. At exit
+        they are ignored: interpreter teardown resets handlers to the default action, and a late one (the
+        guard's SIGUSR1 after a group-wide signal, a second SIGTERM) would kill a rank that has finished."""
         def request_stop(signum: int, _frame: Any) -> None:
             if self.stop_signal is None:  # the first one names the cause (the guard's SIGUSR1 often follows)
                 self.stop_signal = signum
@@ -233,11 +235,16 @@ class Trainer:
         for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, request_stop)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)
-        faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 RANK`: where is it stuck?
+        atexit.register(_ignore_stop_signals)
         watch_launcher()  # a launcher that dies (or is killed) makes this rank checkpoint and exit too
 
     def _stop_requested(self) -> bool:
         return all_reduce_max(1.0 if self.stop_signal is not None else 0.0, self.dist.device) > 0
+
+
+def _ignore_stop_signals() -> None:
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _signal_name(signum: int | None) -> str:
