@@ -16,7 +16,6 @@ never unpickled; ``pipe:`` URLs are refused unless the recipe allows them. Corru
 """
 from __future__ import annotations
 
-import collections
 import functools
 import io
 import json
@@ -32,6 +31,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.config_utils import ConfigError
+from pipeline.data_faults import FailureBudget, ShardFacts, failure_reason, read_shards, report_losses
 from pipeline.tasks.base import SkipSample, Task
 
 log = logging.getLogger(__name__)
@@ -86,27 +86,7 @@ def num_samples(path: str, split: str) -> int | None:
     return read_manifest(folder)["splits"][split].get("num_samples")
 
 
-# ------------------------------------------------------------------------------- errors and decoding
-class ErrorCounter:
-    """Webdataset handler: log (rate-limited), count by reason, continue; never sleeps."""
-
-    def __init__(self, what: str):
-        self.what = what
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def __call__(self, exn: BaseException) -> bool:
-        reason = exn.reason if isinstance(exn, SkipSample) else type(exn).__name__
-        self.counts[reason] += 1
-        total = sum(self.counts.values())
-        if total <= 10 or total % 100 == 0:
-            log.warning("%s: skipped sample/shard (%s: %s); %d skipped so far", self.what, reason, exn, total)
-        return True
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-
+# ------------------------------------------------------------------------------------------- decoding
 def decode_sample(sample: dict[str, Any], fields: Iterable[str]) -> dict[str, Any]:
     """Decode only the task's fields: images -> PIL RGB, txt -> str, json -> obj, cls -> int."""
     out: dict[str, Any] = {"__key__": sample.get("__key__")}
@@ -129,8 +109,38 @@ def decode_sample(sample: dict[str, Any], fields: Iterable[str]) -> dict[str, An
     return out
 
 
-def _prepare(sample: dict[str, Any], task: Task, train: bool) -> dict[str, Any]:
-    return task.prepare_sample(decode_sample(sample, task.fields), train=train)
+# ---------------------------------------------------------------------------- checked shard reading
+def shard_facts(path: str, urls: list[str], verify_checksums: bool) -> ShardFacts:
+    """``path``'s per-shard facts; with ``verify_checksums`` every shard of ``urls`` must have a sha256."""
+    folder = Path(path)
+    sizes: dict[str, int] = {}
+    checksums: dict[str, str] = {}
+    if folder.is_dir():
+        sizes_path = folder / "sizes.json"
+        by_name = json.loads(sizes_path.read_text()) if sizes_path.is_file() else {}
+        sizes = {str(folder / name): int(count) for name, count in by_name.items()}
+        checksums = {str(folder / name): sha for name, sha in read_manifest(folder).get("checksums", {}).items()}
+    unchecked = [url for url in urls if url not in checksums]
+    if verify_checksums and unchecked:
+        raise ConfigError(f"data.verify_checksums: {path} has no sha256 for {len(unchecked)} shard(s) (e.g. "
+                          f"{unchecked[0]}); only data_prep folders whose manifest.json lists 'checksums' can "
+                          "be verified: set data.verify_checksums=false or re-create the folder with data_prep")
+    return ShardFacts(sizes, checksums, verify_checksums)
+
+
+def _prepare_samples(src: Iterator[dict[str, Any]], task: Task, train: bool,
+                     budget: FailureBudget) -> Iterator[dict[str, Any]]:
+    """Decode + ``task.prepare_sample``; an unusable sample is counted (reason, shard and key) and skipped."""
+    for sample in src:
+        try:
+            prepared = task.prepare_sample(decode_sample(sample, task.fields), train=train)
+        except ConfigError:
+            raise
+        except Exception as exn:  # corrupt image, bad json, SkipSample: never stops a long run by itself
+            budget.fail(failure_reason(exn), f"{sample.get('__url__')} key {sample.get('__key__')}: {exn}")
+            continue
+        budget.ok()
+        yield prepared
 
 
 # ------------------------------------------------------------------------------------ seeded stages
@@ -184,9 +194,9 @@ def _select_slot(src: Iterator[Any], rank: int, world_size: int) -> Iterator[Any
             yield sample
 
 
-def _tag_worker(src: Iterator[dict[str, Any]], counter: ErrorCounter) -> Iterator[dict[str, Any]]:
+def _tag_worker(src: Iterator[dict[str, Any]], budgets: list[FailureBudget]) -> Iterator[dict[str, Any]]:
     for batch in src:
-        batch["__worker__"] = (_worker_slot()[0], counter.total)
+        batch["__worker__"] = (_worker_slot()[0], sum(budget.total for budget in budgets))
         yield batch
 
 
@@ -204,8 +214,40 @@ def _ignore_preemption_signals(_: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class _Loader(torch.utils.data.DataLoader):
+    def __iter__(self) -> "_StopWorkersOnError":
+        return _StopWorkersOnError(super().__iter__())
+
+
+class _StopWorkersOnError:
+    """A DataLoader iterator whose workers stop as soon as it raises. An error raised in a worker
+    (``DataFailure``) reaches the caller with a traceback that holds the iterator, so its workers outlive
+    it; at interpreter exit multiprocessing SIGTERMs them (``_ignore_preemption_signals`` swallows the
+    first) and joins them for ever: the rank hung instead of exiting."""
+
+    def __init__(self, iterator: Any):
+        self._iterator = iterator
+
+    def __iter__(self) -> "_StopWorkersOnError":
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            raise
+        except BaseException:
+            shutdown = getattr(self._iterator, "_shutdown_workers", None)  # torch's clean stop (num_workers > 0)
+            if shutdown is not None:
+                shutdown()
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # the DataLoader iterator's own attributes (e.g. _workers)
+        return getattr(self._iterator, name)
+
+
 def _loader(pipeline: Any, num_workers: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
+    return _Loader(
         pipeline, batch_size=None, num_workers=num_workers, worker_init_fn=_ignore_preemption_signals,
         prefetch_factor=PREFETCH_FACTOR if num_workers else None, persistent_workers=False)
 
@@ -214,22 +256,25 @@ def _loader(pipeline: Any, num_workers: int) -> torch.utils.data.DataLoader:
 def build_train_loader(data_cfg: Any, task: Task, micro_batch_size: int, rank: int, world_size: int,
                        seed: int) -> torch.utils.data.DataLoader:
     """Infinite loader of fixed-shape training batches (dicts of tensors + ``__worker__`` stats)."""
-    counter = ErrorCounter(f"train data (rank {rank})")
-    sources = []
+    budgets, sources = [], []
     for index, source in enumerate(data_cfg.train):
         urls = shard_urls(source.path, source.split, data_cfg.allow_pipe_urls)
+        facts = shard_facts(source.path, urls, data_cfg.verify_checksums)
+        budgets.append(FailureBudget.for_training(
+            f"training source data.train[{index}] ({source.path}, split {source.split}) on rank {rank}", data_cfg))
         source_seed = seed + 104729 * (index + 1)
         sources.append(wds.DataPipeline(
             wds.ResampledShards(urls, seed=source_seed, deterministic=True,
                                 worker_seed=functools.partial(worker_seed, 0, rank)),
-            wds.tarfile_to_samples(handler=counter),
+            wds.pipelinefilter(read_shards)(facts, budgets[-1]),
             wds.pipelinefilter(_seeded_shuffle)(data_cfg.shuffle_buffer, source_seed, rank),
         ))
+    prepare_budget = FailureBudget.for_training(f"training samples (decode, {task.name}) on rank {rank}", data_cfg)
     pipeline = wds.DataPipeline(
         WeightedMix(sources, [s.weight for s in data_cfg.train], seed, rank),
-        wds.map(functools.partial(_prepare, task=task, train=True), handler=counter),
+        wds.pipelinefilter(_prepare_samples)(task, True, prepare_budget),
         wds.batched(micro_batch_size, collation_fn=task.collate, partial=False),
-        wds.pipelinefilter(_tag_worker)(counter),
+        wds.pipelinefilter(_tag_worker)([*budgets, prepare_budget]),
     )
     return _loader(pipeline, data_cfg.num_workers)
 
@@ -237,15 +282,19 @@ def build_train_loader(data_cfg: Any, task: Task, micro_batch_size: int, rank: i
 def build_eval_loader(source: Any, data_cfg: Any, task: Task, batch_size: int, rank: int,
                       world_size: int) -> torch.utils.data.DataLoader:
     """One exact pass over ``source`` split across ranks and workers; yields lists of prepared samples
-    (at most ``batch_size``), padded and collated by ``pipeline.eval_loop``."""
-    counter = ErrorCounter(f"eval data (rank {rank})")
+    (at most ``batch_size``), padded and collated by ``pipeline.eval_loop``; after the last batch, a
+    ``ReadReport`` when shards or samples were lost (``run_eval`` refuses to call such a pass complete)."""
     urls = shard_urls(source.path, source.split, data_cfg.allow_pipe_urls)
+    facts = shard_facts(source.path, urls, data_cfg.verify_checksums)
+    read_budget = FailureBudget(f"eval data {source.path} split {source.split} on rank {rank}")
+    prepare_budget = FailureBudget(read_budget.what)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls),
-        wds.tarfile_to_samples(handler=counter),
+        wds.pipelinefilter(read_shards)(facts, read_budget),
         wds.pipelinefilter(_select_slot)(rank, world_size),
-        wds.map(functools.partial(_prepare, task=task, train=False), handler=counter),
+        wds.pipelinefilter(_prepare_samples)(task, False, prepare_budget),
         wds.batched(batch_size, collation_fn=list, partial=True),
+        wds.pipelinefilter(report_losses)(read_budget, prepare_budget),
     )
     return _loader(pipeline, data_cfg.num_workers)
 

@@ -2,11 +2,14 @@
 
 ``run_eval(engine_or_module, task, loader, dist)``: every rank runs the same number of fixed-shape
 batches (a rank whose data ran out feeds padding), outputs are gathered across ranks and padding dropped,
-then ``task.metrics`` runs on every rank. ``load_for_eval(run_dir_or_tag)`` rebuilds model + task from a
-run folder's resolved recipe and loads the newest complete checkpoint's weights.
+then ``task.metrics`` runs on every rank. A pass that lost shards or samples (``pipeline.data_faults``:
+short/unreadable shards, undecodable samples) is marked ``incomplete``: logged, written into the eval JSON;
+``require_complete`` turns it into an error (``pipeline.evaluate``). ``load_for_eval(run_dir_or_tag)``
+rebuilds model + task from a run folder's resolved recipe and loads the newest complete checkpoint's weights.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -15,10 +18,22 @@ from typing import Any, Iterable
 
 import torch
 
+from pipeline.config_utils import ConfigError
+from pipeline.data_faults import ReadReport
 from pipeline.distributed import Dist, all_reduce_max, gather_objects
 from pipeline.tasks import Task
 
 log = logging.getLogger(__name__)
+
+
+class EvalMetrics(dict):
+    """``run_eval``'s metrics (name -> float), plus ``incomplete``: None, or what the pass could not read
+    ({missing_samples, shards: {url: {read, expected, reasons}}, skipped_samples: {reason: {count, example}}})."""
+    incomplete: dict[str, Any] | None = None
+
+
+class IncompleteEvaluation(ConfigError):
+    """The evaluation split could not be read whole: its metrics would describe another set of samples."""
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -63,21 +78,75 @@ def run_eval(engine_or_module: Any, task: Task, loader: Iterable[list[dict[str, 
     was_training = module.training
     module.eval()
     local: dict[str, list[Any]] = {}
+    reports: list[ReadReport] = []
     iterator = iter(loader)
     batches = 0
     while max_batches is None or batches < max_batches:
-        samples = next(iterator, None)
+        samples = _next_samples(iterator, reports)
         if all_reduce_max(0.0 if samples is None else 1.0, dist.device) == 0.0:
             break  # every rank is out of data
         batch = to_device(pad_and_collate(task, samples or [], batch_size), dist.device)
         valid = batch["valid"].cpu()
         _append(local, module(batch, mode="eval"), valid)
         batches += 1
-    outputs = _merge(gather_objects(local))
-    metrics = task.metrics(outputs) if outputs else {}
+    parts = gather_objects((local, reports))
+    outputs = _merge([part[0] for part in parts])
+    metrics = EvalMetrics(task.metrics(outputs) if outputs else {})
     metrics["num_samples"] = float(_count(outputs))
+    metrics.incomplete = merge_reports([report for part in parts for report in part[1]])
+    if metrics.incomplete:
+        metrics["num_missing_samples"] = float(metrics.incomplete["missing_samples"])
+        if dist.is_main:
+            log.error("EVALUATION INCOMPLETE: %s; these metrics cover only the %d samples read",
+                      describe_losses(metrics.incomplete), _count(outputs))
     module.train(was_training)
     return metrics, outputs
+
+
+def _next_samples(iterator: Any, reports: list[ReadReport]) -> list[dict[str, Any]] | None:
+    """The next list of samples (None at the end); ``ReadReport``s met on the way go to ``reports``."""
+    for item in iterator:
+        if not isinstance(item, ReadReport):
+            return item
+        reports.append(item)
+    return None
+
+
+def merge_reports(reports: list[ReadReport]) -> dict[str, Any] | None:
+    """One account of what every rank and worker lost: shard problems are seen by all (each reads every
+    shard), skipped samples by one each (summed). None when nothing was lost."""
+    if not reports:
+        return None
+    shards: dict[str, dict[str, Any]] = {}
+    skipped: collections.Counter[str] = collections.Counter()
+    examples: dict[str, str] = {}
+    for report in reports:
+        shards.update(report.shards)
+        skipped.update(report.skipped)
+        for reason, example in report.examples.items():
+            examples.setdefault(reason, example)
+    short = sum(s["expected"] - s["read"] for s in shards.values() if (s["expected"] or 0) > s["read"])
+    return {"missing_samples": short + sum(skipped.values()), "shards": dict(sorted(shards.items())),
+            "skipped_samples": {r: {"count": n, "example": examples.get(r)} for r, n in skipped.most_common()}}
+
+
+def describe_losses(incomplete: dict[str, Any]) -> str:
+    parts = []
+    for url, shard in incomplete["shards"].items():
+        expected = "?" if shard["expected"] is None else shard["expected"]
+        parts.append(f"{url}: read {shard['read']} of {expected} samples ({', '.join(shard['reasons'])})")
+    for reason, skip in incomplete["skipped_samples"].items():
+        parts.append(f"{skip['count']} sample(s) skipped as {reason} (e.g. {skip['example']})")
+    return f"{incomplete['missing_samples']} samples missing: " + "; ".join(parts)
+
+
+def require_complete(metrics: dict[str, float], what: str) -> None:
+    """Raise ``IncompleteEvaluation`` when ``run_eval`` could not read ``what`` (e.g. a split) whole."""
+    incomplete = getattr(metrics, "incomplete", None)
+    if incomplete:
+        raise IncompleteEvaluation(f"{what} could not be read whole, so no metrics are reported: "
+                                   f"{describe_losses(incomplete)}. Re-create the damaged shards with data_prep "
+                                   "(python -m data_prep verify FOLDER lists them)")
 
 
 def _count(outputs: dict[str, Any]) -> int:
@@ -90,7 +159,11 @@ def write_eval(run_dir: Path, tag: str, metrics: dict[str, float], task: Task, o
     folder = run_dir / "eval"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{tag}.json"
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    record: dict[str, Any] = dict(metrics)
+    incomplete = getattr(metrics, "incomplete", None)  # EvalMetrics from run_eval
+    if incomplete:
+        record["incomplete"] = incomplete
+    path.write_text(json.dumps(record, indent=2, sort_keys=True))
     predictions = task.predictions(outputs)
     if predictions is not None:
         (folder / f"{tag}_predictions.json").write_text(json.dumps(predictions))

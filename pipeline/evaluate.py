@@ -110,7 +110,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.data import build_eval_loader, num_samples
     from pipeline.distributed import init_distributed, single_process
     from pipeline.eval_baselines import baseline_for
-    from pipeline.eval_loop import load_for_eval, run_eval
+    from pipeline.eval_loop import load_for_eval, require_complete, run_eval
     from pipeline.recipe import SourceConfig
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by the deepspeed launcher
@@ -131,6 +131,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                 tqdm(loader, total=steps, desc=f"eval {args.task}/{args.split}",
                                      unit="batch", file=sys.stderr, disable=not show),
                                 dist, args.batch_size)
+    require_complete(metrics, f"--data {args.data} --split {args.split}")  # every rank: all exit 2
     if args.task == "retrieval" and args.itm_rerank:
         with tqdm(desc="itm re-rank", unit="batch", file=sys.stderr, disable=not show) as bar:
             metrics.update(run.task.itm_rerank(run.module.model, run.module.heads, outputs, args.itm_rerank,

@@ -48,6 +48,15 @@ class DataConfig:
     num_workers: int = _f(1, help="DataLoader workers per rank")
     shuffle_buffer: int = _f(1000, help="samples in the training shuffle buffer")
     allow_pipe_urls: bool = _f(False, help="allow 'pipe:' shard URLs (they run shell commands)")
+    max_consecutive_failures: int = _f(
+        1000, help="training stops with an error naming the source after this many failed reads in a row "
+                   "(unreadable/missing shards, corrupt samples; a missing sample of a short shard counts one)")
+    max_failure_share: float = _f(
+        0.5, help="training stops with an error when more than this share of the last data.failure_window "
+                  "reads of a source failed (1.0 = off)")
+    failure_window: int = _f(10_000, help="reads (samples, failed shards) over which max_failure_share is measured")
+    verify_checksums: bool = _f(False, help="check each shard's sha256 against manifest.json 'checksums' "
+                                            "before reading it (once per file version per worker)")
 
     def __post_init__(self) -> None:
         if not self.train:
@@ -56,6 +65,11 @@ class DataConfig:
             raise ConfigError("data.image_size and data.text_len must be > 0")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers must be >= 0")
+        if self.max_consecutive_failures < 1 or self.failure_window < 1:
+            raise ConfigError(f"data.max_consecutive_failures ({self.max_consecutive_failures}) and "
+                              f"data.failure_window ({self.failure_window}) must be >= 1")
+        if not 0 < self.max_failure_share <= 1:
+            raise ConfigError(f"data.max_failure_share: expected a share in (0, 1], got {self.max_failure_share}")
 
 
 @dataclasses.dataclass
