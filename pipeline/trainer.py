@@ -23,9 +23,10 @@ from pipeline.build import apply_freeze, build_engine, build_task, build_task_mo
 from pipeline.config_utils import to_dict
 from pipeline.data import build_eval_loader, build_train_loader, strip_meta
 from pipeline.distributed import Dist, all_reduce_max, all_reduce_sum, barrier, watch_launcher
-from pipeline.ds_config import build_ds_config, load_engine_json, precision
+from pipeline.ds_config import build_ds_config, load_engine_json, precision, zero_stage
 from pipeline.eval_loop import run_eval, to_device, write_eval
-from pipeline.recipe import dump_recipe, load_recipe
+from pipeline.recipe import InitConfig, dump_recipe, load_recipe
+from pipeline.step_guard import NonFiniteTraining, StepGuard
 from pipeline.tasks import DistInfo
 from pipeline.tb_logging import MetricsSink, console_line, expert_load_scalars, measure_peak_tflops
 
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 DATA_SEED_STRIDE = 1_000_003  # data stream seed = seed + stride * step at which the loader started
+PEAK_TRIALS = 3
+EVAL_SEED_OFFSET = 99_991  # evaluation RNG seed = train.seed + offset, whatever the step
 
 
 @dataclasses.dataclass
@@ -52,10 +55,15 @@ class Trainer:
         self.sink = MetricsSink(run_dir, dist.is_main)
         self.stop_signal: int | None = None
         self.flops_per_sample = _train_flops_per_sample(model_cfg, recipe)
-        self.peak_tflops = recipe.train.peak_tflops or measure_peak_tflops(dist.device, _dtype(ds_config))
+        # best of a few trials: a trial slowed by a busy host under-states the peak and inflates MFU
+        self.peak_tflops = recipe.train.peak_tflops or max(
+            measure_peak_tflops(dist.device, _dtype(ds_config)) for _ in range(PEAK_TRIALS))
+        self.warned_mfu = False
         self.window: dict[str, Any] = _empty_window()
         self.worker_skips: dict[int, int] = {}
         self.loader_iter = None
+        self.guard = StepGuard(engine, dist, recipe.train.nonfinite_budget, model_cfg.moe.ep_size,
+                               precision(ds_config), zero_stage(ds_config))
 
     # ------------------------------------------------------------------------------------- build
     @classmethod
@@ -70,7 +78,10 @@ class Trainer:
         torch.manual_seed(recipe.train.seed)
         tokenizer = load_tokenizer(recipe.data.tokenizer)
         task = build_task(recipe, model_cfg, tokenizer, DistInfo(dist.rank, dist.world_size, None))
-        module = build_task_model(recipe, model_cfg, task, recipe.train.seed)
+        resuming = resume and checkpoint.latest_complete(run_dir / "checkpoints") is not None
+        # a resumed run's weights come from its checkpoint: no need for the init.vit/bert folders again
+        build_recipe = dataclasses.replace(recipe, init=InitConfig()) if resuming else recipe
+        module = build_task_model(build_recipe, model_cfg, task, recipe.train.seed)
         frozen = apply_freeze(module, recipe.freeze)
         if frozen:
             log.info("frozen %d parameters (%s)", len(frozen), ", ".join(recipe.freeze))
@@ -79,7 +90,8 @@ class Trainer:
         state = RunState(world_size=dist.world_size)
         saved = checkpoint.resume(engine, run_dir, dist) if resume else None
         if saved is not None:
-            state = RunState(**{**saved, "resumes": saved.get("resumes", 0) + 1, "world_size": dist.world_size})
+            state = RunState(**{**saved, "resumes": _record_resume(run_dir, saved["step"], dist),
+                                "world_size": dist.world_size})
         elif recipe.init_from:
             checkpoint.load_weights(engine, recipe.init_from)
         barrier()
@@ -94,6 +106,8 @@ class Trainer:
         steps = self.recipe.train.steps
         if self.state.step >= steps:
             log.info("already trained %d/%d steps: nothing to do", self.state.step, steps)
+            if not self._eval_path().is_file():  # the final evaluation failed or was interrupted
+                self.evaluate()
             self._mark_finished()
             return
         self._install_signal_handlers()
@@ -118,8 +132,8 @@ class Trainer:
                 self._restart_data()  # data stream is a function of (seed, step): resume is exact
             if step < steps and self.recipe.train.eval_every and step % self.recipe.train.eval_every == 0:
                 self.evaluate()
-        self.evaluate()
         self.save()
+        self.evaluate()
         self._mark_finished()
 
     def _mark_finished(self) -> None:
@@ -127,23 +141,35 @@ class Trainer:
             (self.run_dir / "FINISHED").write_text(checkpoint.tag_for(self.state.step) + "\n")
 
     def train_step(self) -> None:
+        """One optimizer step (``grad_accum`` micro-batches). A micro-batch whose loss is not finite on any
+        rank is skipped on every rank (no backward, no update), as fp16 loss scaling skips overflowing
+        steps; ``train.nonfinite_budget`` consecutive bad steps stop the run (``NonFiniteTraining``)."""
         engine, coef = self.engine, self.model_cfg.moe.aux_loss_coef
         start = time.perf_counter()
-        for _ in range(self.recipe.batch.grad_accum):
+        micro = 0
+        while micro < self.recipe.batch.grad_accum:
             wait_start = time.perf_counter()
             batch = next(self.loader_iter)
             self.window["data_wait"] += time.perf_counter() - wait_start
             self._note_worker(batch)
             batch = to_device(strip_meta(batch), self.dist.device)
-            batch["valid"] = torch.ones(self.recipe.batch.micro_batch_size, dtype=torch.bool, device=self.dist.device)
             out = engine(batch, mode="train")
-            engine.backward(out.loss + coef * out.aux_loss)
+            loss = out.loss + coef * out.aux_loss
+            if not self.guard.loss_ok(loss, self.state.step + 1):
+                continue  # skipped on every rank: no backward, no update; the next batch takes its place
+            engine.backward(loss)
+            own_norm = self.guard.grad_norm() if engine.is_gradient_accumulation_boundary() else None
             engine.step()
             self._accumulate(out, batch)
+            micro += 1
+        norm = engine.get_global_grad_norm()
+        norm = own_norm if norm is None else float(norm)
+        self.guard.after_step(norm, self.state.step + 1)
         self.state.step += 1
         self.state.samples_seen += self.ds_config["train_batch_size"]
-        norm = engine.get_global_grad_norm()
-        self.window["grad_norm"] += float(norm) if norm is not None else 0.0
+        if norm is not None:
+            self.window["grad_norm"] += norm
+            self.window["norm_steps"] += 1
         self.window["steps"] += 1
         self.window["time"] += time.perf_counter() - start
 
@@ -178,15 +204,21 @@ class Trainer:
         step_time = w["time"] / w["steps"]
         samples_per_s = self.ds_config["train_batch_size"] / step_time
         values.update({
-            "train/lr": self.engine.get_lr()[0], "train/grad_norm": w["grad_norm"] / w["steps"],
+            "train/lr": self.engine.get_lr()[0],
             "train/samples_per_s": samples_per_s, "train/tokens_per_s": tokens / w["time"],
             "train/data_wait_frac": w["data_wait"] / w["time"], "train/step_time_s": step_time,
             "data/skipped_samples": skipped, "train/samples_seen": float(self.state.samples_seen)})
+        if w["norm_steps"]:
+            values["train/grad_norm"] = w["grad_norm"] / w["norm_steps"]
         if self.flops_per_sample:
             values["train/mfu"] = (samples_per_s * self.flops_per_sample
                                    / (self.peak_tflops * 1e12 * self.dist.world_size))
-        values.update(expert_load_scalars(counts, self.model_cfg.moe.capacity_factor
-                                          if self.model_cfg.moe.drop_tokens else None))
+            if values["train/mfu"] > 1 and not self.warned_mfu and self.dist.is_main:
+                self.warned_mfu = True
+                log.warning("MFU %.2f > 1: the peak measured at start-up (%.3g TFLOP/s per rank) is too low "
+                            "(busy host?); set train.peak_tflops to the hardware's peak", values["train/mfu"],
+                            self.peak_tflops)
+        values.update(expert_load_scalars(counts))
         self.sink.scalars(values, self.state.step)
         if self.dist.is_main:
             log.info(console_line(self.state.step, self.recipe.train.steps, values))
@@ -194,15 +226,20 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ eval, ckpt
     def evaluate(self) -> dict[str, float]:
+        """Collective. Runs under its own RNG stream (seeded from ``train.seed``), so evaluating never
+        changes the training run's randomness (a resumed run matches an uninterrupted one whatever the
+        eval interval) and two evaluations of the same weights give the same figures."""
         source = self.recipe.data.eval
         if source is None:
             return {}
         batch_size = self.recipe.batch.micro_batch_size
-        loader = build_eval_loader(source, self.recipe.data, self.task, batch_size, self.dist.rank,
-                                   self.dist.world_size)
-        start = time.perf_counter()
-        metrics, outputs = run_eval(self.engine, self.task, loader, self.dist, batch_size,
-                                    self.recipe.train.eval_max_batches)
+        with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else []):
+            torch.manual_seed(self.recipe.train.seed + EVAL_SEED_OFFSET)
+            loader = build_eval_loader(source, self.recipe.data, self.task, batch_size, self.dist.rank,
+                                       self.dist.world_size)
+            start = time.perf_counter()
+            metrics, outputs = run_eval(self.engine, self.task, loader, self.dist, batch_size,
+                                        self.recipe.train.eval_max_batches)
         metrics["eval_seconds"] = time.perf_counter() - start
         if self.dist.is_main:
             write_eval(self.run_dir, checkpoint.tag_for(self.state.step), metrics, self.task, outputs)
@@ -211,7 +248,14 @@ class Trainer:
                      ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
         return metrics
 
+    def _eval_path(self) -> Path:
+        return self.run_dir / "eval" / f"{checkpoint.tag_for(self.state.step)}.json"
+
     def save(self) -> None:
+        """Collective. Refuses to write non-finite weights (the last good checkpoint stays newest)."""
+        if not self.guard.weights_finite():
+            raise NonFiniteTraining(f"step {self.state.step}: non-finite weights; not saving a checkpoint "
+                                    f"(the newest complete one in {self.run_dir / 'checkpoints'} is kept)")
         checkpoint.save_checkpoint(self.engine, self.run_dir, self.state.step, dataclasses.asdict(self.state),
                                    self.recipe.train.keep_last, self.dist)
 
@@ -242,6 +286,18 @@ class Trainer:
         return all_reduce_max(1.0 if self.stop_signal is not None else 0.0, self.dist.device) > 0
 
 
+def _record_resume(run_dir: Path, step: int, dist: Dist) -> int:
+    """Append this resume to ``RUN/resumes.jsonl`` (rank 0) and return how many resumes the run has had,
+    counting those that were interrupted again before their first save (a checkpoint's own count
+    would miss them)."""
+    path = run_dir / "resumes.jsonl"
+    if dist.is_main:
+        with path.open("a") as fh:
+            fh.write(json.dumps({"time": time.time(), "from_step": step, "world_size": dist.world_size}) + "\n")
+    barrier()
+    return len(path.read_text().splitlines())
+
+
 def _ignore_stop_signals() -> None:
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
@@ -253,7 +309,7 @@ def _signal_name(signum: int | None) -> str:
 
 def _empty_window() -> dict[str, Any]:
     return {"terms": defaultdict(float), "counts": {}, "micro": 0, "steps": 0, "tokens": 0, "time": 0.0,
-            "data_wait": 0.0, "grad_norm": 0.0}
+            "data_wait": 0.0, "grad_norm": 0.0, "norm_steps": 0}
 
 
 def _tokens_in(batch: dict[str, Any], model_cfg: Any) -> int:

@@ -1,6 +1,7 @@
 """pipeline.train through the real deepspeed launcher (2 CPU ranks, gloo, EP=2, ZeRO-2, bf16, tiny model):
 training signals (loss, TensorBoard, expert load), checkpoints, exact resume after SIGKILL, SIGTERM."""
 import json
+import shutil
 import signal
 
 import pytest
@@ -58,6 +59,9 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(full_run, tmp_path, 
     assert "resumed from" in (tmp_path / "log2.txt").read_text()
     state = json.loads((out / "checkpoints" / "step_000008" / "run_state.json").read_text())
     assert state["step"] == 8 and state["resumes"] == 1 and state["samples_seen"] == 8 * 16
+    # evaluation runs on its own seeded RNG stream (MLM masking, ITM negatives): the same weights give the
+    # same figures after a resume
+    _assert_same_eval(out, full_run, 8)
     ours = load_tensors(out / "checkpoints" / "step_000008")
     reference = load_tensors(full_run / "checkpoints" / "step_000008")
     assert set(ours) == set(reference)
@@ -89,3 +93,33 @@ def test_sigterm_checkpoints_at_step_boundary_and_exits_zero(tmp_path, tiny_trai
     assert 2 <= step < 500 and tags[0].name == f"step_{step:06d}"
     assert state["samples_seen"] == step * 8 * 2 * 2  # micro 8 x grad_accum 2 x 2 ranks
     assert "checkpointing at step" in (tmp_path / "log.txt").read_text()
+
+
+def _assert_same_eval(run_a, run_b, step):
+    """Same accuracies exactly; losses to 1e-5: with bitwise-identical weights and the same eval RNG stream,
+    a resumed process's losses still differ from an uninterrupted one's in the last bits (~1e-6 relative,
+    fp32 and bf16; the ITC loss has no randomness at all), while two uninterrupted runs agree exactly."""
+    a, b = ({k: v for k, v in json.loads((run / "eval" / f"step_{step:06d}.json").read_text()).items()
+             if k != "eval_seconds"} for run in (run_a, run_b))
+    assert set(a) == set(b)
+    for key in a:
+        if key.endswith("_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+        else:
+            assert a[key] == b[key], key
+
+
+def test_final_checkpoint_is_saved_before_the_final_eval_which_a_rerun_redoes(full_run, tmp_path,
+                                                                              tiny_train_args):
+    log = (full_run.parent / "log.txt").read_text()
+    assert log.index("saved checkpoint") < log.index("eval step 8"), "evaluated before saving the final step"
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    (out / "FINISHED").unlink()  # as if the final evaluation had crashed after the final save
+    (out / "eval" / "step_000008.json").unlink()
+    rc = run(train_cmd(out, tiny_train_args, [*RESUMABLE, "--resume", "auto"]), tmp_path / "log.txt")
+    text = (tmp_path / "log.txt").read_text()
+    assert rc == 0, text[-4000:]
+    assert "nothing to do" in text and (out / "FINISHED").is_file()
+    _assert_same_eval(out, full_run, 8)
+    assert len((out / "resumes.jsonl").read_text().splitlines()) == 1  # every resume is recorded
