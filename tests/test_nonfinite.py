@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 EXPLODE = ["--set", "train.steps=20", "--set", "train.save_every=1", "--set", "train.keep_last=1",
            "--set", "train.eval_every=0", "--set", "optim.lr=1e5", "--set", "optim.grad_clip=0",
-           "--set", "schedule.warmup_steps=0", "--set", "train.nonfinite_budget=2"]
+           "--set", "schedule.warmup_steps=0", "--set", "train.nonfinite_budget=2", "--set", "train.log_every=1"]
 
 
 # zero0_fp32: DeepSpeed reports no gradient norm and applies the NaN update (the guard computes the norm,
@@ -34,3 +34,5 @@ def test_exploding_run_stops_with_exit_3_and_keeps_its_last_finite_checkpoint(tm
     module = torch.load(tags[-1] / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     bad = [k for k, v in module.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     assert not bad, f"checkpoint {tags[-1].name} holds non-finite tensors: {bad[:5]}"
+    first = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and 0 < first["train/grad_norm"] < float("inf")  # ZeRO-0 fp32 used to log 0
