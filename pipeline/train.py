@@ -1,15 +1,21 @@
 """Train one stage: the single entry point for every recipe (pretraining and fine-tuning).
 
-    deepspeed --num_gpus 2 --module pipeline.train --recipe launch/recipes/vl_pretrain.yaml \
-        --ds-config ds_configs/zero2_bf16.json --output-dir runs/vl [--set train.steps=50] [--resume auto]
+    python -m pipeline.launch_guard -- deepspeed --num_gpus 2 --module pipeline.train \
+        --recipe launch/recipes/vl_pretrain.yaml --ds-config ds_configs/zero2_bf16.json --output-dir runs/vl \
+        [--set train.steps=50] [--resume auto]
 
-Without CUDA the launcher starts CPU ranks over gloo (DS_ACCELERATOR=cpu). SIGTERM/SIGUSR1 save a
-checkpoint at the next step boundary and exit 0. Run folder layout: docs/INTERFACES.md section 5.
+Without CUDA the launcher starts CPU ranks over gloo (DS_ACCELERATOR=cpu). SIGTERM, SIGINT or SIGUSR1
+save a checkpoint at the next step boundary (or finish the one being written) and exit 0; launch_guard
+keeps the deepspeed runner and launch.py from killing the ranks first (launch/README.md). Run folder
+layout: docs/INTERFACES.md section 5.
+Exit codes: 2 configuration error, 3 non-finite training, 4 a checkpoint not saved (no room on its file
+system: checked before writing; or a write failed), with one line naming the folder and the free space;
+5 unreadable training data past the failure budget (data.max_consecutive_failures / max_failure_share).
+`kill -USR2 RANK_PID` prints the rank's Python stacks.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -53,10 +59,13 @@ def input_error(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.distributed import gather_objects, init_distributed, shutdown_distributed
+    from pipeline.data_faults import DataFailure
+    from pipeline.disk_space import CheckpointSaveError
+    from pipeline.distributed import enable_stack_dumps, gather_objects, init_distributed, shutdown_distributed
     from pipeline.step_guard import NonFiniteTraining
     from pipeline.trainer import Trainer
 
+    enable_stack_dumps()
     dist = init_distributed()
     setup_logging(dist.rank)
     error = gather_objects(input_error(args) if dist.is_main else None)[0]  # rank 0 checks, all ranks learn
@@ -79,6 +88,14 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_main:
             print(f"pipeline.train: stopped: {exc}", file=sys.stderr)
         rc = 3
+    except CheckpointSaveError as exc:  # also the same on every rank (pipeline.checkpoint.save_checkpoint)
+        if dist.is_main:
+            print(f"pipeline.train: stopped: {exc}", file=sys.stderr)
+        rc = 4
+    except DataFailure as exc:  # this rank's own data: its peers may be in another collective, so no
+        # barrier; the launcher stops them when this rank exits non-zero (gloo fails their next collective)
+        print(f"pipeline.train: stopped on rank {dist.rank}: {exc}", file=sys.stderr)
+        return 5  # after ``finally`` closes the trainer
     finally:
         trainer.close()
     shutdown_distributed()

@@ -20,7 +20,6 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.build import apply_freeze, build_engine, build_task, build_task_model, load_tokenizer
-from pipeline.config_utils import to_dict
 from pipeline.data import build_eval_loader, build_train_loader, strip_meta
 from pipeline.distributed import Dist, all_reduce_max, all_reduce_sum, barrier, watch_launcher
 from pipeline.ds_config import build_ds_config, load_engine_json, precision, zero_stage

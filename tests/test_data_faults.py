@@ -18,7 +18,7 @@ import yaml
 
 from pipeline.config_utils import ConfigError
 from pipeline.data import build_eval_loader, build_train_loader, shard_facts
-from pipeline.data_faults import DataFailure, FailureBudget, ShardFacts, read_shards
+from pipeline.data_faults import DataFailure, FailureBudget, read_shards
 from pipeline.distributed import single_process
 from pipeline.eval_loop import IncompleteEvaluation, require_complete, run_eval, write_eval
 from pipeline.recipe import SourceConfig

@@ -1,6 +1,5 @@
 """MoE FFN oracles: 1 expert == dense MLP, upcycled identical top-2 experts == dense, indexed dispatch ==
 DeepSpeed's stock MOELayer, gradients reach experts, routers learn."""
-import copy
 
 import pytest
 import torch

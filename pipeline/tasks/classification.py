@@ -13,12 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.metrics.classification import topk_accuracy
 from pipeline.tasks.base import LossOutput, SkipSample, Task, TaskContext
-from pipeline.tasks.downstream_common import blank_image, image_tensor, read_json_file
+from pipeline.tasks.downstream_common import cross_entropy_loss, blank_image, image_tensor, read_json_file
 
 UNKNOWN_LABEL = -1  # an eval sample whose class is not a training class: counted wrong, never indexed
 PREDICTION_TOP_K = 5
@@ -83,11 +82,7 @@ class ClassificationTask(Task):
 
     def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
         logits, out = self._logits(model, heads, batch)
-        label = batch["label"].long()
-        loss = F.cross_entropy(logits, label)
-        acc = (logits.argmax(dim=1) == label).float().mean()
-        return LossOutput(loss=loss, terms={"cls_ce": loss.detach(), "cls_acc": acc.detach()},
-                          aux_loss=out.aux_loss, expert_counts=out.expert_counts)
+        return cross_entropy_loss(logits, batch["label"], "cls", out.aux_loss, out.expert_counts)
 
     @torch.no_grad()
     def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:

@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.config_utils import ConfigError
 from pipeline.model import PIXEL_MEAN, PIXEL_STD
-from pipeline.tasks.base import SkipSample
+from pipeline.tasks.base import LossOutput, SkipSample
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +90,14 @@ def sample_json(sample: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise SkipSample("missing_json")
     return meta
+
+
+def cross_entropy_loss(logits: torch.Tensor, label: torch.Tensor, name: str, aux_loss: torch.Tensor,
+                       expert_counts: dict[str, torch.Tensor]) -> LossOutput:
+    """Cross-entropy of [B, C] logits against [B] labels, logged as ``{name}_ce`` and ``{name}_acc``, with the
+    model calls' MoE aux loss and expert counts (the single-label classifier tasks share it)."""
+    label = label.long()
+    loss = F.cross_entropy(logits, label)
+    acc = (logits.argmax(dim=1) == label).float().mean()
+    return LossOutput(loss=loss, terms={f"{name}_ce": loss.detach(), f"{name}_acc": acc.detach()},
+                      aux_loss=aux_loss, expert_counts=expert_counts)

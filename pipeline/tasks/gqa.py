@@ -13,12 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.metrics.gqa import gqa_accuracy
 from pipeline.tasks.base import LossOutput, SkipSample
-from pipeline.tasks.downstream_common import warn_if_unscored
+from pipeline.tasks.downstream_common import cross_entropy_loss, warn_if_unscored
 from pipeline.tasks.vqa import VQATask
 
 NO_LABEL = -1  # eval sample with an unknown or absent answer (never a cross-entropy target)
@@ -46,11 +45,7 @@ class GQATask(VQATask):
 
     def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
         logits, out = self._logits(model, heads, batch)
-        label = batch["label"].long()
-        loss = F.cross_entropy(logits, label)
-        acc = (logits.argmax(dim=1) == label).float().mean()
-        return LossOutput(loss=loss, terms={"gqa_ce": loss.detach(), "gqa_acc": acc.detach()},
-                          aux_loss=out.aux_loss, expert_counts=out.expert_counts)
+        return cross_entropy_loss(logits, batch["label"], "gqa", out.aux_loss, out.expert_counts)
 
     @torch.no_grad()
     def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:

@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.metrics.nlvr2 import nlvr2_metrics
 from pipeline.tasks.base import LossOutput, SkipSample, Task
-from pipeline.tasks.downstream_common import (blank_image, blank_text, image_tensor, sample_json,
+from pipeline.tasks.downstream_common import (cross_entropy_loss, blank_image, blank_text, image_tensor, sample_json,
                                               sum_counts, tokenize)
 
 
@@ -61,11 +60,7 @@ class NLVR2Task(Task):
 
     def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
         logits, aux, counts = self._logits(model, heads, batch)
-        label = batch["label"].long()
-        loss = F.cross_entropy(logits, label)
-        acc = (logits.argmax(dim=1) == label).float().mean()
-        return LossOutput(loss=loss, terms={"nlvr2_ce": loss.detach(), "nlvr2_acc": acc.detach()},
-                          aux_loss=aux, expert_counts=counts)
+        return cross_entropy_loss(logits, batch["label"], "nlvr2", aux, counts)
 
     @torch.no_grad()
     def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.heads import ITCHead, ITMHead, MLMHead
-from pipeline.objectives.pretrain import IGNORE, itm_loss, mask_tokens, mlm_loss, vl_pretrain_losses
+from pipeline.objectives.pretrain import IGNORE, mask_tokens, mlm_loss, vl_pretrain_losses
 from pipeline.tasks.base import LossOutput, SkipSample, Task, TaskContext
 from pipeline.tasks.downstream_common import image_tensor
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.metrics.classification import class_accuracy
 from pipeline.tasks.base import LossOutput, SkipSample, Task, TaskContext
 from pipeline.tasks.classification import sample_label
-from pipeline.tasks.downstream_common import (blank_image, blank_text, image_tensor, read_json_file,
+from pipeline.tasks.downstream_common import (cross_entropy_loss, blank_image, blank_text, image_tensor, read_json_file,
                                               sample_json, tokenize)
 from pipeline.tasks.vqa import vqa_head
 
@@ -60,11 +59,7 @@ class SNLIVETask(Task):
 
     def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
         logits, out = self._logits(model, heads, batch)
-        label = batch["label"].long()
-        loss = F.cross_entropy(logits, label)
-        acc = (logits.argmax(dim=1) == label).float().mean()
-        return LossOutput(loss=loss, terms={"snli_ve_ce": loss.detach(), "snli_ve_acc": acc.detach()},
-                          aux_loss=out.aux_loss, expert_counts=out.expert_counts)
+        return cross_entropy_loss(logits, batch["label"], "snli_ve", out.aux_loss, out.expert_counts)
 
     @torch.no_grad()
     def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:
