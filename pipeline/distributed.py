@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import faulthandler
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,6 +30,18 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def enable_stack_dumps() -> None:
+    """``kill -USR2 PID`` prints every thread's Python stack to stderr (faulthandler; forked DataLoader
+    workers inherit it). Entry points call it first; the test helpers use it to show where a hung run is.
+    A ``sys.stderr`` without a file descriptor (captured in-process) leaves the dumps to ``sys.__stderr__``."""
+    stream = sys.stderr
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        stream = sys.__stderr__
+    faulthandler.register(signal.SIGUSR2, file=stream, all_threads=True)
 
 
 def init_distributed(timeout_minutes: int = 30) -> Dist:

@@ -158,7 +158,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from pipeline.distributed import shutdown_distributed
+    from pipeline.distributed import enable_stack_dumps, shutdown_distributed
+
+    enable_stack_dumps()
 
     try:
         check_inputs(args)  # every rank, no process group yet: all exit 2 together, rank 0 says why

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_MODEL_SETS
-from tests.launcher import REPO, free_port, launcher_env
+from tests.launcher import REPO, communicate_or_fail, free_port, launcher_env, run_captured
 
 TINY = [*TINY_MODEL_SETS, "batch.micro_batch_size=8", "train.steps=3", "train.log_every=1",
         "train.eval_every=0", "train.save_every=0", "train.eval_max_batches=1", "data.shuffle_buffer=20",
@@ -22,8 +22,8 @@ def sets(items):
 
 def script(name, args, env=None, timeout=240, **popen):
     full_env = launcher_env(MASTER_PORT=str(free_port()), **(env or {}))
-    return subprocess.run(["bash", str(REPO / "launch" / name), *map(str, args)], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout, **popen)
+    return run_captured(["bash", str(REPO / "launch" / name), *map(str, args)], timeout, cwd=REPO, env=full_env,
+                        **popen)
 
 
 def final_module(run: Path) -> dict:
@@ -64,8 +64,8 @@ def test_two_nodes_no_ssh_on_one_machine_train_and_checkpoint(synth_data, tmp_pa
                            MASTER_PORT=port, DATA=str(synth_data.captions), TOKENIZER=str(synth_data.tokenizer))
         procs.append(subprocess.Popen(["bash", "launch/pretrain.sh", "launch/recipes/vl_pretrain.yaml", str(run),
                                        *sets(TINY)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=400)[0] for p in procs]
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    outputs = [communicate_or_fail(p, 400, f"node {node}")[0] for node, p in enumerate(procs)]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "--no_ssh --node_rank 1" in outputs[1] and all("dist_world_size=2" in out for out in outputs)
     final = run / "checkpoints" / "step_000003"

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_MODEL_SETS
-from tests.launcher import REPO, free_port, launcher_env
+from tests.launcher import REPO, free_port, launcher_env, stop_with_stacks, timeout_message
 
 STOPPABLE = [*TINY_MODEL_SETS, "batch.micro_batch_size=8", "train.steps=400", "train.log_every=1",
              "train.eval_every=0", "train.eval_max_batches=1", "data.shuffle_buffer=20", "data.num_workers=1",
@@ -46,24 +46,11 @@ def session(sid: int) -> list[psutil.Process]:
 
 
 def describe(sid: int, log: Path | None) -> str:
-    """ps of the session, Python stacks of the ranks (SIGUSR2: faulthandler), the log tail; then kill all."""
-    procs = session(sid)
-    lines = []
-    for proc in procs:
-        try:
-            lines.append(f"{proc.pid} {proc.ppid()} {proc.status()} {' '.join(proc.cmdline())[:160]}")
-            if "pipeline.train" in proc.cmdline() and "deepspeed.launcher.launch" in proc.parent().cmdline():
-                proc.send_signal(signal.SIGUSR2)
-        except psutil.Error:
-            pass
-    time.sleep(2)
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    tail = log.read_text()[-6000:] if log is not None and log.is_file() else ""
-    return "processes:\n" + "\n".join(lines) + "\n--- output ---\n" + tail
+    """The session's processes and their Python stacks (tests/launcher.py stop_with_stacks: SIGUSR2 to every
+    process that handles it), the log before them; then kill all."""
+    listing = stop_with_stacks(sid)
+    output = log.read_text(errors="replace") if log is not None and log.is_file() else ""
+    return timeout_message("", listing, output)
 
 
 def wait_gone(proc: subprocess.Popen, timeout: float, log: Path | None = None) -> int:

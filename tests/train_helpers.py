@@ -8,12 +8,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 import torch
 
-from tests.launcher import REPO, free_port, launcher_env
+from tests.launcher import REPO, free_port, launcher_env, stop_with_stacks, timeout_message
 
 VL_RECIPE = "launch/recipes/vl_pretrain.yaml"
 DS_ZERO2_BF16 = "ds_configs/zero2_bf16.json"
@@ -31,8 +31,10 @@ def train_cmd(out: Path, tiny_args: list[str], extra: list[str], recipe: str = V
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     """Start in its own session (so the test can signal exactly this run's processes)."""
     handle = log.open("w")
-    return subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=handle, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=handle, stderr=subprocess.STDOUT,
                             start_new_session=True)
+    proc.log_path = log  # where fail_with_stacks finds the stacks
+    return proc
 
 
 def run(cmd: list[str], log: Path, timeout: float = 400) -> int:
@@ -40,8 +42,14 @@ def run(cmd: list[str], log: Path, timeout: float = 400) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        kill_group(proc)
-        raise AssertionError(f"run timed out; log tail:\n{log.read_text()[-4000:]}")
+        fail_with_stacks(proc, f"run still running after {timeout:.0f} s")
+
+
+def fail_with_stacks(proc: subprocess.Popen, what: str) -> NoReturn:
+    """Stop a run begun by ``start`` (the stacks of its processes go to its log first); raise with them."""
+    listing = stop_with_stacks(proc.pid)
+    proc.wait(timeout=60)
+    raise AssertionError(timeout_message(what, listing, proc.log_path.read_text(errors="replace")))
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
@@ -53,15 +61,17 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300, what: str = "condition") -> None:
+    """Poll ``predicate`` until true; AssertionError when the run (begun by ``start``) exits first, or after
+    ``timeout`` with the stacks of its processes."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return
         if proc.poll() is not None:
-            raise AssertionError(f"run exited ({proc.returncode}) before {what}")
+            raise AssertionError(f"run exited ({proc.returncode}) before {what}; log tail:\n"
+                                 f"{proc.log_path.read_text(errors='replace')[-4000:]}")
         time.sleep(0.05)
-    kill_group(proc)
-    raise AssertionError(f"timed out waiting for {what}")
+    fail_with_stacks(proc, f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def rank_processes(proc: subprocess.Popen) -> list[psutil.Process]:

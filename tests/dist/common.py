@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from pipeline.distributed import release_shm_workspace
+from pipeline.distributed import enable_stack_dumps, release_shm_workspace
 
 from pipeline.model import ModelConfig, MoEConfig
 
@@ -16,6 +16,7 @@ TINY = dict(hidden_size=32, num_layers=4, num_heads=2, image_size=16, patch_size
 
 def init_dist() -> tuple[int, int]:
     import deepspeed
+    enable_stack_dumps()  # the test helpers' SIGUSR2 on a timeout: where each rank hangs
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=90))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -4,8 +4,9 @@ import os
 import torch
 import torch.distributed as tdist
 
-from pipeline.distributed import init_distributed, shm_workspace_path, shutdown_distributed
+from pipeline.distributed import enable_stack_dumps, init_distributed, shm_workspace_path, shutdown_distributed
 
+enable_stack_dumps()
 dist = init_distributed()
 x = torch.ones(4)
 tdist.all_reduce(x)
