@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     del args.log_level
     try:
         return args.func(args)
-    except (InputFormatError, FileNotFoundError, ValueError) as exc:
+    except (InputFormatError, OSError, ValueError) as exc:  # OSError: e.g. a full disk (OutputWriteError)
         print(f"data_prep {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

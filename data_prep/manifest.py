@@ -1,9 +1,11 @@
 """Output-folder bookkeeping: shard names, atomic JSON files, per-shard stats, manifest and sizes.json."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from typing import Any
 
 FORMAT_VERSION = 1
@@ -22,16 +24,42 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=1) + "\n"
 
 
+class OutputWriteError(OSError):
+    """A file of the output folder that could not be written: errno, path and free space in one line."""
+
+
+def output_write_error(path: str, exc: OSError) -> OutputWriteError:
+    """``cannot write PATH: [Errno 28 ENOSPC] No space left on device; 0.1 MiB free in FOLDER``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    cause = f"[Errno {exc.errno} {errno.errorcode.get(exc.errno, '?')}] {exc.strerror}" if exc.errno else str(exc)
+    free = shutil.disk_usage(folder).free / 2**20
+    return OutputWriteError(f"cannot write {path}: {cause}; {free:.1f} MiB free in {folder}")
+
+
+def remove_partial(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
-    """Write `obj` as stable JSON to `path` via a temporary file and a rename.
+    """Write `obj` as stable JSON to `path` via a temporary file and a rename (OutputWriteError, no
+    temporary file left, when that fails).
 
     The rename makes it all-or-nothing if the process dies; no fsync (like the shards themselves):
     an fsync per shard costs ~0.1 s on a busy disk, and power-loss durability is not promised.
     """
     tmp = path + TMP_SUFFIX
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(dumps(obj))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(dumps(obj))
+        os.replace(tmp, path)
+    except OSError as exc:
+        remove_partial(tmp)
+        raise output_write_error(path, exc) from exc
 
 
 def read_json(path: str) -> Any:

@@ -234,7 +234,11 @@ class DatasetWriter:
                     self._log_skip(sample)
                 yield sample
 
-        count = write_tar(tmp, job.keys, observed())
+        try:
+            count = write_tar(tmp, job.keys, observed())
+        except OSError as exc:  # a full disk: no partial .tar.tmp left behind
+            mf.remove_partial(tmp)
+            raise mf.output_write_error(tmp, exc) from exc
         stats = {"fingerprint": fingerprint, "options_fingerprint": self.options_fingerprint, "num_samples": count,
                  "skipped": dict(sorted(skipped.items())), "examples": dict(sorted(examples.items())),
                  "sha256": mf.file_sha256(tmp) if count else None, "size": os.path.getsize(tmp) if count else 0}

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from pipeline.checkpoint_merge import check_keys, safe_load
-from pipeline.distributed import Dist, barrier
+from pipeline.disk_space import (CheckpointSaveError, FileWriteError, describe_write_error, engine_share_bytes,
+                                 room_problem, save_torch)
+from pipeline.distributed import Dist, barrier, gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------- save
 def save_checkpoint(engine: Any, run_dir: Path, step: int, run_state: dict[str, Any], keep_last: int,
                     dist: Dist) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+    """Collective: every rank calls it. Returns the checkpoint folder. Raises CheckpointSaveError on every
+    rank when a file system lacks room for it (nothing written) or a write failed (the partial folder is
+    removed, older checkpoints are not pruned)."""
     ckpt_root = run_dir / "checkpoints"
     tag = tag_for(step)
     folder = ckpt_root / tag
@@ -92,21 +96,50 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, run_state: dict[str, 
     if dist.is_main and folder.exists():  # a half-written one from a killed run
         shutil.rmtree(folder)
     barrier()
-    engine.save_checkpoint(str(ckpt_root), tag=tag, save_latest=False)
-    (folder / "rng").mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), folder / "rng" / f"rank_{dist.rank:05d}.pt")
-    if dist.is_main:
-        (folder / RUN_STATE).write_text(json.dumps(run_state, indent=2))
-        for name in ("resolved_recipe.yaml", "ds_config.json"):
-            if (run_dir / name).is_file():
-                shutil.copy2(run_dir / name, folder / name)
-    barrier()  # every rank's files are on disk before the marker
+    previous = latest_complete(ckpt_root)
+    problem = room_problem(ckpt_root, tag, previous, engine_share_bytes(engine, dist) if not previous else 0)
+    if problem:
+        raise CheckpointSaveError(problem)
+    failures = [error for error in gather_objects(_write_files(engine, run_dir, folder, run_state, dist)) if error]
+    if failures:  # every rank learns it here: none is left waiting in a collective
+        if dist.is_main:
+            shutil.rmtree(folder, ignore_errors=True)
+        kept = f"; the newest complete checkpoint {previous} is kept" if previous else ""
+        raise CheckpointSaveError(f"checkpoint {tag} not saved: {failures[0]}{kept}")
     if dist.is_main:
         (folder / COMPLETE).write_text(f"{step}\n")
         prune(ckpt_root, keep_last)
     barrier()
     log.info("saved checkpoint %s", folder)
     return folder
+
+
+def _write_files(engine: Any, run_dir: Path, folder: Path, run_state: dict[str, Any], dist: Dist) -> str | None:
+    """This rank's files of the checkpoint; the failure as one line (errno, path, free space), or None."""
+    report_write_errors(engine)
+    try:
+        engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+        (folder / "rng").mkdir(parents=True, exist_ok=True)
+        save_torch(rng_state(), folder / "rng" / f"rank_{dist.rank:05d}.pt")
+        if dist.is_main:
+            (folder / RUN_STATE).write_text(json.dumps(run_state, indent=2))
+            for name in ("resolved_recipe.yaml", "ds_config.json"):
+                if (run_dir / name).is_file():
+                    shutil.copy2(run_dir / name, folder / name)
+    except FileWriteError as exc:
+        return str(exc)
+    except (OSError, RuntimeError) as exc:  # a write outside torch.save, or another checkpoint engine's
+        return describe_write_error(getattr(exc, "filename", None) or folder, exc)
+    return None
+
+
+def report_write_errors(engine: Any) -> None:
+    """Make DeepSpeed's TorchCheckpointEngine write through ``save_torch`` (errno and path on failure)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    writer = engine.checkpoint_engine
+    if isinstance(writer, TorchCheckpointEngine):
+        writer.save = lambda state_dict, path: save_torch(state_dict, path, writer.zipfile_serialization)
 
 
 def prune(ckpt_root: Path, keep_last: int) -> None:
