@@ -164,9 +164,7 @@ def write_eval(run_dir: Path, tag: str, metrics: dict[str, float], task: Task, o
     if incomplete:
         record["incomplete"] = incomplete
     path.write_text(json.dumps(record, indent=2, sort_keys=True))
-    predictions = task.predictions(outputs)
-    if predictions is not None:
-        (folder / f"{tag}_predictions.json").write_text(json.dumps(predictions))
+    task.write_predictions(outputs, folder / f"{tag}_predictions")
     return path
 
 
@@ -196,7 +194,7 @@ def load_for_eval(run_dir_or_tag: str | Path, dist: Dist | None = None, override
     ckpt_root, tag = resolve_checkpoint(run_dir_or_tag)
     run_dir = resolve_init_from(str(ckpt_root / tag))
     recipe, model_cfg = load_recipe(run_dir / "resolved_recipe.yaml",
-                                    ["init_from=null", "model.moe.ep_size=1", *(overrides or [])])
+                                    ["init_from=null", "init={}", "model.moe.ep_size=1", *(overrides or [])])
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     task = build_task(recipe, model_cfg, tokenizer, DistInfo(dist.rank, dist.world_size))
     module = build_task_model(recipe, model_cfg, task, recipe.train.seed)

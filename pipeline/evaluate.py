@@ -9,8 +9,8 @@ The model is rebuilt from the run's ``resolved_recipe.yaml`` with ``moe.ep_size=
 merged DeepSpeed files (dense + one file per expert, ``pipeline.checkpoint_merge``), so no all-to-all
 happens at eval and any world size works. Each rank evaluates its share of the split in fixed-size
 padded batches; outputs are gathered and every rank computes the metrics; rank 0 prints a table with the
-task's baseline next to each score and writes the metrics JSON (+ predictions where the task has a
-results format, e.g. VQA ``[{"question_id", "answer"}]``).
+task's baseline next to each score and writes the metrics JSON and the predictions in the benchmark's
+submission format (``Task.write_predictions``: VQA ``[{"question_id", "answer"}]``, NLVR2 CSV, ...).
 """
 from __future__ import annotations
 
@@ -145,13 +145,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         out_path = Path(args.output) if args.output else \
             run_dir_of(ckpt_dir) / "eval" / f"{args.task}_{args.split}_{ckpt_dir.name}.json"
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        predictions = run.task.predictions(outputs)
-        if predictions is not None:
-            pred_path = out_path.with_name(out_path.stem + "_predictions.json")
-            pred_path.write_text(json.dumps(predictions))
+        pred_path = run.task.write_predictions(outputs, out_path.with_name(out_path.stem + "_predictions"))
+        if pred_path is not None:  # the benchmark's submission format (JSON; NLVR2: CSV)
             result["predictions"] = str(pred_path)
         out_path.write_text(json.dumps(result, indent=2))
-        print(f"wrote {out_path}", flush=True)
+        print(f"wrote {out_path}" + (f" and {pred_path}" if pred_path else ""), flush=True)
+    if metrics.get("num_scored") == 0:  # e.g. a VQA test split: predictions only, no accuracy to report
+        raise ConfigError(f"--data {args.data} --split {args.split}: no sample has a ground-truth answer, so "
+                          "there is no accuracy; the predictions file is for the benchmark's server")
     return result
 
 

@@ -1,6 +1,7 @@
 """NLVR2 and classification fine-tune on the data_prep converters' output from a vl_pretrain checkpoint
 through the real launcher (2 CPU ranks, EP=2), then ``pipeline.evaluate``."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,10 @@ def test_nlvr2_finetune_then_evaluate(tmp_path, tmp_path_factory):
     assert set(result["metrics"]) >= {"acc", "consistency"}
     assert result["baseline"]["metrics"]["acc"] == pytest.approx(0.5)  # 12 true, 12 false
     assert "majority" in proc.stdout
+    # the leaderboard's submission format: identifier,True|False per line, one per sample
+    rows = [line.split(",") for line in Path(result["predictions"]).read_text().splitlines()]
+    assert result["predictions"].endswith(".csv") and len(rows) == 24
+    assert all(len(row) == 2 and row[1] in ("True", "False") for row in rows)
 
 
 def test_classification_linear_probe_then_evaluate(tmp_path, tmp_path_factory):
