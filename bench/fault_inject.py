@@ -426,7 +426,8 @@ def summary_rows(records: list[dict[str, Any]], kinds: list[str]) -> list[list[A
 def trial_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
     return [[r["trial"], r["kind"], r.get("injected_at_step", "-"), r.get("fault", "-"), r.get("fault_rc"),
              r.get("data_skips"), r.get("resumed_from"), r.get("rerun_rc"), r.get("samples_lost"),
-             len(r.get("checkpoints_lost", [])), r.get("hangs"), "; ".join(r.get("problems", [])) or "-", r.get("trial_s")]
+             len(r.get("checkpoints_lost", [])), r.get("hangs"), "; ".join(r.get("problems", [])) or "-",
+             r.get("trial_s")]
             for r in records if "skipped" not in r]
 
 
