@@ -40,7 +40,7 @@ BUSY_LOOP = "while True:\n    pass\n"
 PR_SET_PDEATHSIG = 1
 #: what a timeout looks like in a pytest run's output: tests.launcher's communicate_or_fail, a plain
 #: subprocess timeout, pytest-timeout
-TIMEOUT_MARKERS = re.compile(r"still running after \d+ s|subprocess\.TimeoutExpired|Timeout \(\d|"
+TIMEOUT_MARKERS = re.compile(r"still running after \d+ s|subprocess\.TimeoutExpired|Timeout \(>|"
                              r"\+{5,} Timeout \+{5,}")
 
 
@@ -152,13 +152,15 @@ def summarise(node_id: str, runs: list[dict]) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'test':<60} {'runs':>4} {'pass':>4} {'fail':>4} {'t/o':>4} {'min s':>7} {'med s':>7} {'max s':>7}" \
-             f"  load avg (1 min) at each start"
+    """One line per test (its function name; the JSON has the node id)."""
+    names = [r["test"].split("::")[-1] for r in rows]
+    width = max(len("test"), *map(len, names))
+    header = (f"{'test':<{width}} {'runs':>4} {'pass':>4} {'fail':>4} {'t/o':>4} {'min s':>7} {'med s':>7} "
+              f"{'max s':>7}  load avg (1 min) at each run's start")
     lines = [header, "-" * len(header)]
-    for r in rows:
-        name = r["test"] if len(r["test"]) <= 60 else "..." + r["test"][-57:]
+    for name, r in zip(names, rows):
         loads = " ".join(f"{x:.1f}" for x in r["load_at_starts"])
-        lines.append(f"{name:<60} {r['runs']:>4} {r['passed']:>4} {r['failed']:>4} {r['timed_out']:>4} "
+        lines.append(f"{name:<{width}} {r['runs']:>4} {r['passed']:>4} {r['failed']:>4} {r['timed_out']:>4} "
                      f"{r['min_s']:>7.1f} {r['median_s']:>7.1f} {r['max_s']:>7.1f}  {loads}")
     return "\n".join(lines)
 
