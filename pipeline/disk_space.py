@@ -131,19 +131,19 @@ def engine_share_bytes(engine: Any, dist: Dist) -> int:
 def room_problem(ckpt_root: Path, tag: str, previous: str | None, share_bytes: int) -> str | None:
     """Collective: None when every file system the ranks write to has room for checkpoint ``tag``, else
     one line naming the folder, the need and the free space (the same answer on every rank)."""
-    seen = folder_bytes(ckpt_root / previous) if previous else None
-    mine = (socket.gethostname(), os.stat(_existing(ckpt_root)).st_dev, free_bytes(ckpt_root), seen, share_bytes)
-    groups: dict[tuple[str, int], list[tuple]] = {}
+    previous_bytes = folder_bytes(ckpt_root / previous) if previous else None  # as this host sees it
+    mine = (socket.gethostname(), os.stat(_existing(ckpt_root)).st_dev, free_bytes(ckpt_root), previous_bytes,
+            share_bytes)
+    groups: dict[tuple[str, int], list[tuple]] = {}  # (host, device) -> the reports of its ranks
     for report in gather_objects(mine):
         groups.setdefault(report[:2], []).append(report)
     hosts = {host for host, _ in groups}
     for (host, _), reports in sorted(groups.items()):
-        free = reports[0][2]
-        seen = reports[0][3]
-        estimate = seen if seen is not None else sum(report[4] for report in reports)
+        _, _, free, previous_bytes, _ = reports[0]
+        estimate = previous_bytes if previous_bytes is not None else sum(report[4] for report in reports)
         need = int(estimate * MARGIN) + OVERHEAD_BYTES
         if need > free:
-            basis = f"the size of {previous}" if seen is not None else \
+            basis = f"the size of {previous}" if previous_bytes is not None else \
                 f"weights and optimizer state of {len(reports)} ranks: {human(estimate)}"
             where = f" on {host}" if len(hosts) > 1 else ""
             return (f"not saving checkpoint {tag}: {ckpt_root}{where} needs about {human(need)} ({basis}, "
