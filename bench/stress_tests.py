@@ -70,8 +70,18 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _load_process_setup() -> None:
+    """preexec_fn of a load process: nice 0 (as the tests' processes, even when this script runs niced)
+    and killed with this script."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except PermissionError:  # lowering an inherited niceness needs root: the load then runs niced too
+        pass
+    _die_with_parent()
+
+
 def start_load(count: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", BUSY_LOOP], preexec_fn=_die_with_parent,
+    return [subprocess.Popen([sys.executable, "-c", BUSY_LOOP], preexec_fn=_load_process_setup,
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for _ in range(count)]
 
