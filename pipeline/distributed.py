@@ -50,6 +50,7 @@ def init_distributed(timeout_minutes: int = 30) -> Dist:
     from deepspeed.accelerator import get_accelerator
 
     if not tdist.is_initialized():
+        remove_stale_build_lock()
         deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
     rank, world = tdist.get_rank(), tdist.get_world_size()
     release_shm_workspace(rank, world)
@@ -61,6 +62,31 @@ def init_distributed(timeout_minutes: int = 30) -> Dist:
     else:
         device = torch.device(accel.device_name())
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+SHM_OP = "deepspeed_shm_comm"  # the CPU comm op every rank JIT-builds (or checks) in init_distributed
+STALE_LOCK_S = 600  # a build takes ~1 s (up to date) to ~100 s (first build on a busy 2-core host)
+
+
+def remove_stale_build_lock(op: str = SHM_OP, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove torch's extension build lock of ``op`` when it is older than ``max_age_s``.
+
+    On CPU, ``deepspeed.init_distributed`` builds DeepSpeed's SHM comm op through torch's JIT loader, which
+    holds ``TORCH_EXTENSIONS_DIR/.../deepspeed_shm_comm/lock`` while ninja runs and makes every other
+    process wait for it without a timeout (``torch.utils.file_baton``). A process killed while holding it
+    (SIGKILL, a launcher tearing ranks down) leaves the file behind, and from then on every DeepSpeed rank
+    on the machine hangs in start-up. Returns True when a stale lock was removed."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = os.path.join(_get_build_directory(op, verbose=False), "lock")
+        if time.time() - os.path.getmtime(lock) < max_age_s:
+            return False
+        os.unlink(lock)
+    except (OSError, ImportError, RuntimeError):  # no lock (the usual case), or another rank removed it
+        return False
+    print(f"removed a stale torch extension build lock {lock} (left by a killed process)", file=sys.stderr)
+    return True
 
 
 def shm_workspace_path(rank: int, env: dict[str, str] | None = None) -> str:
