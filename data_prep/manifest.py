@@ -28,14 +28,26 @@ class OutputWriteError(OSError):
     """A file of the output folder that could not be written: errno, path and free space in one line."""
 
 
+def existing_folder(path: str) -> str:
+    """``path`` or its nearest existing parent (where a file that could not be written would have gone)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def errno_text(exc: BaseException) -> str:
+    """``[Errno 28 ENOSPC] No space left on device`` (the symbolic name too), else the exception's text."""
+    if isinstance(exc, OSError) and exc.errno:
+        return f"[Errno {exc.errno} {errno.errorcode.get(exc.errno, '?')}] {exc.strerror}"
+    return str(exc)
+
+
 def output_write_error(path: str, exc: OSError) -> OutputWriteError:
     """``cannot write PATH: [Errno 28 ENOSPC] No space left on device; 0.1 MiB free in FOLDER``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
-        folder = os.path.dirname(folder)
-    cause = f"[Errno {exc.errno} {errno.errorcode.get(exc.errno, '?')}] {exc.strerror}" if exc.errno else str(exc)
+    folder = existing_folder(os.path.dirname(os.path.abspath(path)))
     free = shutil.disk_usage(folder).free / 2**20
-    return OutputWriteError(f"cannot write {path}: {cause}; {free:.1f} MiB free in {folder}")
+    return OutputWriteError(f"cannot write {path}: {errno_text(exc)}; {free:.1f} MiB free in {folder}")
 
 
 def remove_partial(path: str) -> None:

@@ -9,7 +9,6 @@ accounts them), summed over the ranks that write to the same file system.
 """
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import socket
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from data_prep.manifest import errno_text, existing_folder
 from pipeline.distributed import Dist, gather_objects
 
 OVERHEAD_BYTES = 1 << 20  # RNG files, run_state.json, recipe copies, torch's zip headers
@@ -42,10 +42,7 @@ def human(num_bytes: float) -> str:
 
 
 def _existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
+    return Path(existing_folder(str(path)))
 
 
 def free_bytes(path: Path) -> int:
@@ -60,7 +57,7 @@ def folder_bytes(folder: Path) -> int:
 def describe_write_error(path: Path | str, exc: BaseException) -> str:
     """``PATH: [Errno 28 ENOSPC] No space left on device; 0 B free in FOLDER``."""
     if isinstance(exc, OSError) and exc.errno is not None:
-        cause = f"[Errno {exc.errno} {errno.errorcode.get(exc.errno, '?')}] {exc.strerror}"
+        cause = errno_text(exc)
     else:
         cause = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
     folder = Path(path).parent

@@ -17,7 +17,7 @@ from torch import nn
 
 from pipeline.metrics.classification import topk_accuracy
 from pipeline.tasks.base import LossOutput, SkipSample, Task, TaskContext
-from pipeline.tasks.downstream_common import cross_entropy_loss, blank_image, image_tensor, read_json_file
+from pipeline.tasks.downstream_common import blank_image, cross_entropy_loss, image_tensor, read_json_file
 
 UNKNOWN_LABEL = -1  # an eval sample whose class is not a training class: counted wrong, never indexed
 PREDICTION_TOP_K = 5
@@ -33,6 +33,12 @@ def parse_class(value: Any, num_classes: int) -> int:
     if not 0 <= label < num_classes:
         raise SkipSample("label_out_of_range")
     return label
+
+
+def training_classes(ctx: TaskContext, task: str) -> tuple[list[str], dict[str, int]]:
+    """The training folder's ``classes.json`` (names in label order) and name -> index."""
+    classes: list[str] = read_json_file(ctx.data_dir, "classes.json", "classes", task)
+    return classes, {str(c): i for i, c in enumerate(classes)}
 
 
 def sample_label(sample: dict[str, Any], class_index: dict[str, int], train: bool) -> int:
@@ -61,8 +67,7 @@ class ClassificationTask(Task):
 
     def __init__(self, ctx: TaskContext):
         super().__init__(ctx)
-        self.classes: list[str] = read_json_file(ctx.data_dir, "classes.json", "classes", self.name)
-        self.class_index = {str(c): i for i, c in enumerate(self.classes)}
+        self.classes, self.class_index = training_classes(ctx, self.name)
 
     def build_heads(self, model: nn.Module) -> nn.ModuleDict:
         d = self.ctx.model_cfg.hidden_size

@@ -17,8 +17,8 @@ from torch import nn
 
 from pipeline.metrics.classification import class_accuracy
 from pipeline.tasks.base import LossOutput, SkipSample, Task, TaskContext
-from pipeline.tasks.classification import sample_label
-from pipeline.tasks.downstream_common import (cross_entropy_loss, blank_image, blank_text, image_tensor, read_json_file,
+from pipeline.tasks.classification import sample_label, training_classes
+from pipeline.tasks.downstream_common import (blank_image, blank_text, cross_entropy_loss, image_tensor,
                                               sample_json, tokenize)
 from pipeline.tasks.vqa import vqa_head
 
@@ -31,8 +31,7 @@ class SNLIVETask(Task):
 
     def __init__(self, ctx: TaskContext):
         super().__init__(ctx)
-        self.classes: list[str] = read_json_file(ctx.data_dir, "classes.json", "classes", self.name)
-        self.class_index = {str(c): i for i, c in enumerate(self.classes)}
+        self.classes, self.class_index = training_classes(ctx, self.name)
 
     def build_heads(self, model: nn.Module) -> nn.ModuleDict:
         return nn.ModuleDict({"snli_ve": vqa_head(self.ctx.model_cfg.hidden_size, len(self.classes))})
