@@ -155,10 +155,15 @@ def _count(outputs: dict[str, Any]) -> int:
     return 0
 
 
+def eval_path(run_dir: Path, tag: str) -> Path:
+    """Where a training-time evaluation of checkpoint ``tag`` is written: ``RUN/eval/TAG.json``."""
+    return run_dir / "eval" / f"{tag}.json"
+
+
 def write_eval(run_dir: Path, tag: str, metrics: dict[str, float], task: Task, outputs: dict[str, Any]) -> Path:
-    folder = run_dir / "eval"
+    path = eval_path(run_dir, tag)
+    folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{tag}.json"
     record: dict[str, Any] = dict(metrics)
     incomplete = getattr(metrics, "incomplete", None)  # EvalMetrics from run_eval
     if incomplete:

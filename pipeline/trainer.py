@@ -23,7 +23,7 @@ from pipeline.build import apply_freeze, build_engine, build_task, build_task_mo
 from pipeline.data import build_eval_loader, build_train_loader, strip_meta
 from pipeline.distributed import Dist, all_reduce_max, all_reduce_sum, barrier, watch_launcher
 from pipeline.ds_config import build_ds_config, load_engine_json, precision, zero_stage
-from pipeline.eval_loop import run_eval, to_device, write_eval
+from pipeline.eval_loop import eval_path, run_eval, to_device, write_eval
 from pipeline.recipe import InitConfig, dump_recipe, load_recipe
 from pipeline.step_guard import NonFiniteTraining, StepGuard
 from pipeline.tasks import DistInfo
@@ -105,7 +105,7 @@ class Trainer:
         steps = self.recipe.train.steps
         if self.state.step >= steps:
             log.info("already trained %d/%d steps: nothing to do", self.state.step, steps)
-            if not self._eval_path().is_file():  # the final evaluation failed or was interrupted
+            if not eval_path(self.run_dir, checkpoint.tag_for(self.state.step)).is_file():  # the final eval failed
                 self.evaluate()
             self._mark_finished()
             return
@@ -246,9 +246,6 @@ class Trainer:
             log.info("eval step %d: %s", self.state.step,
                      ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
         return metrics
-
-    def _eval_path(self) -> Path:
-        return self.run_dir / "eval" / f"{checkpoint.tag_for(self.state.step)}.json"
 
     def save(self) -> None:
         """Collective. Refuses to write non-finite weights (the last good checkpoint stays newest)."""
