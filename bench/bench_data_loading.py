@@ -1,4 +1,4 @@
-"""Training input pipeline throughput (pipeline.data: shards -> decode -> transforms -> tokenize -> batch) vs a
+"""Training input pipeline throughput (pipeline.data.loader: shards -> decode -> transforms -> tokenize -> batch) vs a
 bare decode loop on the same shards, and the data-wait fraction of real training runs.
 
     .venv/bin/python bench/bench_data_loading.py                  # synth + photo shards, 2 training runs
@@ -8,7 +8,7 @@ bare decode loop on the same shards, and the data-wait fraction of real training
 Shards: ``synth`` = the cached ``data_prep synth`` captions (64x64 JPEG q95, runs/bench/); ``photos`` = the
 photos of ``--photos`` (default ../shared/data/photos) repeated to ``--photo-samples`` rows and written by
 ``python -m data_prep pairs`` (shorter side 256, JPEG q90: img2dataset-sized). The loader is the real
-``pipeline.data.build_train_loader`` with the ``vl_pretrain`` task (resize to ``image_size``, normalise,
+``pipeline.data.loader.build_train_loader`` with the ``vl_pretrain`` task (resize to ``image_size``, normalise,
 tokenize to 32 tokens, stack micro-batches of 16); ``image_size`` is 64 for synth (the demo) and
 ``--photo-image-size`` (224) for photos. workers=0 runs the pipeline in this process: the cost of one
 worker; workers>=1 are DataLoader processes (what a rank runs). "bare decode" = read the tar members and
@@ -77,7 +77,7 @@ def photo_shards(photos: Path, samples: int) -> Path:
 
 def tar_images(folder: Path, split: str = "train"):
     """Image bytes of every sample of ``split`` in shard order."""
-    from pipeline.data import shard_urls
+    from pipeline.data.loader import shard_urls
 
     for url in shard_urls(str(folder), split):
         with tarfile.open(url) as tar:
@@ -88,7 +88,7 @@ def tar_images(folder: Path, split: str = "train"):
 
 # ------------------------------------------------------------------------------------------ timing
 def build(folder: Path, tokenizer: Path, image_size: int, workers: int, sets: list[str] | None = None):
-    from pipeline.build import build_task, load_tokenizer
+    from pipeline.run.build import build_task, load_tokenizer
     from pipeline.recipe import load_recipe
     from pipeline.tasks import DistInfo
 
@@ -104,7 +104,7 @@ def loader_rate(folder: Path, tokenizer: Path, image_size: int, workers: int, ba
     """samples/s of the real training loader (after the first batch: worker start and shuffle fill)."""
     import torch
 
-    from pipeline.data import build_train_loader
+    from pipeline.data.loader import build_train_loader
 
     torch.set_num_threads(1)
     recipe, task = build(folder, tokenizer, image_size, workers, ["data.shuffle_buffer=100"])

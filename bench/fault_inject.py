@@ -40,8 +40,8 @@ from typing import Any, Callable
 import psutil
 
 from bench import common
-from pipeline.checkpoint import complete_tags, tag_for
-from pipeline.checkpoint_merge import merge_moe_checkpoint
+from pipeline.run.checkpoint import complete_tags, tag_for
+from pipeline.run.checkpoint_merge import merge_moe_checkpoint
 from tests.conftest import TINY_MODEL_SETS
 from tests.launcher import run_processes, stop_with_stacks
 

@@ -81,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     import deepspeed  # noqa: F401  (imported here so the baseline holds the libraries)
     import torch  # noqa: F401
 
-    import pipeline.trainer  # noqa: F401
+    import pipeline.run.trainer  # noqa: F401
     from pipeline import train
 
     report: dict[str, object] = {"hwm_reset": reset_peak()}
     report["baseline_rss"] = status_bytes()["VmRSS"]
 
-    original_save = pipeline.trainer.Trainer.save
+    original_save = pipeline.run.trainer.Trainer.save
 
     def save_with_snapshot(self: object) -> None:
         status = status_bytes()
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         report.setdefault("rss_parts_before_save", {k: v for k, v in status.items() if k.startswith("Rss")})
         original_save(self)
 
-    pipeline.trainer.Trainer.save = save_with_snapshot
+    pipeline.run.trainer.Trainer.save = save_with_snapshot
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "step": []}
     time_engine_phases(phases)
     report["phase_s"] = phases

@@ -6,11 +6,11 @@
 # shards are skipped by data_prep, finished stages by their FINISHED marker, evaluations by their JSON.
 # Environment: DEMO_DIR [runs/demo], DEMO_SAMPLES [synth images per task, 6000], DS_CONFIG
 # [ds_configs/zero2_bf16.json on CUDA; ds_configs/zero2_fp32.json on every CPU, AMX included: bf16 measured
-# 1.7x slower there (pipeline.hardware, BENCHMARKS.md)], and everything
+# 1.7x slower there (pipeline.run.hardware, BENCHMARKS.md)], and everything
 # launch/common.sh reads (GPUS_PER_NODE, CPU_RANKS, ...).
 if [[ -z "${DS_CONFIG:-}" ]]; then
   _py="${PYTHON:-.venv/bin/python}"
-  DS_CONFIG="ds_configs/zero2_$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && "$_py" -m pipeline.hardware).json"
+  DS_CONFIG="ds_configs/zero2_$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && "$_py" -m pipeline.run.hardware).json"
   export DS_CONFIG
 fi
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -66,5 +66,5 @@ finetune vqa val
 finetune retrieval test
 
 step "results"
-"$PYTHON" -m pipeline.demo_report --demo-dir "$DEMO_DIR"
+"$PYTHON" -m launch.demo_report --demo-dir "$DEMO_DIR"
 echo "demo finished in $((SECONDS - started)) s" >&2

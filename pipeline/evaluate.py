@@ -6,7 +6,7 @@
     deepspeed --num_gpus 2 --module pipeline.evaluate --checkpoint ... (same flags; ranks split the data)
 
 The model is rebuilt from the run's ``resolved_recipe.yaml`` with ``moe.ep_size=1`` and loaded from the
-merged DeepSpeed files (dense + one file per expert, ``pipeline.checkpoint_merge``), so no all-to-all
+merged DeepSpeed files (dense + one file per expert, ``pipeline.run.checkpoint_merge``), so no all-to-all
 happens at eval and any world size works. Each rank evaluates its share of the split in fixed-size
 padded batches; outputs are gathered and every rank computes the metrics; rank 0 prints a table with the
 task's baseline next to each score and writes the metrics JSON and the predictions in the benchmark's
@@ -64,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_inputs(args: argparse.Namespace) -> None:
     """Before any rank work: the checkpoint exists, was trained for ``--task``, and ``--data``/``--split``,
     the run's vocabulary (its first training folder) and tokenizer are usable (ConfigError otherwise)."""
-    from pipeline.checkpoint_merge import resolve_checkpoint
-    from pipeline.preflight import eval_input_problems, require_no_problems
+    from pipeline.run.checkpoint_merge import resolve_checkpoint
+    from pipeline.run.preflight import eval_input_problems, require_no_problems
     from pipeline.recipe import load_recipe, resolve_init_from
 
     run_dir = resolve_init_from(str(resolve_checkpoint(args.checkpoint)))
@@ -77,7 +77,7 @@ def check_inputs(args: argparse.Namespace) -> None:
 def eval_dtype(choice: str, ckpt_dir: Path) -> Any:
     import torch
 
-    from pipeline.checkpoint_merge import run_dir_of
+    from pipeline.run.checkpoint_merge import run_dir_of
 
     if choice != "auto":
         return torch.bfloat16 if choice == "bf16" else torch.float32
@@ -106,11 +106,11 @@ def format_table(metrics: dict[str, float], baseline: dict[str, float], baseline
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from pipeline.checkpoint_merge import resolve_checkpoint, run_dir_of
-    from pipeline.data import build_eval_loader, num_samples
-    from pipeline.distributed import init_distributed, single_process
+    from pipeline.run.checkpoint_merge import resolve_checkpoint, run_dir_of
+    from pipeline.data.loader import build_eval_loader, num_samples
+    from pipeline.run.distributed import init_distributed, single_process
     from pipeline.eval_baselines import baseline_for
-    from pipeline.eval_loop import load_for_eval, require_complete, run_eval
+    from pipeline.run.eval_loop import load_for_eval, require_complete, run_eval
     from pipeline.recipe import SourceConfig
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by the deepspeed launcher
@@ -159,7 +159,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from pipeline.distributed import enable_stack_dumps, shutdown_distributed
+    from pipeline.run.distributed import enable_stack_dumps, shutdown_distributed
 
     enable_stack_dumps()
 
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.distributed import exit_process
+    status = main()  # --help exits inside, before torch is imported
+    from pipeline.run.distributed import exit_process
 
-    exit_process(main())
+    exit_process(status)

@@ -10,7 +10,7 @@ SIGTERM by terminating the ranks (SIGKILL after 30 s), mid-checkpoint; SIGUSR1 k
 
 - the launcher command starts with SIGINT, SIGTERM and SIGUSR1 *blocked*. A blocked mask is inherited across
   fork and exec and Python's ``signal.signal`` does not unblock, so the runner and launch.py never act on
-  them, whoever sends them. The ranks (``pipeline.trainer``) install handlers, then unblock them.
+  them, whoever sends them. The ranks (``pipeline.run.trainer``) install handlers, then unblock them.
 - this process handles all three: from the first one on it sends SIGUSR1 to every rank (the children of
   launch.py), also to ranks that start later. The ranks checkpoint at the next step boundary (or finish the
   checkpoint they are writing) and exit 0; launch.py and the runner then exit 0 too. Repeated signals are
@@ -20,7 +20,7 @@ SIGTERM by terminating the ranks (SIGKILL after 30 s), mid-checkpoint; SIGUSR1 k
   ``--grace-period`` seconds after the first signal (or that exit) every descendant still alive is killed.
 
 Exit status: the launcher's (0 after a preemption checkpoint); 1 when processes had to be killed.
-The ranks get the grace period as ``PREEMPT_GRACE_S`` (``pipeline.distributed.watch_launcher``).
+The ranks get the grace period as ``PREEMPT_GRACE_S`` (``pipeline.run.distributed.watch_launcher``).
 """
 from __future__ import annotations
 

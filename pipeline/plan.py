@@ -1,6 +1,6 @@
 """Plan a stage before launching it: sizes, FLOPs and memory per rank, and the checks that would make
 the launch fail (batch arithmetic, ZeRO-3 with MoE, EP not dividing experts/world size, a model whose tensor
-shapes differ from those of its ``init_from`` checkpoint, and the run's inputs: ``pipeline.preflight``).
+shapes differ from those of its ``init_from`` checkpoint, and the run's inputs: ``pipeline.run.preflight``).
 
     python -m pipeline.plan --recipe launch/recipes/vl_pretrain.yaml --ds-config ds_configs/zero2_bf16.json \
         --world-size 8 [--ep-size 4] [--set model.num_layers=12 ...] [--json]
@@ -80,7 +80,7 @@ def activation_bytes(model_cfg: Any, recipe: Any, mode: str) -> float:
 
 
 def make_plan(recipe: Any, model_cfg: Any, engine: dict[str, Any], world_size: int) -> dict[str, Any]:
-    from pipeline.ds_config import build_ds_config, precision, zero_stage
+    from pipeline.run.ds_config import build_ds_config, precision, zero_stage
 
     ds_config = build_ds_config(recipe, model_cfg, engine, world_size)
     size = size_of(model_cfg, recipe)
@@ -151,10 +151,10 @@ def check_init_from(recipe: Any, model_cfg: Any) -> None:
 
 
 def checked_plan(recipe: Any, model_cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """The plan, or one ConfigError listing every problem found: the run's inputs (``pipeline.preflight``,
+    """The plan, or one ConfigError listing every problem found: the run's inputs (``pipeline.run.preflight``,
     unless ``--skip-input-checks``), then the first of init_from shapes / engine / batch arithmetic."""
-    from pipeline.ds_config import load_engine_json
-    from pipeline.preflight import check_run_inputs, require_no_problems
+    from pipeline.run.ds_config import load_engine_json
+    from pipeline.run.preflight import check_run_inputs, require_no_problems
 
     problems = [] if args.skip_input_checks else check_run_inputs(recipe, model_cfg)
     plan: dict[str, Any] = {}

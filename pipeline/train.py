@@ -45,8 +45,8 @@ def setup_logging(rank: int) -> None:
 
 
 def input_error(args: argparse.Namespace) -> str | None:
-    """The recipe's and its inputs' problems as one message (``pipeline.preflight``), or None."""
-    from pipeline.preflight import check_run_inputs, require_no_problems
+    """The recipe's and its inputs' problems as one message (``pipeline.run.preflight``), or None."""
+    from pipeline.run.preflight import check_run_inputs, require_no_problems
     from pipeline.recipe import load_recipe
 
     try:
@@ -59,11 +59,11 @@ def input_error(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.data_faults import DataFailure
-    from pipeline.disk_space import CheckpointSaveError
-    from pipeline.distributed import enable_stack_dumps, gather_objects, init_distributed, shutdown_distributed
-    from pipeline.step_guard import NonFiniteTraining
-    from pipeline.trainer import Trainer
+    from pipeline.data.faults import DataFailure
+    from pipeline.run.disk_space import CheckpointSaveError
+    from pipeline.run.distributed import enable_stack_dumps, gather_objects, init_distributed, shutdown_distributed
+    from pipeline.run.step_guard import NonFiniteTraining
+    from pipeline.run.trainer import Trainer
 
     enable_stack_dumps()
     dist = init_distributed()
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_main:
             print(f"pipeline.train: stopped: {exc}", file=sys.stderr)
         rc = 3
-    except CheckpointSaveError as exc:  # also the same on every rank (pipeline.checkpoint.save_checkpoint)
+    except CheckpointSaveError as exc:  # also the same on every rank (pipeline.run.checkpoint.save_checkpoint)
         if dist.is_main:
             print(f"pipeline.train: stopped: {exc}", file=sys.stderr)
         rc = 4
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.distributed import exit_process
+    status = main()  # --help exits inside, before torch is imported
+    from pipeline.run.distributed import exit_process
 
-    exit_process(main())
+    exit_process(status)

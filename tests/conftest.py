@@ -41,7 +41,7 @@ def deepspeed_cpu_comm_op_built() -> None:
     """Build DeepSpeed's CPU SHM comm op once, in one process, before any timed multi-rank test: every rank
     JIT-builds (or checks) it inside ``deepspeed.init_distributed`` under a file lock, and a first build
     (~40-100 s on 2 busy cores) must not run inside a test's timeout, where killing the rank that holds the
-    lock would leave it behind (``pipeline.distributed.remove_stale_build_lock``)."""
+    lock would leave it behind (``pipeline.run.distributed.remove_stale_build_lock``)."""
     proc = subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
                           cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"building DeepSpeed's CPU comm op failed:\n{proc.stderr[-3000:]}"

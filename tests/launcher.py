@@ -2,7 +2,7 @@
 
 Every wait on other processes fails fast with their Python stacks: on a timeout ``stop_with_stacks`` sends
 SIGUSR2 to each process of the run that handles it (our entry points and rank probes call
-``pipeline.distributed.enable_stack_dumps``), gives them ``STACK_DUMP_WAIT_S`` to print, then kills them all.
+``pipeline.run.distributed.enable_stack_dumps``), gives them ``STACK_DUMP_WAIT_S`` to print, then kills them all.
 """
 from __future__ import annotations
 

@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
-from pipeline.build import build_task, build_task_model, load_tokenizer
-from pipeline.checkpoint import rng_state, set_rng_state
-from pipeline.checkpoint_merge import EXPERT_KEY, check_keys, merge_moe_checkpoint, safe_load
+from pipeline.run.build import build_task, build_task_model, load_tokenizer
+from pipeline.run.checkpoint import rng_state, set_rng_state
+from pipeline.run.checkpoint_merge import EXPERT_KEY, check_keys, merge_moe_checkpoint, safe_load
 from pipeline.config_utils import ConfigError
-from pipeline.eval_loop import load_for_eval
+from pipeline.run.eval_loop import load_for_eval
 from pipeline.evaluate import main as evaluate_main
 from pipeline.recipe import dump_recipe, load_recipe
 from pipeline.tasks import DistInfo

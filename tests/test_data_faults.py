@@ -1,4 +1,4 @@
-"""Data faults (pipeline.data_faults): a training source that fails on every read stops the run with a
+"""Data faults (pipeline.data.faults): a training source that fails on every read stops the run with a
 clear error (failure budget) instead of spinning for ever; a shard that yields fewer samples than
 sizes.json says (tarfile reads a damaged header or a truncation at a header boundary as the end of the
 archive) is counted as ``shard_short``; evaluation refuses to report on a split it could not read whole."""
@@ -17,10 +17,10 @@ import torch
 import yaml
 
 from pipeline.config_utils import ConfigError
-from pipeline.data import build_eval_loader, build_train_loader, shard_facts
-from pipeline.data_faults import DataFailure, FailureBudget, read_shards
-from pipeline.distributed import single_process
-from pipeline.eval_loop import IncompleteEvaluation, require_complete, run_eval, write_eval
+from pipeline.data.loader import build_eval_loader, build_train_loader, shard_facts
+from pipeline.data.faults import DataFailure, FailureBudget, read_shards
+from pipeline.run.distributed import single_process
+from pipeline.run.eval_loop import IncompleteEvaluation, require_complete, run_eval, write_eval
 from pipeline.recipe import SourceConfig
 from tests.conftest import TINY_MODEL_SETS
 from tests.finetune_helpers import DATA, FAST_TRAIN
@@ -99,7 +99,7 @@ def test_budget_stops_when_failure_share_of_window_is_exceeded():
 def test_data_failure_keeps_only_its_message_when_rebuilt_by_the_dataloader():
     rebuilt = DataFailure("Caught DataFailure in DataLoader worker process 0.\nOriginal Traceback (most recent "
                           "call last):\n  File \"x.py\", line 1\n    raise DataFailure(msg)\n"
-                          "pipeline.data_faults.DataFailure: source S: 3 failed reads\n  bad x 3: y\n")
+                          "pipeline.data.faults.DataFailure: source S: 3 failed reads\n  bad x 3: y\n")
     assert str(rebuilt) == "source S: 3 failed reads\n  bad x 3: y"
 
 
@@ -173,7 +173,7 @@ def test_a_process_whose_loader_failed_exits_instead_of_waiting_for_its_workers(
     src = make_source(tmp_path / "s", "s", shards=1, per_shard=4)
     (src / "train-000000.tar").unlink()
     script = (f"from tests.test_data_loading import IdTask, data_cfg\nfrom pipeline.recipe import SourceConfig\n"
-              f"from pipeline.data import build_train_loader\nbatches = iter(build_train_loader(data_cfg("
+              f"from pipeline.data.loader import build_train_loader\nbatches = iter(build_train_loader(data_cfg("
               f"SourceConfig({str(src)!r}), workers=1), IdTask(None), 4, rank=0, world_size=1, seed=0))\n"
               "next(batches)\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=launcher_env(), capture_output=True,

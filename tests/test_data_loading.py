@@ -1,4 +1,4 @@
-"""pipeline.data: fixed-shape resampled training batches, seeded and rank-distinct; weighted mixing;
+"""pipeline.data.loader: fixed-shape resampled training batches, seeded and rank-distinct; weighted mixing;
 an exact single eval pass split over ranks and workers; corrupt samples/shards skipped and counted;
 no unpickling; pipe: URLs refused unless allowed."""
 import io
@@ -13,7 +13,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.config_utils import ConfigError
-from pipeline.data import build_eval_loader, build_train_loader, decode_sample, shard_urls
+from pipeline.data.loader import build_eval_loader, build_train_loader, decode_sample, shard_urls
 from pipeline.recipe import DataConfig, SourceConfig
 from pipeline.tasks.base import SkipSample, Task
 

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from pipeline.demo_report import build_report, format_report, main
-from pipeline.hardware import cpu_flags
+from launch.demo_report import build_report, format_report, main
+from pipeline.run.hardware import cpu_flags
 
 
 def write_eval(folder, name, metrics, baseline_name, baseline):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.disk_space import FileWriteError, room_problem, save_torch
+from pipeline.run.disk_space import FileWriteError, room_problem, save_torch
 from tests.launcher import REPO, free_port, launcher_env, run_captured
 from tests.train_helpers import complete, start, train_cmd, wait_for
 

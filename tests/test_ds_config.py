@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config_utils import ConfigError
-from pipeline.ds_config import build_ds_config, load_engine_json
+from pipeline.run.ds_config import build_ds_config, load_engine_json
 from pipeline.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]

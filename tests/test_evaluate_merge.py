@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from pipeline.checkpoint_merge import merge_moe_checkpoint, resolve_checkpoint, run_dir_of
+from pipeline.run.checkpoint_merge import merge_moe_checkpoint, resolve_checkpoint, run_dir_of
 from pipeline.evaluate import format_table, parse_args
 from pipeline.model import ModelConfig, MoEConfig, VLMoE
 
@@ -84,7 +84,7 @@ def test_init_from_with_other_shapes_is_a_config_error_naming_the_tensor(tmp_pat
     tensor, both shapes and the recipe to fix, not a torch size-mismatch dump; a matching model loads."""
     from types import SimpleNamespace
 
-    from pipeline.checkpoint import load_weights
+    from pipeline.run.checkpoint import load_weights
     from pipeline.config_utils import ConfigError
 
     def dense(patch, seed):

@@ -1,6 +1,6 @@
 """A test that waits on other processes fails soon after its timeout with their Python stacks
 (tests/launcher.py ``stop_with_stacks``): SIGUSR2 to each process that handles it
-(``pipeline.distributed.enable_stack_dumps``), then SIGKILL to all, nothing left running."""
+(``pipeline.run.distributed.enable_stack_dumps``), then SIGKILL to all, nothing left running."""
 import subprocess
 import sys
 import textwrap
@@ -15,7 +15,7 @@ from tests.train_helpers import start, wait_for
 TREE = textwrap.dedent("""
     import subprocess, sys, time
     from pathlib import Path
-    from pipeline.distributed import enable_stack_dumps
+    from pipeline.run.distributed import enable_stack_dumps
 
     def parent_waits_for_child(child):
         child.wait()

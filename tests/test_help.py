@@ -12,8 +12,8 @@ from tests.launcher import REPO
 
 HEAVY = ("torch", "deepspeed", "transformers")
 DATA_PREP = ["pairs", "vqa", "retrieval", "nlvr2", "classify", "synth", "tokenizer", "verify"]
-COMMANDS = [["pipeline.train"], ["pipeline.plan"], ["pipeline.evaluate"], ["pipeline.demo_report"],
-            ["pipeline.hardware"], ["data_prep"], *[["data_prep", name] for name in DATA_PREP]]
+COMMANDS = [["pipeline.train"], ["pipeline.plan"], ["pipeline.evaluate"], ["launch.demo_report"],
+            ["pipeline.run.hardware"], ["data_prep"], *[["data_prep", name] for name in DATA_PREP]]
 
 # run the module as ``python -m`` would, then print the heavy modules it imported and what it printed
 PROBE = """

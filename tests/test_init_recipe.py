@@ -1,5 +1,5 @@
 """The recipe's ``init:`` section: parsed and checked with the recipe (not with init_from), every folder /
-type / size mismatch named before launch by pipeline.preflight, applied by build_task_model, and a
+type / size mismatch named before launch by pipeline.run.preflight, applied by build_task_model, and a
 2-rank EP=2 run through the real launcher whose experts all start as copies of the ViT FFN."""
 import pytest
 import torch
@@ -7,11 +7,11 @@ import yaml
 from safetensors.torch import load_file
 from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
-from pipeline.build import build_task, build_task_model, load_tokenizer
-from pipeline.checkpoint_merge import merge_moe_checkpoint
+from pipeline.run.build import build_task, build_task_model, load_tokenizer
+from pipeline.run.checkpoint_merge import merge_moe_checkpoint
 from pipeline.config_utils import ConfigError
 from pipeline.model.init_recipe import check_init
-from pipeline.preflight import check_run_inputs
+from pipeline.run.preflight import check_run_inputs
 from pipeline.recipe import recipe_from_dict
 from pipeline.tasks import DistInfo
 from tests.launcher import REPO

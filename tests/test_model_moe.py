@@ -7,7 +7,7 @@ import torch
 from pipeline.model.config import ModelConfig, MoEConfig
 from pipeline.model import VLMoE
 from pipeline.model.moe import MLP, SparseFFN, run_ffn
-from pipeline.tb_logging import expert_load_scalars
+from pipeline.run.tb_logging import expert_load_scalars
 
 D = 16
 

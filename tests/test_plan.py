@@ -86,7 +86,7 @@ def test_fine_tune_whose_model_cannot_load_init_from_is_rejected_before_launch(t
 
 
 def test_input_problems_and_an_impossible_engine_are_listed_together(tmp_path, capsys):
-    """Without --skip-input-checks the plan checks the run's inputs too (pipeline.preflight) and lists every
+    """Without --skip-input-checks the plan checks the run's inputs too (pipeline.run.preflight) and lists every
     problem in one message, so a launch is fixed in one go rather than one error per attempt."""
     code = plan_main(["--recipe", str(REPO / "launch/recipes/vl_pretrain.yaml"),
                       "--ds-config", str(REPO / "ds_configs/zero3_bf16.json"), "--world-size", "2",

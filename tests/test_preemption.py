@@ -2,7 +2,7 @@
 
 Unit tests (one process tree of small Python stand-ins, seconds): pipeline.launch_guard blocks the stop
 signals for the launcher, asks the ranks, kills what outlives the grace period, orphans included;
-pipeline.distributed.watch_launcher stops a rank whose launcher died; DataLoader workers survive them. Launcher tests (real deepspeed, 2 CPU
+pipeline.run.distributed.watch_launcher stops a rank whose launcher died; DataLoader workers survive them. Launcher tests (real deepspeed, 2 CPU
 ranks): a group-wide SIGUSR1 during a checkpoint save, SLURM's SIGTERM to every process of the job step
 (launch/slurm.sbatch under a fake srun/scontrol: requeue, then resume at the same data position), and
 SIGTERM to a bare `deepspeed` runner. Each run must end with every process gone.
@@ -26,7 +26,7 @@ from tests.launcher import REPO, free_port, launcher_env, stop_with_stacks, time
 STOPPABLE = [*TINY_MODEL_SETS, "batch.micro_batch_size=8", "train.steps=400", "train.log_every=1",
              "train.eval_every=0", "train.eval_max_batches=1", "data.shuffle_buffer=20", "data.num_workers=1",
              "train.peak_tflops=1.0"]
-SEED, DATA_SEED_STRIDE = 1234, 1_000_003  # recipe default train.seed; pipeline.trainer.DATA_SEED_STRIDE
+SEED, DATA_SEED_STRIDE = 1234, 1_000_003  # recipe default train.seed; pipeline.run.trainer.DATA_SEED_STRIDE
 
 
 def sets(items):
@@ -91,7 +91,7 @@ FAKE_RANK = textwrap.dedent("""
     def stop(signum, frame):
         out.write_text(signal.Signals(signum).name)
         sys.exit(0)
-    if mode == "trainer":  # what pipeline.trainer does: handle, then unblock
+    if mode == "trainer":  # what pipeline.run.trainer does: handle, then unblock
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, stop)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
@@ -152,7 +152,7 @@ def test_rank_checkpoints_then_exits_when_its_launcher_dies(tmp_path):
     rank = textwrap.dedent(f"""
         import signal, time
         from pathlib import Path
-        from pipeline.distributed import watch_launcher
+        from pipeline.run.distributed import watch_launcher
         signal.signal(signal.SIGUSR1, lambda *_: Path({str(tmp_path / 'asked')!r}).touch())
         assert watch_launcher(grace_s=1.0, poll_s=0.05) is not None
         Path({str(tmp_path / 'ready')!r}).touch()
@@ -176,7 +176,7 @@ class Counting(torch.utils.data.IterableDataset):
 
 
 def test_dataloader_workers_outlive_stop_signals_sent_to_every_process():
-    from pipeline.data import _loader
+    from pipeline.data.loader import _loader
 
     batches = iter(_loader(Counting(), num_workers=1))
     assert int(next(batches)) == 0

@@ -1,4 +1,4 @@
-"""pipeline.preflight: every unusable input of a run (data folder, split, shards, kind of data, vocabulary,
+"""pipeline.run.preflight: every unusable input of a run (data folder, split, shards, kind of data, vocabulary,
 tokenizer, init_from) is found in seconds, before a launch, each problem naming the recipe field, the path
 and what would be valid; the launch scripts, pipeline.train and pipeline.evaluate refuse such inputs with
 exit 2 and that message."""
@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.config_utils import ConfigError
-from pipeline.preflight import check_run_inputs, eval_input_problems, require_no_problems
+from pipeline.run.preflight import check_run_inputs, eval_input_problems, require_no_problems
 from pipeline.recipe import recipe_from_dict
 from tests.conftest import TINY_MODEL_SETS
 from tests.finetune_helpers import make_nlvr2_data

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from pipeline.config_utils import ConfigError
-from pipeline.ds_config import build_ds_config, load_engine_json
+from pipeline.run.ds_config import build_ds_config, load_engine_json
 from pipeline.recipe import dump_recipe, load_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.distributed import remove_stale_build_lock, shm_workspace_path
+from pipeline.run.distributed import remove_stale_build_lock, shm_workspace_path
 from tests.launcher import run_deepspeed
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.checkpoint import COMPLETE, complete_tags, latest_complete, prune, resolve_checkpoint
+from pipeline.run.checkpoint import COMPLETE, complete_tags, latest_complete, prune, resolve_checkpoint
 from pipeline.config_utils import ConfigError
-from pipeline.schedule import lr_factor
-from pipeline.tb_logging import expert_load_scalars
+from pipeline.run.schedule import lr_factor
+from pipeline.run.tb_logging import expert_load_scalars
 
 
 def test_lr_warmup_then_cosine_or_linear_to_floor():
@@ -68,7 +68,7 @@ class _Toy(nn.Module):
 
 
 def test_param_groups_head_lr_no_decay_and_freeze():
-    from pipeline.build import apply_freeze, param_groups
+    from pipeline.run.build import apply_freeze, param_groups
     from pipeline.recipe import OptimConfig
 
     toy = _Toy()
@@ -86,7 +86,7 @@ def test_param_groups_head_lr_no_decay_and_freeze():
 def test_moe_expert_params_get_their_own_groups():
     from deepspeed.moe.layer import MoE
 
-    from pipeline.build import param_groups
+    from pipeline.run.build import param_groups
     from pipeline.recipe import OptimConfig
 
     toy = _Toy()
@@ -98,7 +98,7 @@ def test_moe_expert_params_get_their_own_groups():
 
 
 def test_eval_padding_marks_valid_and_keeps_shapes():
-    from pipeline.eval_loop import pad_and_collate
+    from pipeline.run.eval_loop import pad_and_collate
     from pipeline.tasks.base import Task
 
     class T(Task):

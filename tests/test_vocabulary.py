@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import BertTokenizerFast
 
-from pipeline.build import build_task
-from pipeline.data import build_eval_loader
+from pipeline.run.build import build_task
+from pipeline.data.loader import build_eval_loader
 from pipeline.metrics.vqa import consensus_answer
 from pipeline.recipe import SourceConfig, recipe_from_dict
 from pipeline.tasks import DistInfo

@@ -5,8 +5,8 @@
       bert: /models/bert-base-uncased     # BERT folder: text token/position embeddings (same vocabulary)
       upcycle: true                       # MoE experts start as copies of the ViT FFN (routers fresh)
 
-    problems = check_init(recipe, model_cfg)   # before launch (pipeline.preflight): folders, types, sizes
-    apply_init(model, recipe.init)             # at build (pipeline.build.build_task_model), every rank
+    problems = check_init(recipe, model_cfg)   # before launch (pipeline.run.preflight): folders, types, sizes
+    apply_init(model, recipe.init)             # at build (pipeline.run.build.build_task_model), every rank
 
 Only reads files: the same weights on every rank, and each EP rank fills its own local experts.
 """

@@ -1,5 +1,5 @@
 """Rank-side check, one process (world size 1, no launcher): a real DeepSpeed engine (ZeRO-2, bf16, MoE) saved
-by pipeline.checkpoint.save_checkpoint into RUN_DIR at step 1, then at step 2 with every file write past
+by pipeline.run.checkpoint.save_checkpoint into RUN_DIR at step 1, then at step 2 with every file write past
 FSIZE_LIMIT bytes failing (RLIMIT_FSIZE: EFBIG). Prints one JSON line: the size estimate and the real size of
 step 1, the error of step 2 and what is left on disk.
 Run: RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=P python -m tests.dist.checkpoint_disk_full RUN_DIR
@@ -17,9 +17,9 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
-from pipeline.checkpoint import complete_tags, save_checkpoint
-from pipeline.disk_space import CheckpointSaveError, engine_share_bytes, folder_bytes
-from pipeline.distributed import enable_stack_dumps, init_distributed, shutdown_distributed
+from pipeline.run.checkpoint import complete_tags, save_checkpoint
+from pipeline.run.disk_space import CheckpointSaveError, engine_share_bytes, folder_bytes
+from pipeline.run.distributed import enable_stack_dumps, init_distributed, shutdown_distributed
 from tests.dist.moe_zero_tokens import D, OneMoE
 
 FSIZE_LIMIT = 64 * 1024  # smaller than the model-state file, larger than the RNG file

@@ -1,4 +1,4 @@
-"""Rank-side check: real DeepSpeed MoE checkpoints (ZeRO-2, bf16, EP=2) saved by pipeline.checkpoint load
+"""Rank-side check: real DeepSpeed MoE checkpoints (ZeRO-2, bf16, EP=2) saved by pipeline.run.checkpoint load
 weights-only: ``resume`` restores module + ZeRO optimizer state exactly, ``load_weights`` (init_from) takes
 another task's checkpoint (only heads differ) and refuses a model whose body tensors differ; a crafted
 ``mp_rank_00_model_states.pt`` is refused by both, naming the file, and never runs.
@@ -15,9 +15,9 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
-from pipeline.checkpoint import load_weights, resume, save_checkpoint
+from pipeline.run.checkpoint import load_weights, resume, save_checkpoint
 from pipeline.config_utils import ConfigError
-from pipeline.distributed import Dist, barrier
+from pipeline.run.distributed import Dist, barrier
 from tests.dist.common import init_dist
 from tests.dist.moe_zero_tokens import OneMoE
 
@@ -114,7 +114,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.distributed import shutdown_distributed
+    from pipeline.run.distributed import shutdown_distributed
 
     main()
     shutdown_distributed()

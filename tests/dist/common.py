@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from pipeline.distributed import enable_stack_dumps, release_shm_workspace, remove_stale_build_lock
+from pipeline.run.distributed import enable_stack_dumps, release_shm_workspace, remove_stale_build_lock
 from pipeline.model import ModelConfig, MoEConfig
 
 TINY = dict(hidden_size=32, num_layers=4, num_heads=2, image_size=16, patch_size=8, vocab_size=60,

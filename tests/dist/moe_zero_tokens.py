@@ -74,7 +74,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.distributed import shutdown_distributed
+    from pipeline.run.distributed import shutdown_distributed
 
     main()
     shutdown_distributed()  # as pipeline.train does: no gloo abort (exit 250) at teardown

@@ -1,10 +1,10 @@
-"""Rank side of tests/test_shm_cleanup.py: init through pipeline.distributed, then one all-reduce."""
+"""Rank side of tests/test_shm_cleanup.py: init through pipeline.run.distributed, then one all-reduce."""
 import os
 
 import torch
 import torch.distributed as tdist
 
-from pipeline.distributed import enable_stack_dumps, init_distributed, shm_workspace_path, shutdown_distributed
+from pipeline.run.distributed import enable_stack_dumps, init_distributed, shm_workspace_path, shutdown_distributed
 
 enable_stack_dumps()
 dist = init_distributed()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.config_utils import ConfigError
-from pipeline.schedule import LrFactor
+from pipeline.run.schedule import LrFactor
 from pipeline.tasks import DistInfo, Task, TaskContext, get_task_class
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 log / eval / checkpoint, and a checkpoint + clean exit on SIGTERM/SIGUSR1.
 
 MoE invariant: every rank runs the same number of steps (stop decisions are all-reduced) and
-fixed-shape batches; eval pads to equal batch counts (``pipeline.eval_loop``).
+fixed-shape batches; eval pads to equal batch counts (``pipeline.run.eval_loop``).
 """
 from __future__ import annotations
 
@@ -18,16 +18,16 @@ from typing import Any
 
 import torch
 
-from pipeline import checkpoint
-from pipeline.build import apply_freeze, build_engine, build_task, build_task_model, load_tokenizer
-from pipeline.data import build_eval_loader, build_train_loader, strip_meta
-from pipeline.distributed import Dist, all_reduce_max, all_reduce_sum, barrier, watch_launcher
-from pipeline.ds_config import build_ds_config, load_engine_json, precision, zero_stage
-from pipeline.eval_loop import eval_path, run_eval, to_device, write_eval
+from pipeline.run import checkpoint
+from pipeline.run.build import apply_freeze, build_engine, build_task, build_task_model, load_tokenizer
+from pipeline.data.loader import build_eval_loader, build_train_loader, strip_meta
+from pipeline.run.distributed import Dist, all_reduce_max, all_reduce_sum, barrier, watch_launcher
+from pipeline.run.ds_config import build_ds_config, load_engine_json, precision, zero_stage
+from pipeline.run.eval_loop import eval_path, run_eval, to_device, write_eval
 from pipeline.recipe import InitConfig, dump_recipe, load_recipe
-from pipeline.step_guard import NonFiniteTraining, StepGuard
+from pipeline.run.step_guard import NonFiniteTraining, StepGuard
 from pipeline.tasks import DistInfo
-from pipeline.tb_logging import MetricsSink, console_line, expert_load_scalars, measure_peak_tflops
+from pipeline.run.tb_logging import MetricsSink, console_line, expert_load_scalars, measure_peak_tflops
 
 log = logging.getLogger(__name__)
 

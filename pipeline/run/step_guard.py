@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pipeline.distributed import Dist, all_reduce_max, all_reduce_sum
+from pipeline.run.distributed import Dist, all_reduce_max, all_reduce_sum
 
 log = logging.getLogger(__name__)
 

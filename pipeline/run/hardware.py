@@ -1,6 +1,6 @@
 """What the hardware does fast: used to pick the demo's default precision.
 
-    python -m pipeline.hardware            # prints "bf16" or "fp32" and the reason on stderr
+    python -m pipeline.run.hardware            # prints "bf16" or "fp32" and the reason on stderr
 
 CUDA devices with bf16 support: bf16. CPUs: fp32, whatever their flags. Without AMX or AVX512-BF16 PyTorch
 emulates bf16 matmuls several times slower than fp32 (2-core Xeon without either flag: 1024^2 matmul 0.018
@@ -53,7 +53,7 @@ def default_precision() -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(prog="python -m pipeline.hardware", description=__doc__.split("\n\n")[0]
+    argparse.ArgumentParser(prog="python -m pipeline.run.hardware", description=__doc__.split("\n\n")[0]
                             + " Prints bf16 or fp32 on stdout, the reason on stderr.").parse_args(argv)
     precision, why = default_precision()
     print(f"precision: {precision} ({why})", file=sys.stderr)

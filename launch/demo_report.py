@@ -1,6 +1,6 @@
 """Collect the demo's evaluation results into one ``metrics.json`` and print the final table.
 
-    python -m pipeline.demo_report --demo-dir runs/demo
+    python -m launch.demo_report --demo-dir runs/demo
 
 Reads the JSON files ``pipeline.evaluate`` wrote (``DEMO/eval/vqa.json``, ``DEMO/eval/retrieval.json``)
 and writes ``DEMO/metrics.json``:
@@ -63,7 +63,7 @@ def format_report(report: dict[str, dict], demo_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo_report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m launch.demo_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo-dir", type=Path, default=Path("runs/demo"), help="the demo's output folder")
     args = parser.parse_args(argv)
     try:

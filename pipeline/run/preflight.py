@@ -119,7 +119,7 @@ def url_problems(field: str, spec: str, allow_pipe_urls: bool) -> list[str]:
 
     from webdataset.shardlists import expand_urls
 
-    from pipeline.data import url_scheme_problem
+    from pipeline.data.loader import url_scheme_problem
 
     urls = list(expand_urls(spec))
     refused = [problem for problem in (url_scheme_problem(u, allow_pipe_urls) for u in urls) if problem]
@@ -179,7 +179,7 @@ def init_from_problems(init_from: str | None) -> list[str]:
     """``init_from`` names a run (or checkpoint) with a complete checkpoint to take weights from."""
     if not init_from:
         return []
-    from pipeline.checkpoint import resolve_checkpoint
+    from pipeline.run.checkpoint import resolve_checkpoint
 
     try:
         resolve_checkpoint(init_from)

@@ -2,7 +2,7 @@
 
 ``run_eval(engine_or_module, task, loader, dist)``: every rank runs the same number of fixed-shape
 batches (a rank whose data ran out feeds padding), outputs are gathered across ranks and padding dropped,
-then ``task.metrics`` runs on every rank. A pass that lost shards or samples (``pipeline.data_faults``:
+then ``task.metrics`` runs on every rank. A pass that lost shards or samples (``pipeline.data.faults``:
 short/unreadable shards, undecodable samples) is marked ``incomplete``: logged, written into the eval JSON;
 ``require_complete`` turns it into an error (``pipeline.evaluate``). ``load_for_eval(run_dir_or_tag)``
 rebuilds model + task from a run folder's resolved recipe and loads the newest complete checkpoint's weights.
@@ -19,8 +19,8 @@ from typing import Any, Iterable
 import torch
 
 from pipeline.config_utils import ConfigError
-from pipeline.data_faults import ReadReport
-from pipeline.distributed import Dist, all_reduce_max, gather_objects
+from pipeline.data.faults import ReadReport
+from pipeline.run.distributed import Dist, all_reduce_max, gather_objects
 from pipeline.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def _merge(parts: list[dict[str, list[Any]]]) -> dict[str, Any]:
 def run_eval(engine_or_module: Any, task: Task, loader: Iterable[list[dict[str, Any]]], dist: Dist,
              batch_size: int, max_batches: int | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """(metrics, gathered outputs). Collective: every rank must call it. ``loader`` yields lists of
-    prepared samples (``pipeline.data.build_eval_loader``); ``engine_or_module(batch, mode="eval")``
+    prepared samples (``pipeline.data.loader.build_eval_loader``); ``engine_or_module(batch, mode="eval")``
     must return ``task.eval_outputs``."""
     module = getattr(engine_or_module, "module", engine_or_module)
     was_training = module.training
@@ -188,10 +188,10 @@ def load_for_eval(run_dir_or_tag: str | Path, dist: Dist | None = None, override
     DeepSpeed: dense weights from ``mp_rank_00_model_states.pt`` and every expert from its per-expert
     file, so any world size (including 1 process) can evaluate. ``overrides`` are ``--set`` items
     applied to the saved recipe (e.g. ``data.eval.path=...``). Expert parallelism is set to 1."""
-    from pipeline.build import build_task, build_task_model, load_tokenizer
-    from pipeline.checkpoint import resolve_checkpoint
-    from pipeline.checkpoint_merge import check_keys, merge_moe_checkpoint
-    from pipeline.distributed import single_process
+    from pipeline.run.build import build_task, build_task_model, load_tokenizer
+    from pipeline.run.checkpoint import resolve_checkpoint
+    from pipeline.run.checkpoint_merge import check_keys, merge_moe_checkpoint
+    from pipeline.run.distributed import single_process
     from pipeline.recipe import load_recipe, resolve_init_from
     from pipeline.tasks import DistInfo
 

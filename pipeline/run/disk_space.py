@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from data_prep.manifest import errno_text, existing_folder
-from pipeline.distributed import Dist, gather_objects
+from pipeline.run.distributed import Dist, gather_objects
 
 OVERHEAD_BYTES = 1 << 20  # RNG files, run_state.json, recipe copies, torch's zip headers
 MARGIN = 1.1  # the estimate may be off by this much (pickled optimizer metadata, ZeRO padding)

@@ -8,7 +8,7 @@ Training (one list of stages, open_clip style)::
 
 Evaluation: every (rank, worker) reads the shard list in order and keeps sample i when
 ``i % (world_size * workers) == its slot``: an exact single pass whatever the shard count; batches
-are lists of prepared samples that ``pipeline.eval_loop`` pads to a fixed size.
+are lists of prepared samples that ``pipeline.run.eval_loop`` pads to a fixed size.
 
 Rank, world size and seeds are arguments: this module never reads the environment. Shard content is
 never unpickled; ``pipe:`` URLs are refused unless the recipe allows them. Corrupt shards/samples and
@@ -31,7 +31,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.config_utils import ConfigError
-from pipeline.data_faults import FailureBudget, ShardFacts, failure_reason, read_shards, report_losses
+from pipeline.data.faults import FailureBudget, ShardFacts, failure_reason, read_shards, report_losses
 from pipeline.tasks.base import SkipSample, Task
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ def build_train_loader(data_cfg: Any, task: Task, micro_batch_size: int, rank: i
 def build_eval_loader(source: Any, data_cfg: Any, task: Task, batch_size: int, rank: int,
                       world_size: int) -> torch.utils.data.DataLoader:
     """One exact pass over ``source`` split across ranks and workers; yields lists of prepared samples
-    (at most ``batch_size``), padded and collated by ``pipeline.eval_loop``; after the last batch, a
+    (at most ``batch_size``), padded and collated by ``pipeline.run.eval_loop``; after the last batch, a
     ``ReadReport`` when shards or samples were lost (``run_eval`` refuses to call such a pass complete)."""
     urls = shard_urls(source.path, source.split, data_cfg.allow_pipe_urls)
     facts = shard_facts(source.path, urls, data_cfg.verify_checksums)

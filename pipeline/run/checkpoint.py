@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.checkpoint_merge import check_keys, safe_load
-from pipeline.disk_space import (CheckpointSaveError, FileWriteError, describe_write_error, engine_share_bytes,
+from pipeline.run.checkpoint_merge import check_keys, safe_load
+from pipeline.run.disk_space import (CheckpointSaveError, FileWriteError, describe_write_error, engine_share_bytes,
                                  room_problem, save_torch)
-from pipeline.distributed import Dist, barrier, gather_objects
+from pipeline.run.distributed import Dist, barrier, gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def load_weights(engine: Any, init_from: str | Path) -> Path:
     then the optimizer's fp32 master copy is refreshed. Only task heads (keys under ``heads.``) may be
     missing (a new task's heads keep their fresh init) or unused (the old task's); any model tensor
     missing or extra is a ConfigError."""
-    from pipeline.checkpoint_merge import merge_moe_checkpoint
+    from pipeline.run.checkpoint_merge import merge_moe_checkpoint
     from pipeline.recipe import init_from_shape_error
 
     ckpt_root, tag = resolve_checkpoint(init_from)

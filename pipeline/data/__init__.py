@@ -1,0 +1,1 @@
+"""Training and evaluation data: webdataset loaders over data_prep folders and the failure budget."""
