@@ -93,10 +93,10 @@ def build(folder: Path, tokenizer: Path, image_size: int, workers: int, sets: li
     from pipeline.tasks import DistInfo
 
     patch = 16 if image_size % 16 == 0 and image_size > 64 else 8
-    recipe, model_cfg = load_recipe(REPO / common.VL_RECIPE, common.data_sets(folder, tokenizer, workers=workers)
+    recipe = load_recipe(REPO / common.VL_RECIPE, common.data_sets(folder, tokenizer, workers=workers)
                                     + [f"data.image_size={image_size}", f"model.image_size={image_size}",
                                        f"model.patch_size={patch}", *(sets or [])])
-    task = build_task(recipe, model_cfg, load_tokenizer(recipe.data.tokenizer), DistInfo(0, 1, None))
+    task = build_task(recipe, load_tokenizer(recipe.data.tokenizer), DistInfo(0, 1, None))
     return recipe, task
 
 

@@ -69,8 +69,8 @@ def check_inputs(args: argparse.Namespace) -> None:
     from pipeline.recipe import load_recipe, resolve_init_from
 
     run_dir = resolve_init_from(str(resolve_checkpoint(args.checkpoint)))
-    recipe, model_cfg = load_recipe(run_dir / "resolved_recipe.yaml", ["init_from=null", "model.moe.ep_size=1"])
-    require_no_problems(eval_input_problems(recipe, model_cfg, args.task, args.data, args.split),
+    recipe = load_recipe(run_dir / "resolved_recipe.yaml", ["init_from=null", "model.moe.ep_size=1"])
+    require_no_problems(eval_input_problems(recipe, args.task, args.data, args.split),
                         f"pipeline.evaluate --checkpoint {args.checkpoint}")
 
 

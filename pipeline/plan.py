@@ -26,12 +26,14 @@ TASK_MODES = {"text_mlm": "text", "vl_pretrain": "vl_pretrain"}  # everything el
 GIB = 1024**3
 
 
-def forward_flops_per_sample(model_cfg: Any, recipe: Any) -> float:
+def forward_flops_per_sample(recipe: Any) -> float:
     """Forward FLOPs of one training sample of ``recipe.task`` (accounting reports forward + backward)."""
-    return size_of(model_cfg, recipe).flops_per_sample / 3.0
+    return size_of(recipe).flops_per_sample / 3.0
 
 
-def size_of(model_cfg: Any, recipe: Any) -> Any:
+def size_of(recipe: Any, model_cfg: Any = None) -> Any:
+    """Sizes of ``recipe``'s model (or of ``model_cfg``, e.g. its dense baseline) for its task's samples."""
+    model_cfg = model_cfg or recipe.model
     from pipeline.model.accounting import count_parameters, vl_pretrain_passes
 
     image_size = recipe.data.image_size if "image" in model_cfg.modalities else None
@@ -69,7 +71,8 @@ def model_state_bytes(dense: int, experts: int, ep_size: int, world: int, stage:
     return {"dense": per_rank(dense, world), "experts": per_rank(local_experts, world // ep_size)}
 
 
-def activation_bytes(model_cfg: Any, recipe: Any, mode: str) -> float:
+def activation_bytes(recipe: Any, mode: str) -> float:
+    model_cfg = recipe.model
     tokens = (1 + model_cfg.num_patches if "image" in model_cfg.modalities else 0) + recipe.data.text_len
     if mode == "text":
         tokens = recipe.data.text_len
@@ -79,17 +82,18 @@ def activation_bytes(model_cfg: Any, recipe: Any, mode: str) -> float:
     return float(per_layer * model_cfg.num_layers * recipe.batch.micro_batch_size * passes)
 
 
-def make_plan(recipe: Any, model_cfg: Any, engine: dict[str, Any], world_size: int) -> dict[str, Any]:
+def make_plan(recipe: Any, engine: dict[str, Any], world_size: int) -> dict[str, Any]:
     from pipeline.run.ds_config import build_ds_config, precision, zero_stage
 
-    ds_config = build_ds_config(recipe, model_cfg, engine, world_size)
-    size = size_of(model_cfg, recipe)
-    dense = size_of(dense_baseline(model_cfg), recipe)
+    ds_config = build_ds_config(recipe, engine, world_size)
+    model_cfg = recipe.model
+    size = size_of(recipe)
+    dense = size_of(recipe, dense_baseline(model_cfg))
     stage, prec = zero_stage(engine), precision(engine)
     offload = engine.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
     states = model_state_bytes(size.total_params - size.expert_params, size.expert_params,
                                model_cfg.moe.ep_size, world_size, stage, prec, offload)
-    acts = activation_bytes(model_cfg, recipe, TASK_MODES.get(recipe.task, "fuse"))
+    acts = activation_bytes(recipe, TASK_MODES.get(recipe.task, "fuse"))
     return {
         "task": recipe.task, "world_size": world_size, "ep_size": model_cfg.moe.ep_size, "zero_stage": stage,
         "precision": prec, "cpu_offload": offload, "moe_layers": model_cfg.moe_layers,
@@ -142,25 +146,25 @@ def init_from_mismatches(model_cfg: Any, init_from: str | None) -> list[str]:
             for key, tensor in new.items() if key in old and old[key].shape != tensor.shape]
 
 
-def check_init_from(recipe: Any, model_cfg: Any) -> None:
+def check_init_from(recipe: Any) -> None:
     from pipeline.recipe import init_from_shape_error
 
-    mismatched = init_from_mismatches(model_cfg, recipe.init_from)
+    mismatched = init_from_mismatches(recipe.model, recipe.init_from)
     if mismatched:
         raise init_from_shape_error(recipe.init_from, mismatched)
 
 
-def checked_plan(recipe: Any, model_cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+def checked_plan(recipe: Any, args: argparse.Namespace) -> dict[str, Any]:
     """The plan, or one ConfigError listing every problem found: the run's inputs (``pipeline.run.preflight``,
     unless ``--skip-input-checks``), then the first of init_from shapes / engine / batch arithmetic."""
     from pipeline.run.ds_config import load_engine_json
     from pipeline.run.preflight import check_run_inputs, require_no_problems
 
-    problems = [] if args.skip_input_checks else check_run_inputs(recipe, model_cfg)
+    problems = [] if args.skip_input_checks else check_run_inputs(recipe)
     plan: dict[str, Any] = {}
     try:
-        check_init_from(recipe, model_cfg)
-        plan = make_plan(recipe, model_cfg, load_engine_json(args.ds_config), args.world_size)
+        check_init_from(recipe)
+        plan = make_plan(recipe, load_engine_json(args.ds_config), args.world_size)
     except ConfigError as exc:
         problems.append(str(exc))
     require_no_problems(problems, args.recipe)
@@ -189,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"model.moe.ep_size={args.ep_size}"] if args.ep_size else [])
     try:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout; stdout is the plan only
-            recipe, model_cfg = load_recipe(args.recipe, overrides)
-            plan = checked_plan(recipe, model_cfg, args)
+            recipe = load_recipe(args.recipe, overrides)
+            plan = checked_plan(recipe, args)
     except ConfigError as exc:
         print(f"pipeline.plan: configuration error: {exc}", file=sys.stderr)
         return 2

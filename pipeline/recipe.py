@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.config_utils import ConfigError, apply_overrides, from_dict, to_dict
+from pipeline.model.config import ModelConfig
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
@@ -160,7 +161,8 @@ class InitConfig:
 class Recipe:
     task: str = _f(help="task registry name (pipeline.tasks.TASKS)")
     data: DataConfig = _f(help="shards, tokenizer, shapes")
-    model: dict[str, Any] = _f({}, help="ModelConfig fields (pipeline.model.config)")
+    model: ModelConfig = _f(default_factory=ModelConfig, help="the model (pipeline.model.config.ModelConfig); "
+                            "with init_from, merged over that run's model")
     init_from: str | None = _f(None, help="RUN_DIR or RUN_DIR/TAG of an earlier stage: weights only")
     init: InitConfig = _f(default_factory=InitConfig, help="pretrained ViT / BERT weights for a fresh model "
                                                              "(first stage; `--set init={}` turns it off)")
@@ -239,22 +241,19 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Any]:
-    """(Recipe, ModelConfig) from a YAML file plus ``--set`` overrides; ConfigError on mistakes."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """The Recipe of a YAML file plus ``--set`` overrides; ConfigError on mistakes."""
     data = apply_overrides(read_yaml(path), list(overrides or []))
     return recipe_from_dict(data, where=str(path))
 
 
-def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> tuple[Recipe, Any]:
+def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
     data = copy.deepcopy(data)
-    data["model"] = merged_model_dict(data)
+    data["model"] = merged_model_dict(data)  # typed after the merge: a stage may give only what changes
     try:
-        recipe = from_dict(Recipe, data)
-        model_cfg = build_model_config(recipe.model)
+        return from_dict(Recipe, data)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
-    recipe.model = to_dict(model_cfg)  # fully resolved (defaults filled in)
-    return recipe, model_cfg
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -50,8 +50,8 @@ def input_error(args: argparse.Namespace) -> str | None:
     from pipeline.recipe import load_recipe
 
     try:
-        recipe, model_cfg = load_recipe(args.recipe, args.overrides)
-        require_no_problems(check_run_inputs(recipe, model_cfg), args.recipe)
+        recipe = load_recipe(args.recipe, args.overrides)
+        require_no_problems(check_run_inputs(recipe), args.recipe)
     except ConfigError as exc:
         return str(exc)
     return None

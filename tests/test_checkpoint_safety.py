@@ -67,9 +67,9 @@ def vqa_run(tmp_path, synth_data):
     sets = ["init_from=null", f"data.train=[{{path: {synth_data.vqa}, split: train}}]",
             f"data.eval={{path: {synth_data.vqa}, split: val}}", f"data.tokenizer={synth_data.tokenizer}",
             *TINY_MODEL_SETS, "model.moe.ep_size=1"]
-    recipe, model_cfg = load_recipe(REPO / "launch/recipes/vqa.yaml", sets)
-    task = build_task(recipe, model_cfg, load_tokenizer(recipe.data.tokenizer), DistInfo(0, 1))
-    state = build_task_model(recipe, model_cfg, task, 0).state_dict()
+    recipe = load_recipe(REPO / "launch/recipes/vqa.yaml", sets)
+    task = build_task(recipe, load_tokenizer(recipe.data.tokenizer), DistInfo(0, 1))
+    state = build_task_model(recipe, task, 0).state_dict()
     run = tmp_path / "run"
     folder = run / "checkpoints" / "step_000001"
     folder.mkdir(parents=True)
@@ -78,7 +78,7 @@ def vqa_run(tmp_path, synth_data):
                folder / "mp_rank_00_model_states.pt")
     modules = sorted({m.group(1) for m in map(EXPERT_KEY.match, state) if m})
     for layer, module in enumerate(modules):
-        for expert in range(model_cfg.moe.num_experts):
+        for expert in range(recipe.model.moe.num_experts):
             torch.save({k: v for k, v in state.items() if k.startswith(f"{module}.{expert}.")},
                        folder / f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt")
     (folder / "COMPLETE").write_text("1\n")

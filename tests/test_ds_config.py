@@ -15,10 +15,10 @@ VL = REPO / "launch/recipes/vl_pretrain.yaml"
 
 
 def _build(overrides=(), engine="zero2_bf16", world=2, **engine_extra):
-    recipe, model_cfg = load_recipe(VL, list(overrides))
+    recipe = load_recipe(VL, list(overrides))
     config = load_engine_json(REPO / "ds_configs" / f"{engine}.json")
     config.update(engine_extra)
-    return build_ds_config(recipe, model_cfg, config, world)
+    return build_ds_config(recipe, config, world)
 
 
 def test_batch_fields_come_from_recipe_and_world_size():

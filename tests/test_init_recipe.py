@@ -54,9 +54,9 @@ def recipe(init=None, model=None, data=None, **extra):
 
 
 def test_init_section_is_checked_with_the_recipe(tmp_path, vit_dir):
-    parsed, _ = recipe({"vit": str(vit_dir), "bert": "b", "upcycle": False})
+    parsed = recipe({"vit": str(vit_dir), "bert": "b", "upcycle": False})
     assert (parsed.init.vit, parsed.init.bert, parsed.init.upcycle) == (str(vit_dir), "b", False)
-    assert not recipe()[0].init.active
+    assert not recipe().init.active
     with pytest.raises(ConfigError, match="init.upcycle=false only applies with init.vit"):
         recipe({"bert": "b", "upcycle": False})
     (tmp_path / "stage1").mkdir()
@@ -69,7 +69,7 @@ def test_init_section_is_checked_with_the_recipe(tmp_path, vit_dir):
 
 def test_check_init_names_each_mismatching_field(tmp_path, vit_dir):
     bert = save_bert(tmp_path / "bert")
-    assert check_init(*recipe({"vit": str(vit_dir), "bert": str(bert)})) == []
+    assert check_init(recipe({"vit": str(vit_dir), "bert": str(bert)})) == []
     cases = {
         "missing": ({"vit": str(tmp_path / "nope")}, MODEL, "not a folder"),
         "wrong type": ({"vit": str(bert)}, MODEL, "model_type='bert'; this field takes a vit folder"),
@@ -87,32 +87,30 @@ def test_check_init_names_each_mismatching_field(tmp_path, vit_dir):
                        "hidden_size=64 (model.hidden_size needs 32)"),
     }
     for name, (init, model, expected) in cases.items():
-        found = check_init(*recipe(init, model))
+        found = check_init(recipe(init, model))
         assert len(found) == 1 and expected in found[0] and found[0].startswith(f"init.{next(iter(init))}="), \
             (name, found)
     weightless = tmp_path / "weightless"
     weightless.mkdir()
     (weightless / "config.json").write_text((vit_dir / "config.json").read_text())
-    assert "no weights" in check_init(*recipe({"vit": str(weightless)}))[0]
+    assert "no weights" in check_init(recipe({"vit": str(weightless)}))[0]
 
 
 def test_preflight_reports_init_and_build_applies_it(synth_data, tmp_path, vit_dir):
     data = {"train": [{"path": str(synth_data.captions), "split": "train"}], "eval": None,
             "tokenizer": str(synth_data.tokenizer)}
     bad = recipe({"vit": str(vit_dir)}, {**MODEL, "num_layers": 3}, data)
-    assert [p for p in check_run_inputs(*bad) if p.startswith("init.vit=")], check_run_inputs(*bad)
-    good, model_cfg = recipe({"vit": str(vit_dir)}, {**MODEL, "moe": {"num_experts": 2}}, data)
-    assert check_run_inputs(good, model_cfg) == []
-    task = build_task(good, model_cfg, load_tokenizer(good.data.tokenizer), DistInfo(0, 1))
-    model = build_task_model(good, model_cfg, task, seed=0).model
+    assert [p for p in check_run_inputs(bad) if p.startswith("init.vit=")], check_run_inputs(bad)
+    good = recipe({"vit": str(vit_dir)}, {**MODEL, "moe": {"num_experts": 2}}, data)
+    assert check_run_inputs(good) == []
+    task = build_task(good, load_tokenizer(good.data.tokenizer), DistInfo(0, 1))
+    model = build_task_model(good, task, seed=0).model
     vit = load_file(vit_dir / "model.safetensors")
     assert torch.equal(model.embeddings["image"].patch.weight, vit["embeddings.patch_embeddings.projection.weight"])
     experts = model.blocks[1].ffn["text"].experts
     assert all(torch.equal(e.fc2.weight, vit["encoder.layer.1.output.dense.weight"]) for e in experts)
     with pytest.raises(ConfigError, match=r"init.vit=.*vit: ViT .* num_hidden_layers=2"):
-        bad_recipe, bad_cfg = bad
-        build_task_model(bad_recipe, bad_cfg, build_task(bad_recipe, bad_cfg, load_tokenizer(
-            bad_recipe.data.tokenizer), DistInfo(0, 1)), seed=0)
+        build_task_model(bad, build_task(bad, load_tokenizer(bad.data.tokenizer), DistInfo(0, 1)), seed=0)
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ def recipe(task, train, tokenizer, eval_source=None, **extra):
 
 
 def problems(task, train, tokenizer, eval_source=None, **extra):
-    return check_run_inputs(*recipe(task, train, tokenizer, eval_source, **extra))
+    return check_run_inputs(recipe(task, train, tokenizer, eval_source, **extra))
 
 
 def copy_folder(src, tmp_path, name="copy"):
@@ -147,11 +147,11 @@ def test_every_problem_in_one_error(synth_data, tmp_path):
 
 
 def test_evaluate_inputs_task_data_and_vocabulary(synth_data, tmp_path):
-    run_recipe, model_cfg = recipe("vqa", synth_data.vqa, synth_data.tokenizer, (synth_data.vqa, "val"))
-    assert eval_input_problems(run_recipe, model_cfg, "vqa", str(synth_data.vqa), "val") == []
+    run_recipe = recipe("vqa", synth_data.vqa, synth_data.tokenizer, (synth_data.vqa, "val"))
+    assert eval_input_problems(run_recipe, "vqa", str(synth_data.vqa), "val") == []
     assert "trained for task 'vqa'; use --task vqa" in \
-        eval_input_problems(run_recipe, model_cfg, "retrieval", str(synth_data.retrieval), "test")[0]
-    found = eval_input_problems(run_recipe, model_cfg, "vqa", str(synth_data.retrieval), "test")
+        eval_input_problems(run_recipe, "retrieval", str(synth_data.retrieval), "test")[0]
+    found = eval_input_problems(run_recipe, "vqa", str(synth_data.retrieval), "test")
     assert len(found) == 1 and found[0].startswith(f"--data/--split.path={synth_data.retrieval}: holds 'retrieval'")
 
 

@@ -7,6 +7,7 @@ import yaml
 
 from pipeline.config_utils import ConfigError
 from pipeline.run.ds_config import build_ds_config, load_engine_json
+from pipeline.model.config import ModelConfig
 from pipeline.recipe import dump_recipe, load_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,23 +19,23 @@ def test_shipped_recipes_include_both_pretraining_stages():
     assert {"text_mlm", "vl_pretrain"} <= {p.stem for p in RECIPES}
 
 
-def _claimed(recipe, model_cfg) -> list[Path]:
+def _claimed(recipe) -> list[Path]:
     if recipe.supports_ds_configs:
         return [REPO / "ds_configs" / f"{name}.json" for name in recipe.supports_ds_configs]
     # no list: any ds_config the model can run (ZeRO-3 only for dense models)
-    return [p for p in DS_CONFIGS if not (model_cfg.moe_layers and load_engine_json(p)
+    return [p for p in DS_CONFIGS if not (recipe.model.moe_layers and load_engine_json(p)
                                           .get("zero_optimization", {}).get("stage") == 3)]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_recipe_builds_with_every_claimed_ds_config(path):
-    recipe, model_cfg = load_recipe(path, ["init_from=null"])
-    claimed = _claimed(recipe, model_cfg)
+    recipe = load_recipe(path, ["init_from=null"])
+    claimed = _claimed(recipe)
     assert claimed, f"{path.name} supports no ds_config"
     for ds_path in claimed:
         assert ds_path.is_file(), f"{path.name} claims {ds_path.name}, which is not shipped"
-        world = max(2, model_cfg.moe.ep_size)
-        config = build_ds_config(recipe, model_cfg, load_engine_json(ds_path), world_size=world)
+        world = max(2, recipe.model.moe.ep_size)
+        config = build_ds_config(recipe, load_engine_json(ds_path), world_size=world)
         assert config["train_batch_size"] == recipe.batch.micro_batch_size * recipe.batch.grad_accum * world
         assert config["gradient_clipping"] == recipe.optim.grad_clip
 
@@ -47,9 +48,9 @@ def test_unknown_key_names_the_valid_ones(tmp_path):
 
 
 def test_set_overrides_are_type_checked():
-    recipe, model_cfg = load_recipe(REPO / "launch/recipes/vl_pretrain.yaml",
+    recipe = load_recipe(REPO / "launch/recipes/vl_pretrain.yaml",
                                     ["train.steps=7", "model.moe.num_experts=8", "optim.betas=[0.9, 0.95]"])
-    assert recipe.train.steps == 7 and model_cfg.moe.num_experts == 8 and recipe.optim.betas == [0.9, 0.95]
+    assert recipe.train.steps == 7 and recipe.model.moe.num_experts == 8 and recipe.optim.betas == [0.9, 0.95]
     with pytest.raises(ConfigError, match="train.steps: expected an integer"):
         load_recipe(REPO / "launch/recipes/vl_pretrain.yaml", ["train.steps=many"])
     with pytest.raises(ConfigError, match="schedule.kind"):
@@ -59,22 +60,22 @@ def test_set_overrides_are_type_checked():
 
 
 def test_init_from_merges_model_over_previous_stage(tmp_path):
-    first, _ = load_recipe(REPO / "launch/recipes/text_mlm.yaml",
+    first = load_recipe(REPO / "launch/recipes/text_mlm.yaml",
                            ["model.hidden_size=96", "model.num_heads=3", "model.moe.ep_size=2"])
     (tmp_path / "stage1").mkdir()
     (tmp_path / "stage1" / "resolved_recipe.yaml").write_text(dump_recipe(first))
     data = yaml.safe_load((REPO / "launch/recipes/vl_pretrain.yaml").read_text())
     data.update(init_from=str(tmp_path / "stage1"), model={"moe": {"ep_size": 1}})
-    recipe, model_cfg = recipe_from_dict(data)
-    assert model_cfg.hidden_size == 96 and model_cfg.num_heads == 3 and model_cfg.moe.ep_size == 1
+    recipe = recipe_from_dict(data)
+    assert recipe.model.hidden_size == 96 and recipe.model.num_heads == 3 and recipe.model.moe.ep_size == 1
     data["init_from"] = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match="init_from.*not a run folder"):
         recipe_from_dict(data)
 
 
 def test_resolved_recipe_round_trips(tmp_path):
-    recipe, model_cfg = load_recipe(REPO / "launch/recipes/vl_pretrain.yaml", ["train.steps=3"])
+    recipe = load_recipe(REPO / "launch/recipes/vl_pretrain.yaml", ["train.steps=3"])
     path = tmp_path / "r.yaml"
     path.write_text(dump_recipe(recipe))
-    again, again_cfg = load_recipe(path)
-    assert again == recipe and again_cfg == model_cfg
+    again = load_recipe(path)
+    assert again == recipe and isinstance(again.model, ModelConfig)

@@ -25,11 +25,11 @@ def tokenizer(tmp_path_factory):
 
 
 def task_for(name, train, eval_source, tokenizer):
-    recipe, model_cfg = recipe_from_dict({
+    recipe = recipe_from_dict({
         "task": name, "model": {**TINY_MODEL, "moe": {**TINY_MODEL["moe"], "ep_size": 1}},
         "data": {**DATA, "train": [{"path": str(train), "split": "train"}], "eval": eval_source,
                  "tokenizer": "unused"}})
-    return build_task(recipe, model_cfg, tokenizer, DistInfo()), recipe
+    return build_task(recipe, tokenizer, DistInfo()), recipe
 
 
 def eval_samples(task, recipe, path, split):

@@ -5,7 +5,7 @@
       bert: /models/bert-base-uncased     # BERT folder: text token/position embeddings (same vocabulary)
       upcycle: true                       # MoE experts start as copies of the ViT FFN (routers fresh)
 
-    problems = check_init(recipe, model_cfg)   # before launch (pipeline.run.preflight): folders, types, sizes
+    problems = check_init(recipe)   # before launch (pipeline.run.preflight): folders, types, sizes
     apply_init(model, recipe.init)             # at build (pipeline.run.build.build_task_model), every rank
 
 Only reads files: the same weights on every rank, and each EP rank fills its own local experts.
@@ -43,9 +43,9 @@ def _named(where: str, load: Callable[[], Any]) -> None:
         raise ConfigError(f"{where}: {exc}") from exc
 
 
-def check_init(recipe: Any, model_cfg: Any) -> list[str]:
-    """Every problem of ``recipe.init`` against ``model_cfg``, one line each naming the field (no weights read)."""
-    init, problems = recipe.init, []
+def check_init(recipe: Any) -> list[str]:
+    """Every problem of ``recipe.init`` against ``recipe.model``, one line each naming the field (no weights read)."""
+    init, problems, model_cfg = recipe.init, [], recipe.model
     if init.vit is not None:
         problems += vit_problems(init.vit, model_cfg)
     if init.bert is not None:

@@ -55,11 +55,11 @@ def load_tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def build_task(recipe: Any, model_cfg: Any, tokenizer: Any, dist: DistInfo) -> Task:
-    if len(tokenizer) > model_cfg.vocab_size:
-        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+def build_task(recipe: Any, tokenizer: Any, dist: DistInfo) -> Task:
+    if len(tokenizer) > recipe.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's "
                           f"{len(tokenizer)} tokens: set model.vocab_size >= {len(tokenizer)}")
-    if recipe.data.text_len > model_cfg.max_text_len or recipe.data.image_size > model_cfg.image_size:
+    if recipe.data.text_len > recipe.model.max_text_len or recipe.data.image_size > recipe.model.image_size:
         raise ConfigError("data.text_len/image_size exceed model.max_text_len/image_size")
     # the training data's vocabulary sizes the heads; eval data is scored against it, never sizes them
     train_path = Path(recipe.data.train[0].path)
@@ -69,20 +69,20 @@ def build_task(recipe: Any, model_cfg: Any, tokenizer: Any, dist: DistInfo) -> T
         raise ConfigError(f"data.train[0].path: {train_path} is not a folder; task {recipe.task} reads "
                           f"{', '.join(task_class.vocab_files)} from the training data folder (it sizes the "
                           "heads, also when evaluating on other data)")
-    ctx = TaskContext(model_cfg=model_cfg, tokenizer=tokenizer, text_len=recipe.data.text_len,
+    ctx = TaskContext(model_cfg=recipe.model, tokenizer=tokenizer, text_len=recipe.data.text_len,
                       image_size=recipe.data.image_size, data_dir=data_dir, objectives=dict(recipe.objectives),
                       dist=dist, options=dict(recipe.task_options))
     return task_class(ctx)
 
 
-def build_task_model(recipe: Any, model_cfg: Any, task: Task, seed: int) -> TaskModel:
+def build_task_model(recipe: Any, task: Task, seed: int) -> TaskModel:
     """Model (from-scratch init, then ``recipe.init``'s pretrained weights when set) and the task's heads.
     Identical dense weights on every rank; each EP rank draws (or upcycles) its own experts."""
     from pipeline.model import VLMoE
     from pipeline.model.init_recipe import apply_init
 
     torch.manual_seed(seed)
-    model = VLMoE(model_cfg)
+    model = VLMoE(recipe.model)
     if recipe.init.active:
         apply_init(model, recipe.init)
     return TaskModel(model, task)

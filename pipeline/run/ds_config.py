@@ -1,7 +1,7 @@
 """Pure builder of the DeepSpeed config: engine settings from ``ds_configs/*.json`` + batch, clipping and
 step facts from the recipe, with the checks that must fail before launch.
 
-``build_ds_config(recipe, model_cfg, engine, world_size)`` returns the dict handed to
+``build_ds_config(recipe, engine, world_size)`` returns the dict handed to
 ``deepspeed.initialize``. It never touches the process group: ``world_size`` is passed in (the real one
 inside ``pipeline.train``, ``--world-size`` in ``pipeline.plan`` and the launch scripts).
 """
@@ -112,13 +112,13 @@ def check_batch(recipe: Any, world_size: int) -> int:
     return global_batch
 
 
-def build_ds_config(recipe: Any, model_cfg: Any, engine: dict[str, Any], world_size: int) -> dict[str, Any]:
+def build_ds_config(recipe: Any, engine: dict[str, Any], world_size: int) -> dict[str, Any]:
     """Resolved DeepSpeed config; ConfigError (saying what to change) on an impossible combination."""
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
     check_engine_keys(engine)
     precision(engine)
-    check_moe(model_cfg, engine, world_size)
+    check_moe(recipe.model, engine, world_size)
     global_batch = check_batch(recipe, world_size)
     config = copy.deepcopy(engine)
     config.update(

@@ -178,7 +178,6 @@ class LoadedRun:
     module: Any  # TaskModel (model + heads), eval mode, on ``device``
     task: Task
     recipe: Any
-    model_cfg: Any
     checkpoint: Path
 
 
@@ -198,13 +197,13 @@ def load_for_eval(run_dir_or_tag: str | Path, dist: Dist | None = None, override
     dist = dist or single_process()
     ckpt_root, tag = resolve_checkpoint(run_dir_or_tag)
     run_dir = resolve_init_from(str(ckpt_root / tag))
-    recipe, model_cfg = load_recipe(run_dir / "resolved_recipe.yaml",
+    recipe = load_recipe(run_dir / "resolved_recipe.yaml",
                                     ["init_from=null", "init={}", "model.moe.ep_size=1", *(overrides or [])])
     tokenizer = load_tokenizer(recipe.data.tokenizer)
-    task = build_task(recipe, model_cfg, tokenizer, DistInfo(dist.rank, dist.world_size))
-    module = build_task_model(recipe, model_cfg, task, recipe.train.seed)
+    task = build_task(recipe, tokenizer, DistInfo(dist.rank, dist.world_size))
+    module = build_task_model(recipe, task, recipe.train.seed)
     state = merge_moe_checkpoint(ckpt_root / tag)
     missing, unexpected = module.load_state_dict(state, strict=False)
     check_keys(ckpt_root / tag, missing, unexpected)  # a model scored on fresh weights is no result
     module.to(device or dist.device).eval()
-    return LoadedRun(module, task, recipe, model_cfg, ckpt_root / tag)
+    return LoadedRun(module, task, recipe, ckpt_root / tag)

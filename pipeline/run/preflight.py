@@ -1,7 +1,7 @@
 """Checks of a run's inputs that take seconds before a launch instead of hours into it: data folders,
 splits, shards, the kind of data a task can read, its vocabulary files, the tokenizer and ``init_from``.
 
-    problems = check_run_inputs(recipe, model_cfg)        # [] when every input is usable
+    problems = check_run_inputs(recipe)        # [] when every input is usable
     require_no_problems(problems, "launch/recipes/vqa.yaml")  # or one ConfigError listing them all
 
 Called by ``pipeline.plan`` (which the launch scripts run before the launcher), by rank 0 of
@@ -22,7 +22,7 @@ from pipeline.config_utils import ConfigError
 MAX_LISTED = 3  # missing shard files named in one message
 
 
-def check_run_inputs(recipe: Any, model_cfg: Any) -> list[str]:
+def check_run_inputs(recipe: Any) -> list[str]:
     """Every problem with the inputs of ``recipe`` (one line each, naming field, path and what is valid)."""
     from pipeline.model.init_recipe import check_init
     from pipeline.tasks import get_task_class
@@ -36,13 +36,13 @@ def check_run_inputs(recipe: Any, model_cfg: Any) -> list[str]:
         problems += source_problems("data.eval", recipe.data.eval.path, recipe.data.eval.split, task_cls,
                                     allow_pipe)
     problems += vocab_problems(task_cls, recipe.data.train[0].path, "data.train[0]")
-    problems += tokenizer_problems(recipe.data.tokenizer, model_cfg.vocab_size)
+    problems += tokenizer_problems(recipe.data.tokenizer, recipe.model.vocab_size)
     problems += init_from_problems(recipe.init_from)
-    problems += check_init(recipe, model_cfg)
+    problems += check_init(recipe)
     return problems
 
 
-def eval_input_problems(recipe: Any, model_cfg: Any, task: str, data: str, split: str) -> list[str]:
+def eval_input_problems(recipe: Any, task: str, data: str, split: str) -> list[str]:
     """Problems of ``pipeline.evaluate --task TASK --data DATA --split SPLIT`` on a run whose resolved
     recipe is ``recipe``: the task it was trained for, the data and split, its vocabulary and tokenizer."""
     from pipeline.tasks import get_task_class
@@ -53,7 +53,7 @@ def eval_input_problems(recipe: Any, model_cfg: Any, task: str, data: str, split
     task_cls = get_task_class(task)
     return (source_problems("--data/--split", data, split, task_cls, recipe.data.allow_pipe_urls)
             + vocab_problems(task_cls, recipe.data.train[0].path, "data.train[0] of the run's resolved_recipe.yaml")
-            + tokenizer_problems(recipe.data.tokenizer, model_cfg.vocab_size))
+            + tokenizer_problems(recipe.data.tokenizer, recipe.model.vocab_size))
 
 
 def require_no_problems(problems: list[str], what: str) -> None:

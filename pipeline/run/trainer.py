@@ -47,13 +47,13 @@ class RunState:
 
 
 class Trainer:
-    def __init__(self, recipe: Any, model_cfg: Any, ds_config: dict[str, Any], run_dir: Path, dist: Dist,
+    def __init__(self, recipe: Any, ds_config: dict[str, Any], run_dir: Path, dist: Dist,
                  engine: Any, task: Any, state: RunState):
-        self.recipe, self.model_cfg, self.ds_config = recipe, model_cfg, ds_config
+        self.recipe, self.model_cfg, self.ds_config = recipe, recipe.model, ds_config
         self.run_dir, self.dist, self.engine, self.task, self.state = run_dir, dist, engine, task, state
         self.sink = MetricsSink(run_dir, dist.is_main)
         self.stop_signal: int | None = None
-        self.flops_per_sample = _train_flops_per_sample(model_cfg, recipe)
+        self.flops_per_sample = _train_flops_per_sample(recipe)
         # best of a few trials: a trial slowed by a busy host under-states the peak and inflates MFU
         self.peak_tflops = recipe.train.peak_tflops or max(
             measure_peak_tflops(dist.device, _dtype(ds_config)) for _ in range(PEAK_TRIALS))
@@ -61,26 +61,26 @@ class Trainer:
         self.window: dict[str, Any] = _empty_window()
         self.worker_skips: dict[int, int] = {}
         self.loader_iter = None
-        self.guard = StepGuard(engine, dist, recipe.train.nonfinite_budget, model_cfg.moe.ep_size,
+        self.guard = StepGuard(engine, dist, recipe.train.nonfinite_budget, recipe.model.moe.ep_size,
                                precision(ds_config), zero_stage(ds_config))
 
     # ------------------------------------------------------------------------------------- build
     @classmethod
     def create(cls, recipe_path: str, ds_config_path: str, run_dir: Path, overrides: list[str],
                resume: bool, dist: Dist) -> "Trainer":
-        recipe, model_cfg = load_recipe(recipe_path, overrides)
-        ds_config = build_ds_config(recipe, model_cfg, load_engine_json(ds_config_path), dist.world_size)
+        recipe = load_recipe(recipe_path, overrides)
+        ds_config = build_ds_config(recipe, load_engine_json(ds_config_path), dist.world_size)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "resolved_recipe.yaml").write_text(dump_recipe(recipe))
             (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
         torch.manual_seed(recipe.train.seed)
         tokenizer = load_tokenizer(recipe.data.tokenizer)
-        task = build_task(recipe, model_cfg, tokenizer, DistInfo(dist.rank, dist.world_size, None))
+        task = build_task(recipe, tokenizer, DistInfo(dist.rank, dist.world_size, None))
         resuming = resume and checkpoint.latest_complete(run_dir / "checkpoints") is not None
         # a resumed run's weights come from its checkpoint: no need for the init.vit/bert folders again
         build_recipe = dataclasses.replace(recipe, init=InitConfig()) if resuming else recipe
-        module = build_task_model(build_recipe, model_cfg, task, recipe.train.seed)
+        module = build_task_model(build_recipe, task, recipe.train.seed)
         frozen = apply_freeze(module, recipe.freeze)
         if frozen:
             log.info("frozen %d parameters (%s)", len(frozen), ", ".join(recipe.freeze))
@@ -94,7 +94,7 @@ class Trainer:
         elif recipe.init_from:
             checkpoint.load_weights(engine, recipe.init_from)
         barrier()
-        return cls(recipe, model_cfg, ds_config, run_dir, dist, engine, task, state)
+        return cls(recipe, ds_config, run_dir, dist, engine, task, state)
 
     def close(self) -> None:
         self.loader_iter = None  # shuts the DataLoader workers down now, not in interpreter teardown
@@ -318,10 +318,10 @@ def _dtype(ds_config: dict[str, Any]) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds_config)]
 
 
-def _train_flops_per_sample(model_cfg: Any, recipe: Any) -> float | None:
+def _train_flops_per_sample(recipe: Any) -> float | None:
     """3 x forward FLOPs (forward + backward) of one sample, from the model's own accounting."""
     try:
         from pipeline.plan import forward_flops_per_sample
     except ImportError:
         return None
-    return 3.0 * forward_flops_per_sample(model_cfg, recipe)
+    return 3.0 * forward_flops_per_sample(recipe)
