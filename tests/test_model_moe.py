@@ -125,7 +125,7 @@ def test_measured_drops_over_real_tokens(dispatch, capacity_factor, dropped):
     _, _, routed, kept = run_ffn(moe, torch.randn(32, D), used)
     assert routed.tolist() == [16, 0, 0, 0]
     assert kept.tolist() == [int(16 * (1 - dropped)), 0, 0, 0]
-    scalars = expert_load_scalars({"layer1/text": routed, "layer1/text/kept": kept})
+    scalars = expert_load_scalars({"layer1/text": routed}, {"layer1/text": kept})
     assert scalars["moe/layer1/text/routed"] == 16
     assert scalars["moe/layer1/text/dropped_frac"] == pytest.approx(dropped)
     assert not any("est" in key or key.startswith("moe/layer1/text/kept/") for key in scalars)
@@ -141,8 +141,8 @@ def test_model_counts_carry_kept_counts_to_the_logged_drop_fraction():
     model = VLMoE(cfg)
     mask = torch.zeros(4, 16, dtype=torch.long)
     mask[:, :3] = 1
-    out = model.encode_text(torch.randint(5, 50, (4, 16)), mask)
-    scalars = expert_load_scalars(out.expert_counts)
+    model.encode_text(torch.randint(5, 50, (4, 16)), mask)
+    scalars = expert_load_scalars(model.moe_stats.routed, model.moe_stats.kept)
     for layer in (0, 1):
         assert scalars[f"moe/layer{layer}/text/routed"] == 12
         assert scalars[f"moe/layer{layer}/text/dropped_frac"] == 0.0

@@ -43,6 +43,11 @@ def test_vl_pretrain_ep2_zero2_bf16_trains_logs_and_checkpoints(full_run):
         assert tag in tb, f"{tag} missing from TensorBoard ({sorted(tb)[:20]})"
     entropy = [t for t in tb if t.startswith("moe/") and t.endswith("/entropy")]
     assert {t.split("/")[2] for t in entropy} == {"image", "text", "vl"}
+    kept = [t for t in tb if t.startswith("moe/") and t.endswith("/kept_frac")]  # per layer and modality
+    assert {t.split("/")[2] for t in kept} == {"image", "text", "vl"} and len(kept) == len(entropy)
+    for tag in kept:
+        kept_frac, dropped_frac = tb[tag][-1][1], tb[tag.replace("/kept_frac", "/dropped_frac")][-1][1]
+        assert 0 < kept_frac <= 1 and kept_frac + dropped_frac == pytest.approx(1.0), tag
     loads = [t for t in tb if t.startswith("moe_load/layer1/image/")]
     assert len(loads) == 4 and abs(sum(tb[t][-1][1] for t in loads) - 1) < 1e-4
     assert 0 < tb["train/data_wait_frac"][-1][1] < 1 and tb["train/lr"][0][1] > 0

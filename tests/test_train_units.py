@@ -47,16 +47,17 @@ def test_half_written_checkpoint_is_never_picked_and_prune_keeps_last_k(tmp_path
 
 
 def test_expert_load_entropy_and_measured_drops():
-    balanced = expert_load_scalars({"layer1/image": torch.tensor([25, 25, 25, 25]),
-                                    "layer1/image/kept": torch.tensor([25, 25, 25, 25])})
+    balanced = expert_load_scalars({"layer1/image": torch.tensor([25, 25, 25, 25])},
+                                   {"layer1/image": torch.tensor([25, 25, 25, 25])})
     assert balanced["moe/layer1/image/entropy"] == pytest.approx(1.0)
     assert balanced["moe/layer1/image/dropped_frac"] == pytest.approx(0.0)
-    skewed = expert_load_scalars({"layer1/text": torch.tensor([100, 0, 0, 0]),
-                                  "layer1/text/kept": torch.tensor([40, 0, 0, 0])})
+    skewed = expert_load_scalars({"layer1/text": torch.tensor([100, 0, 0, 0])},
+                                 {"layer1/text": torch.tensor([40, 0, 0, 0])})
     assert skewed["moe/layer1/text/entropy"] == pytest.approx(0.0)
     assert skewed["moe/layer1/text/max_over_mean"] == pytest.approx(4.0)
     assert skewed["moe/layer1/text/routed"] == 100 and skewed["moe/layer1/text/kept"] == 40
     assert skewed["moe/layer1/text/dropped_frac"] == pytest.approx(0.6)
+    assert skewed["moe/layer1/text/kept_frac"] == pytest.approx(0.4)
     assert sum(skewed[f"moe_load/layer1/text/expert{i:02d}"] for i in range(4)) == pytest.approx(1.0)
 
 

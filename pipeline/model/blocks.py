@@ -20,6 +20,7 @@ from torch import nn
 
 from pipeline.model.config import ModelConfig
 from pipeline.model.moe import build_ffn, run_ffn
+from pipeline.model.moe_stats import MoEStats
 
 
 @dataclasses.dataclass
@@ -76,45 +77,47 @@ class Block(nn.Module):
             return [("vl", segments)]
         return [(seg.modality, [seg]) for seg in segments]
 
-    def forward(self, x_bnd: torch.Tensor, segments: list[Segment], mask_b1nn: torch.Tensor | None
-                ) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """-> (x, aux losses, counts). Counts: "layer{i}/{ffn key}" -> routed per expert and
-        "layer{i}/{ffn key}/kept" -> kept within capacity (together, so every sum of counts carries both)."""
+    def forward(self, x_bnd: torch.Tensor, segments: list[Segment], valid_bn: torch.Tensor | None,
+                mask_b1nn: torch.Tensor | None, stats: MoEStats) -> torch.Tensor:
+        """``valid_bn``: [B, N] False for padding (None: no padding); each MoE call records its aux loss
+        and routed / kept counts in ``stats`` as "layer{i}/{ffn key}"."""
         x_bnd = x_bnd + self.drop(self.attn(self.norm1(x_bnd), mask_b1nn))
         h_bnd = self.norm2(x_bnd)
         b, _, d = h_bnd.shape
-        outs, aux, counts = [], [], {}
+        outs = []
         for key, segs in self._spans(segments):
             start, end = segs[0].start, segs[-1].end
-            used_s = None
-            if any(s.valid is not None for s in segs):
-                used_s = torch.cat([s.valid if s.valid is not None else
-                                    torch.ones(b, s.end - s.start, dtype=torch.bool, device=h_bnd.device)
-                                    for s in segs], dim=1).reshape(-1)
+            used_s = None if valid_bn is None else valid_bn[:, start:end].reshape(-1)
             y_sd, l_aux, count_e, kept_e = run_ffn(self.ffn[key], h_bnd[:, start:end].reshape(-1, d), used_s)
             outs.append(y_sd.view(b, end - start, d))
             if l_aux is not None:
-                aux.append(l_aux)
-                name = f"layer{self.index}/{key}"
-                counts[name], counts[f"{name}/kept"] = count_e, kept_e
+                stats.record(f"layer{self.index}/{key}", l_aux, count_e, kept_e)
         y_bnd = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-        return x_bnd + self.drop(y_bnd), aux, counts
+        return x_bnd + self.drop(y_bnd)
 
 
-def attention_mask(segments: list[Segment], batch: int, causal: bool, device: torch.device
-                   ) -> torch.Tensor | None:
+def valid_tokens(segments: list[Segment], batch: int, device: torch.device) -> torch.Tensor | None:
+    """[B, N] bool, False for padding, over the joint sequence; None when no segment has padding."""
+    if all(s.valid is None for s in segments):
+        return None
+    return torch.cat([s.valid if s.valid is not None else
+                      torch.ones(batch, s.end - s.start, dtype=torch.bool, device=device)
+                      for s in segments], dim=1)
+
+
+def attention_mask(segments: list[Segment], valid_bn: torch.Tensor | None, batch: int, causal: bool,
+                   device: torch.device) -> torch.Tensor | None:
     """Boolean SDPA mask [B,1,N,N] (True = may attend) or None when every token sees every token.
 
     Keys that are padding are hidden; with ``causal`` text tokens see earlier text tokens (and all
     non-text tokens) and non-text tokens do not see text. Every query always sees itself, so a fully
     padded text never yields an all-masked row (NaN).
     """
-    if not causal and all(s.valid is None for s in segments):
+    if not causal and valid_bn is None:
         return None
     n = segments[-1].end
-    valid_bn = torch.cat([s.valid if s.valid is not None else
-                          torch.ones(batch, s.end - s.start, dtype=torch.bool, device=device)
-                          for s in segments], dim=1)
+    if valid_bn is None:
+        valid_bn = torch.ones(batch, n, dtype=torch.bool, device=device)
     allowed_bnn = valid_bn[:, None, :].expand(batch, n, n).clone()
     if causal:
         for seg in (s for s in segments if s.modality == "text"):

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.model.blocks import Block, Segment, attention_mask
+from pipeline.model.blocks import Block, Segment, attention_mask, valid_tokens
 from pipeline.model.config import ModelConfig
 from pipeline.model.embeddings import EMBEDDINGS
 from pipeline.model.moe import SparseFFN
+from pipeline.model.moe_stats import MoEStats
 
 
 def _init_module(module: nn.Module, std: float) -> None:
@@ -70,6 +71,7 @@ class VLMoE(nn.Module):
         self.modality_type = nn.Embedding(len(cfg.modalities), cfg.hidden_size)
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_layers)])
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.moe_stats = MoEStats()  # every MoE call of every pass records here (pipeline.model.moe_stats)
         self.reset_parameters()
 
     @property
@@ -122,18 +124,17 @@ class VLMoE(nn.Module):
             raise ValueError(f"modalities have different batch sizes: {[t.shape[0] for t in tokens]}")
         x_bnd = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
         batch = x_bnd.shape[0]
-        mask_b1nn = attention_mask(segments, batch, causal, x_bnd.device)
-        aux_losses, counts = [], {}
+        valid_bn = valid_tokens(segments, batch, x_bnd.device)  # once per pass: attention, MoE, pooling
+        mask_b1nn = attention_mask(segments, valid_bn, batch, causal, x_bnd.device)
+        call = MoEStats()
         for block in self.blocks:
-            x_bnd, block_aux, block_counts = block(x_bnd, segments, mask_b1nn)
-            aux_losses += block_aux
-            counts.update(block_counts)
+            x_bnd = block(x_bnd, segments, valid_bn, mask_b1nn, call)
+        self.moe_stats.merge(call)
         hidden = self.norm(x_bnd)
-        aux = torch.stack([a.float() for a in aux_losses]).sum() if aux_losses \
-            else hidden.new_zeros((), dtype=torch.float32)
-        token_mask = torch.cat([s.valid if s.valid is not None else
-                                torch.ones(batch, s.end - s.start, dtype=torch.bool, device=hidden.device)
-                                for s in segments], dim=1)
+        aux = call.aux_loss(hidden.device)
+        counts = {**call.routed, **{f"{key}/kept": kept for key, kept in call.kept.items()}}
+        token_mask = valid_bn if valid_bn is not None else \
+            torch.ones(batch, x_bnd.shape[1], dtype=torch.bool, device=hidden.device)
         spans = {s.modality: (s.start, s.end) for s in segments}
         num_image = spans["image"][1] - spans["image"][0] if "image" in spans else 0
         pooled = hidden[:, 0] if self.cfg.pooling == "cls" else masked_mean(hidden, token_mask)

@@ -12,7 +12,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-KEPT_SUFFIX = "/kept"  # expert_counts key of the kept counts beside "layer{L}/{modality}" (routed)
 PEAK_MATMUL_SIZE = 1024
 PEAK_MATMUL_REPEATS = 8
 
@@ -46,15 +45,13 @@ class MetricsSink:
             self.jsonl.close()
 
 
-def expert_load_scalars(counts: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per ``layer{L}/{modality}`` (routed counts [E]; with ``layer{L}/{modality}/kept`` beside it, the
-    routes kept within capacity): fraction of routed tokens per expert, normalised entropy of that load
-    (1 = perfectly balanced), max/mean load, and the measured ``routed``, ``kept`` and
-    ``dropped_frac`` = 1 - kept/routed. Counts are of real tokens (padding is never routed with top-1)."""
+def expert_load_scalars(routed: dict[str, torch.Tensor], kept: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per MoE FFN ``layer{L}/{modality}`` (``pipeline.model.moe_stats``: [E] routes the router chose, [E]
+    routes the dispatch kept within capacity): fraction of routed tokens per expert, normalised entropy of
+    that load (1 = perfectly balanced), max/mean load, and the measured ``routed`` and ``kept`` totals,
+    ``kept_frac`` = kept/routed and ``dropped_frac`` = 1 - kept_frac. Real tokens only with top-1."""
     out: dict[str, float] = {}
-    for key, count in sorted(counts.items()):
-        if key.endswith(KEPT_SUFFIX):
-            continue
+    for key, count in sorted(routed.items()):
         count = count.double().cpu()
         total = float(count.sum())
         num_experts = count.numel()
@@ -67,11 +64,12 @@ def expert_load_scalars(counts: dict[str, torch.Tensor]) -> dict[str, float]:
         out[f"moe/{key}/max_over_mean"] = float(frac.max() * num_experts)
         for index, value in enumerate(frac.tolist()):
             out[f"moe_load/{key}/expert{index:02d}"] = value
-        if key + KEPT_SUFFIX in counts:
-            kept = float(counts[key + KEPT_SUFFIX].double().sum())
+        if key in kept:
+            kept_total = float(kept[key].double().sum())
             out[f"moe/{key}/routed"] = total
-            out[f"moe/{key}/kept"] = kept
-            out[f"moe/{key}/dropped_frac"] = 1.0 - kept / total
+            out[f"moe/{key}/kept"] = kept_total
+            out[f"moe/{key}/kept_frac"] = kept_total / total
+            out[f"moe/{key}/dropped_frac"] = 1.0 - kept_total / total
     return out
 
 

@@ -144,6 +144,7 @@ class Trainer:
         rank is skipped on every rank (no backward, no update), as fp16 loss scaling skips overflowing
         steps; ``train.nonfinite_budget`` consecutive bad steps stop the run (``NonFiniteTraining``)."""
         engine, coef = self.engine, self.model_cfg.moe.aux_loss_coef
+        moe_stats = engine.module.model.moe_stats  # every MoE call of the micro-batch's passes
         start = time.perf_counter()
         micro = 0
         while micro < self.recipe.batch.grad_accum:
@@ -152,14 +153,16 @@ class Trainer:
             self.window["data_wait"] += time.perf_counter() - wait_start
             self._note_worker(batch)
             batch = to_device(strip_meta(batch), self.dist.device)
-            out = engine(batch, mode="train")
-            loss = out.loss + coef * out.aux_loss
+            moe_stats.reset()
+            out = engine(batch)
+            aux_loss = moe_stats.aux_loss(self.dist.device)
+            loss = out.loss + coef * aux_loss
             if not self.guard.loss_ok(loss, self.state.step + 1):
                 continue  # skipped on every rank: no backward, no update; the next batch takes its place
             engine.backward(loss)
             own_norm = self.guard.grad_norm() if engine.is_gradient_accumulation_boundary() else None
             engine.step()
-            self._accumulate(out, batch)
+            self._accumulate(out, aux_loss, moe_stats, batch)
             micro += 1
         norm = engine.get_global_grad_norm()
         norm = own_norm if norm is None else float(norm)
@@ -172,14 +175,15 @@ class Trainer:
         self.window["steps"] += 1
         self.window["time"] += time.perf_counter() - start
 
-    def _accumulate(self, out: Any, batch: dict[str, Any]) -> None:
+    def _accumulate(self, out: Any, aux_loss: torch.Tensor, moe_stats: Any, batch: dict[str, Any]) -> None:
         w = self.window
         w["terms"]["loss"] += float(out.loss.detach())
-        w["terms"]["aux_loss"] += float(out.aux_loss.detach())
+        w["terms"]["aux_loss"] += float(aux_loss.detach())
         for key, value in out.terms.items():
             w["terms"][key] += float(value)
-        for key, value in out.expert_counts.items():
-            w["counts"][key] = w["counts"].get(key, 0) + value.detach().double().cpu()
+        for kind, counts in (("routed", moe_stats.routed), ("kept", moe_stats.kept)):
+            for key, value in counts.items():
+                w[kind][key] = w[kind].get(key, 0) + value.double().cpu()
         w["micro"] += 1
         w["tokens"] += _tokens_in(batch, self.model_cfg)
 
@@ -196,8 +200,8 @@ class Trainer:
         names = sorted(w["terms"])
         terms = all_reduce_sum(torch.tensor([w["terms"][n] / w["micro"] for n in names]), device)
         values = {f"train/{n}": float(v) / self.dist.world_size for n, v in zip(names, terms)}
-        keys = sorted(w["counts"])
-        counts = {k: all_reduce_sum(w["counts"][k], device) for k in keys}
+        routed, kept = ({key: all_reduce_sum(w[kind][key], device) for key in sorted(w[kind])}
+                        for kind in ("routed", "kept"))
         tokens = float(all_reduce_sum(torch.tensor([float(w["tokens"])]), device)[0])
         skipped = float(all_reduce_sum(torch.tensor([float(sum(self.worker_skips.values()))]), device)[0])
         step_time = w["time"] / w["steps"]
@@ -217,7 +221,7 @@ class Trainer:
                 log.warning("MFU %.2f > 1: the peak measured at start-up (%.3g TFLOP/s per rank) is too low "
                             "(busy host?); set train.peak_tflops to the hardware's peak", values["train/mfu"],
                             self.peak_tflops)
-        values.update(expert_load_scalars(counts))
+        values.update(expert_load_scalars(routed, kept))
         self.sink.scalars(values, self.state.step)
         if self.dist.is_main:
             log.info(console_line(self.state.step, self.recipe.train.steps, values))
@@ -304,8 +308,8 @@ def _signal_name(signum: int | None) -> str:
 
 
 def _empty_window() -> dict[str, Any]:
-    return {"terms": defaultdict(float), "counts": {}, "micro": 0, "steps": 0, "tokens": 0, "time": 0.0,
-            "data_wait": 0.0, "grad_norm": 0.0, "norm_steps": 0}
+    return {"terms": defaultdict(float), "routed": {}, "kept": {}, "micro": 0, "steps": 0, "tokens": 0,
+            "time": 0.0, "data_wait": 0.0, "grad_norm": 0.0, "norm_steps": 0}
 
 
 def _tokens_in(batch: dict[str, Any], model_cfg: Any) -> int:
