@@ -1,9 +1,10 @@
 """Strict loading of typed dataclass configs from plain dicts (YAML/JSON) and `--set a.b=c` overrides.
 
-Every config in the project is a dataclass whose fields carry a one-line docstring-like ``help`` in
-their metadata (``field(default=..., metadata={"help": "..."})``). ``from_dict`` builds one from a dict,
-recursing into nested dataclasses, rejecting unknown keys (naming the valid ones) and values of the
-wrong type (naming the field path). ``__post_init__`` of each dataclass does the semantic checks.
+Every config in the project is a dataclass whose fields carry a one-line ``help`` in their metadata
+(``field(default=..., metadata={"help": "..."})``): the field's documentation, read in the source.
+``from_dict`` builds one from a dict, recursing into nested dataclasses, rejecting unknown keys (naming
+the valid ones) and values of the wrong type (naming the field path). ``__post_init__`` of each dataclass
+does the semantic checks.
 """
 from __future__ import annotations
 
@@ -145,7 +146,3 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
     return data
 
-
-def field_help(cls: type) -> dict[str, str]:
-    """Field name -> help text, for ``--help`` listings of config fields."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
