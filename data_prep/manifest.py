@@ -62,7 +62,8 @@ def write_json_atomic(path: str, obj: Any) -> None:
     temporary file left, when that fails).
 
     The rename makes it all-or-nothing if the process dies; no fsync (like the shards themselves):
-    an fsync per shard costs ~0.1 s on a busy disk, and power-loss durability is not promised.
+    an fsync per shard stalls encoding on a busy disk (BENCHMARKS.md, figures moved out of code), and
+    power-loss durability is not promised.
     """
     tmp = path + TMP_SUFFIX
     try:

@@ -104,10 +104,10 @@ class ModelConfig:
     qk_norm: bool = field(default=False, metadata={
         "help": "LayerNorm on each head's queries and keys before the dot product (ViT-22B, Dehghani et al. "
                 "2023; Chameleon): attention logits start at cosine x sqrt(head dim) instead of near 0, so "
-                "attention sharpens within a few hundred steps (BENCHMARKS.md, VQA learning speed)"})
+                "attention can sharpen from the first steps (effect: BENCHMARKS.md, VQA learning speed)"})
     pooling: Literal["cls", "mean"] = field(default="cls", metadata={
         "help": "pooled output the heads read: cls = first token (VLMo); mean = mean of the valid tokens "
-                "(open_clip pool_type='avg'; learns much faster from scratch on small data)"})
+                "(open_clip pool_type='avg'; effect on small data: BENCHMARKS.md, VQA learning speed)"})
     layer_norm_eps: float = field(default=1e-6, metadata={"help": "LayerNorm epsilon"})
     init_std: float = field(default=0.02, metadata={"help": "std of the truncated-normal weight init"})
     moe: MoEConfig = field(default_factory=MoEConfig, metadata={"help": "sparse FFN settings"})

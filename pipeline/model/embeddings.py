@@ -69,8 +69,8 @@ class FP32BatchNorm2d(nn.BatchNorm2d):
 def conv_stem(cfg: ModelConfig) -> nn.Sequential:
     """"Early convolutions help transformers see better" (Xiao et al. 2021): log2(patch_size) blocks of
     3x3 stride-2 conv + BatchNorm + ReLU, then a 1x1 conv to D. Replaces the single patch_size x
-    patch_size projection; same output grid, a few % more FLOPs, and shapes are learned several times
-    faster from scratch (see BENCHMARKS.md)."""
+    patch_size projection with the same output grid (its FLOPs: ``patch_embed_flops``; what it learns
+    faster: BENCHMARKS.md, VQA learning speed)."""
     chans = stem_channels(cfg)
     layers: list[nn.Module] = []
     for c_in, c_out in zip(chans[:-1], chans[1:]):

@@ -66,7 +66,7 @@ def init_distributed(timeout_minutes: int = 30) -> Dist:
 
 
 SHM_OP = "deepspeed_shm_comm"  # the CPU comm op every rank JIT-builds (or checks) in init_distributed
-STALE_LOCK_S = 600  # a build takes ~1 s (up to date) to ~100 s (first build on a busy 2-core host)
+STALE_LOCK_S = 600  # well above the longest build seen (BENCHMARKS.md, figures moved out of code)
 
 
 def remove_stale_build_lock(op: str = SHM_OP, max_age_s: float = STALE_LOCK_S) -> bool:
@@ -171,7 +171,7 @@ def exit_process(rc: int) -> None:
     logs and stdio, then ``os._exit`` without interpreter teardown. In teardown, C++ threads of the
     communication stack (gloo's, DeepSpeed's groups still referenced from Python) are destroyed in no set
     order, and a rank whose work had finished could still abort with "terminate called without an active
-    exception" (SIGABRT, exit 250: one CI run in ~400 launches), failing a finished job."""
+    exception" (SIGABRT, exit 250, seen in a CI run), failing a finished job."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -3,10 +3,10 @@
     python -m pipeline.run.hardware            # prints "bf16" or "fp32" and the reason on stderr
 
 CUDA devices with bf16 support: bf16. CPUs: fp32, whatever their flags. Without AMX or AVX512-BF16 PyTorch
-emulates bf16 matmuls several times slower than fp32 (2-core Xeon without either flag: 1024^2 matmul 0.018
-TFLOP/s in bf16 vs 0.066 in fp32). With AMX the matmuls are fast, but the demo-sized model still trains
-slower in bf16 than in fp32 under DeepSpeed's bf16 engine on 2 CPU ranks (BENCHMARKS.md, "bf16 vs fp32 on
-CPU"), so fp32 is the faster choice there too; ``native_bf16`` still reports what the CPU supports.
+emulates bf16 matmuls several times slower than fp32 (BENCHMARKS.md, "Machine and software"). With AMX the
+matmuls are fast, but the demo-sized model still trains slower in bf16 than in fp32 under DeepSpeed's bf16
+engine on 2 CPU ranks (BENCHMARKS.md, "bf16 vs fp32 on this AMX CPU"), so fp32 is the faster choice there
+too; ``native_bf16`` still reports what the CPU supports.
 """
 from __future__ import annotations
 
