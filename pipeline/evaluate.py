@@ -64,27 +64,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_inputs(args: argparse.Namespace) -> None:
     """Before any rank work: the checkpoint exists, was trained for ``--task``, and ``--data``/``--split``,
     the run's vocabulary (its first training folder) and tokenizer are usable (ConfigError otherwise)."""
-    from pipeline.run.checkpoint_merge import resolve_checkpoint
     from pipeline.run.preflight import eval_input_problems, require_no_problems
-    from pipeline.recipe import load_recipe, resolve_init_from
+    from pipeline.run.run_dir import RunDir
+    from pipeline.recipe import load_recipe
 
-    run_dir = resolve_init_from(str(resolve_checkpoint(args.checkpoint)))
-    recipe = load_recipe(run_dir / "resolved_recipe.yaml", ["init_from=null", "model.moe.ep_size=1"])
+    run, _ = RunDir.resolve(args.checkpoint)
+    recipe = load_recipe(run.saved_recipe(f"--checkpoint {args.checkpoint}"),
+                         ["init_from=null", "model.moe.ep_size=1"])
     require_no_problems(eval_input_problems(recipe, args.task, args.data, args.split),
                         f"pipeline.evaluate --checkpoint {args.checkpoint}")
 
 
-def eval_dtype(choice: str, ckpt_dir: Path) -> Any:
+def eval_dtype(choice: str, ds_config: Path) -> Any:
+    """The --dtype choice; auto: bf16 when ``ds_config`` (the checkpoint's engine config) trained in bf16."""
     import torch
-
-    from pipeline.run.checkpoint_merge import run_dir_of
 
     if choice != "auto":
         return torch.bfloat16 if choice == "bf16" else torch.float32
-    for folder in (ckpt_dir, run_dir_of(ckpt_dir)):
-        path = folder / "ds_config.json"
-        if path.is_file():
-            return torch.bfloat16 if json.loads(path.read_text()).get("bf16", {}).get("enabled") else torch.float32
+    if ds_config.is_file() and json.loads(ds_config.read_text()).get("bf16", {}).get("enabled"):
+        return torch.bfloat16
     return torch.float32
 
 
@@ -106,7 +104,7 @@ def format_table(metrics: dict[str, float], baseline: dict[str, float], baseline
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from pipeline.run.checkpoint_merge import resolve_checkpoint, run_dir_of
+    from pipeline.run.run_dir import RunDir
     from pipeline.data.loader import build_eval_loader, num_samples
     from pipeline.run.distributed import init_distributed, single_process
     from pipeline.eval_baselines import baseline_for
@@ -115,12 +113,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by the deepspeed launcher
     dist = init_distributed() if launched else single_process()
-    ckpt_dir = resolve_checkpoint(args.checkpoint)
+    run_dir, tag = RunDir.resolve(args.checkpoint)
+    ckpt_dir = run_dir.checkpoint(tag)
     overrides = [f"task_options.keep_inputs={str(args.itm_rerank > 0).lower()}"]
     if args.eval_capacity_factor is not None:
         overrides.append(f"model.moe.eval_capacity_factor={args.eval_capacity_factor}")
     run = load_for_eval(ckpt_dir, dist, overrides)
-    run.module.to(eval_dtype(args.dtype, ckpt_dir))
+    run.module.to(eval_dtype(args.dtype, run_dir.ds_config_of(tag)))
     source = SourceConfig(path=args.data, split=args.split)
     loader = build_eval_loader(source, run.recipe.data, run.task, args.batch_size, dist.rank, dist.world_size)
     count = num_samples(args.data, args.split)
@@ -142,8 +141,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
               "metrics": metrics, "baseline": {"name": baseline_name, "metrics": baseline}}
     if dist.is_main:
         print(format_table(metrics, baseline, baseline_name), flush=True)
-        out_path = Path(args.output) if args.output else \
-            run_dir_of(ckpt_dir) / "eval" / f"{args.task}_{args.split}_{ckpt_dir.name}.json"
+        out_path = Path(args.output) if args.output else run_dir.eval_path(f"{args.task}_{args.split}_{tag}")
         out_path.parent.mkdir(parents=True, exist_ok=True)
         pred_path = run.task.write_predictions(outputs, out_path.with_name(out_path.stem + "_predictions"))
         if pred_path is not None:  # the benchmark's submission format (JSON; NLVR2: CSV)

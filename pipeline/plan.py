@@ -138,9 +138,10 @@ def init_from_mismatches(model_cfg: Any, init_from: str | None) -> list[str]:
     if not init_from:
         return []
     from pipeline.model.accounting import build_meta_model
-    from pipeline.recipe import build_model_config, read_yaml, resolve_init_from
+    from pipeline.recipe import build_model_config, read_yaml
+    from pipeline.run.run_dir import RunDir
 
-    previous = build_model_config(read_yaml(resolve_init_from(init_from) / "resolved_recipe.yaml").get("model", {}))
+    previous = build_model_config(read_yaml(RunDir.of(init_from).saved_recipe("init_from")).get("model", {}))
     old, new = build_meta_model(previous).state_dict(), build_meta_model(model_cfg).state_dict()
     return [f"{key}: init_from {list(old[key].shape)} vs this recipe {list(tensor.shape)}"
             for key, tensor in new.items() if key in old and old[key].shape != tensor.shape]

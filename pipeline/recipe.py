@@ -203,22 +203,15 @@ def build_model_config(model: dict[str, Any]) -> Any:
     return from_dict(ModelConfig, copy.deepcopy(model), "model")
 
 
-def resolve_init_from(init_from: str) -> Path:
-    """The run folder of ``init_from`` (``RUN`` or ``RUN/TAG`` or ``RUN/checkpoints/TAG``)."""
-    path = Path(init_from)
-    for candidate in (path, path.parent, path.parent.parent):
-        if (candidate / "resolved_recipe.yaml").is_file():
-            return candidate
-    raise ConfigError(f"init_from: {init_from} is not a run folder (no resolved_recipe.yaml found)")
-
-
 def init_from_shape_error(init_from: str | Path, mismatched: list[str]) -> ConfigError:
     """The error for a recipe whose model cannot load ``init_from``'s weights; ``mismatched`` lists
     "tensor: shape vs shape" items (pipeline.plan before launch, checkpoint.load_weights at load)."""
+    from pipeline.run.run_dir import RunDir
+
     return ConfigError(
         f"init_from {init_from}: {len(mismatched)} tensors of this recipe's model have other shapes than its "
         "checkpoint's, e.g. " + "; ".join(mismatched[:3]) + ". The recipe's model: section is merged over the "
-        f"model in {resolve_init_from(str(init_from)) / 'resolved_recipe.yaml'}; make them agree (patch_size, "
+        f"model in {RunDir.of(init_from).recipe_path}; make them agree (patch_size, "
         "patch_embed, hidden_size, num_layers, vocab_size, moe.num_experts, ...)")
 
 
@@ -227,7 +220,9 @@ def merged_model_dict(data: dict[str, Any]) -> dict[str, Any]:
     model = copy.deepcopy(data.get("model") or {})
     if not data.get("init_from"):
         return model
-    previous = read_yaml(resolve_init_from(data["init_from"]) / "resolved_recipe.yaml").get("model", {})
+    from pipeline.run.run_dir import RunDir
+
+    previous = read_yaml(RunDir.of(data["init_from"]).saved_recipe("init_from")).get("model", {})
     return _deep_merge(previous, model)
 
 

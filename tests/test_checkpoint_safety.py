@@ -8,7 +8,7 @@ import torch
 
 from pipeline.run.build import build_task, build_task_model, load_tokenizer
 from pipeline.run.checkpoint import rng_state, set_rng_state
-from pipeline.run.checkpoint_merge import EXPERT_KEY, check_keys, merge_moe_checkpoint, safe_load
+from pipeline.run.checkpoint_merge import EXPERT_KEY, check_keys, expert_key, merge_moe_checkpoint, safe_load
 from pipeline.config_utils import ConfigError
 from pipeline.run.eval_loop import load_for_eval
 from pipeline.evaluate import main as evaluate_main
@@ -79,7 +79,7 @@ def vqa_run(tmp_path, synth_data):
     modules = sorted({m.group(1) for m in map(EXPERT_KEY.match, state) if m})
     for layer, module in enumerate(modules):
         for expert in range(recipe.model.moe.num_experts):
-            torch.save({k: v for k, v in state.items() if k.startswith(f"{module}.{expert}.")},
+            torch.save({k: v for k, v in state.items() if k.startswith(expert_key(module, expert, ""))},
                        folder / f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt")
     (folder / "COMPLETE").write_text("1\n")
     return run, folder

@@ -1,11 +1,11 @@
 """checkpoint_merge: DeepSpeed's dense file + per-expert files (global expert ids) -> an EP=1 state dict;
-checkpoint resolution; the evaluate table."""
+the evaluate table; init_from's shape check. (Checkpoint resolution: tests/test_run_dir.py.)"""
 import re
 
 import pytest
 import torch
 
-from pipeline.run.checkpoint_merge import merge_moe_checkpoint, resolve_checkpoint, run_dir_of
+from pipeline.run.checkpoint_merge import merge_moe_checkpoint
 from pipeline.evaluate import format_table, parse_args
 from pipeline.model import ModelConfig, MoEConfig, VLMoE
 
@@ -48,22 +48,6 @@ def test_merge_rejects_a_missing_expert(tmp_path):
     (tmp_path / "ckpt" / "layer_1_expert_2_mp_rank_00_model_states.pt").unlink()
     with pytest.raises(ValueError, match=r"experts \[0, 1, 3\]"):
         merge_moe_checkpoint(tmp_path / "ckpt")
-
-
-def test_resolve_checkpoint(tmp_path):
-    run = tmp_path / "run"
-    for step, complete in ((100, True), (200, True), (300, False)):
-        folder = run / "checkpoints" / f"step_{step:06d}"
-        folder.mkdir(parents=True)
-        (folder / "mp_rank_00_model_states.pt").write_bytes(b"")
-        if complete:
-            (folder / "COMPLETE").write_text(f"{step}\n")
-    assert resolve_checkpoint(run).name == "step_000200"  # newest complete; 300 is half-written
-    assert resolve_checkpoint(run / "step_000100") == run / "checkpoints" / "step_000100"  # RUN/TAG
-    assert resolve_checkpoint(run / "checkpoints" / "step_000100").name == "step_000100"
-    assert run_dir_of(run / "checkpoints" / "step_000100") == run
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        resolve_checkpoint(tmp_path / "empty")
 
 
 def test_table_puts_baseline_next_to_score():

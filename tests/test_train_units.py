@@ -1,4 +1,4 @@
-"""Pieces of the training loop without a launcher: schedule, checkpoint bookkeeping, expert-load figures,
+"""Pieces of the training loop without a launcher: schedule, expert-load figures,
 optimizer groups (MoE split, head lr, no-decay, freeze), eval padding."""
 import math
 
@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.run.checkpoint import COMPLETE, complete_tags, latest_complete, prune, resolve_checkpoint
 from pipeline.config_utils import ConfigError
 from pipeline.run.schedule import lr_factor
 from pipeline.run.tb_logging import expert_load_scalars
@@ -22,28 +21,6 @@ def test_lr_warmup_then_cosine_or_linear_to_floor():
     assert lr_factor(99, 100, 0, "constant") == 1.0
     with pytest.raises(ValueError):
         lr_factor(50, 100, 0, "exponential")
-
-
-def _ckpt(root, step, complete=True):
-    folder = root / f"step_{step:06d}"
-    folder.mkdir(parents=True)
-    if complete:
-        (folder / COMPLETE).write_text(str(step))
-    return folder
-
-
-def test_half_written_checkpoint_is_never_picked_and_prune_keeps_last_k(tmp_path):
-    root = tmp_path / "run" / "checkpoints"
-    for step in (10, 20, 30):
-        _ckpt(root, step)
-    _ckpt(root, 40, complete=False)  # killed while writing
-    assert latest_complete(root) == "step_000030"
-    assert resolve_checkpoint(tmp_path / "run") == (root, "step_000030")
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        resolve_checkpoint(root / "step_000040")
-    prune(root, keep_last=2)
-    assert complete_tags(root) == ["step_000020", "step_000030"]
-    assert (root / "step_000040").exists()  # newer than the newest complete: may still be in progress
 
 
 def test_expert_load_entropy_and_measured_drops():

@@ -1,17 +1,16 @@
 """Checkpoints: DeepSpeed engine state + our run state, a COMPLETE marker written last, last-K pruning,
 ``--resume auto`` and weights-only ``init_from``.
 
-Layout: ``RUN/checkpoints/step_000100/`` holds the DeepSpeed files (``mp_rank_00_model_states.pt``, one
-file per MoE expert, ZeRO optimizer shards), ``run_state.json`` (step, samples seen, data seed, ...),
-``rng/rank_00000.pt`` (python/numpy/torch RNG of each rank), copies of the resolved recipe and
-ds_config, and ``COMPLETE``. A folder without ``COMPLETE`` is never picked.
+A checkpoint folder (``RunDir.checkpoint(tag)``, layout in ``pipeline.run.run_dir``) holds the DeepSpeed files
+(``mp_rank_00_model_states.pt``, one file per MoE expert, ZeRO optimizer shards), ``run_state.json`` (step,
+samples seen, data seed, ...), ``rng/rank_00000.pt`` (python/numpy/torch RNG of each rank), copies of the
+resolved recipe and ds_config, and ``COMPLETE``. A folder without ``COMPLETE`` is never picked.
 """
 from __future__ import annotations
 
 import json
 import logging
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,49 +18,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.run.checkpoint_merge import check_keys, safe_load
+from pipeline.run.checkpoint_merge import EXPERT_KEY, check_keys, expert_key, safe_load, summarize_keys
 from pipeline.run.disk_space import (CheckpointSaveError, FileWriteError, describe_write_error, engine_share_bytes,
                                  room_problem, save_torch)
 from pipeline.run.distributed import Dist, barrier, gather_objects
+from pipeline.run.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
-TAG_RE = re.compile(r"^step_(\d+)$")
-COMPLETE = "COMPLETE"
 RUN_STATE = "run_state.json"
 HEADS_PREFIX = "heads."  # TaskModel's task heads: the only tensors init_from may lack or leave unused
 
 
-def tag_for(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def complete_tags(ckpt_root: Path) -> list[str]:
-    """Tags of complete checkpoints, oldest first."""
-    if not ckpt_root.is_dir():
-        return []
-    tags = [p.name for p in ckpt_root.iterdir()
-            if TAG_RE.match(p.name) and (p / COMPLETE).is_file()]
-    return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
-
-
-def latest_complete(ckpt_root: Path) -> str | None:
-    tags = complete_tags(ckpt_root)
-    return tags[-1] if tags else None
-
-
-def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """(checkpoints folder, tag) for ``RUN``, ``RUN/TAG`` or ``RUN/checkpoints/TAG`` (complete only)."""
-    path = Path(path)
-    if TAG_RE.match(path.name):
-        if not (path / COMPLETE).is_file():
-            raise FileNotFoundError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
-        return path.parent, path.name
-    for candidate in (path / "checkpoints", path):
-        tag = latest_complete(candidate)
-        if tag:
-            return candidate, tag
-    raise FileNotFoundError(f"{path}: no complete checkpoint under {path / 'checkpoints'}")
+def rng_file(folder: Path, rank: int) -> Path:
+    return folder / "rng" / f"rank_{rank:05d}.pt"
 
 
 # ------------------------------------------------------------------------------------------ RNG
@@ -88,44 +58,44 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, run_state: dict[str, 
     """Collective: every rank calls it. Returns the checkpoint folder. Raises CheckpointSaveError on every
     rank when a file system lacks room for it (nothing written) or a write failed (the partial folder is
     removed, older checkpoints are not pruned)."""
-    ckpt_root = run_dir / "checkpoints"
-    tag = tag_for(step)
-    folder = ckpt_root / tag
-    if (folder / COMPLETE).is_file():  # same step already saved (e.g. stopped right after resuming)
+    run = RunDir(run_dir)
+    tag = run.tag_for(step)
+    folder = run.checkpoint(tag)
+    if run.is_complete(tag):  # same step already saved (e.g. stopped right after resuming)
         return folder
     if dist.is_main and folder.exists():  # a half-written one from a killed run
         shutil.rmtree(folder)
     barrier()
-    previous = latest_complete(ckpt_root)
-    problem = room_problem(ckpt_root, tag, previous, engine_share_bytes(engine, dist) if not previous else 0)
+    previous = run.latest()
+    problem = room_problem(run.checkpoints, tag, previous, engine_share_bytes(engine, dist) if not previous else 0)
     if problem:
         raise CheckpointSaveError(problem)
-    failures = [error for error in gather_objects(_write_files(engine, run_dir, folder, run_state, dist)) if error]
+    failures = [error for error in gather_objects(_write_files(engine, run, folder, run_state, dist)) if error]
     if failures:  # every rank learns it here: none is left waiting in a collective
         if dist.is_main:
             shutil.rmtree(folder, ignore_errors=True)
         kept = f"; the newest complete checkpoint {previous} is kept" if previous else ""
         raise CheckpointSaveError(f"checkpoint {tag} not saved: {failures[0]}{kept}")
     if dist.is_main:
-        (folder / COMPLETE).write_text(f"{step}\n")
-        prune(ckpt_root, keep_last)
+        run.mark_complete(tag, step)
+        run.prune(keep_last)
     barrier()
     log.info("saved checkpoint %s", folder)
     return folder
 
 
-def _write_files(engine: Any, run_dir: Path, folder: Path, run_state: dict[str, Any], dist: Dist) -> str | None:
+def _write_files(engine: Any, run: RunDir, folder: Path, run_state: dict[str, Any], dist: Dist) -> str | None:
     """This rank's files of the checkpoint; the failure as one line (errno, path, free space), or None."""
     report_write_errors(engine)
     try:
         engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
-        (folder / "rng").mkdir(parents=True, exist_ok=True)
-        save_torch(rng_state(), folder / "rng" / f"rank_{dist.rank:05d}.pt")
+        rng_file(folder, dist.rank).parent.mkdir(parents=True, exist_ok=True)
+        save_torch(rng_state(), rng_file(folder, dist.rank))
         if dist.is_main:
             (folder / RUN_STATE).write_text(json.dumps(run_state, indent=2))
-            for name in ("resolved_recipe.yaml", "ds_config.json"):
-                if (run_dir / name).is_file():
-                    shutil.copy2(run_dir / name, folder / name)
+            for source in (run.recipe_path, run.ds_config_path):  # the checkpoint keeps what it was trained with
+                if source.is_file():
+                    shutil.copy2(source, folder / source.name)
     except FileWriteError as exc:
         return str(exc)
     except (OSError, RuntimeError) as exc:  # a write outside torch.save, or another checkpoint engine's
@@ -140,17 +110,6 @@ def report_write_errors(engine: Any) -> None:
     writer = engine.checkpoint_engine
     if isinstance(writer, TorchCheckpointEngine):
         writer.save = lambda state_dict, path: save_torch(state_dict, path, writer.zipfile_serialization)
-
-
-def prune(ckpt_root: Path, keep_last: int) -> None:
-    tags = complete_tags(ckpt_root)
-    for tag in tags[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(ckpt_root / tag, ignore_errors=True)
-    newest = int(TAG_RE.match(tags[-1]).group(1)) if tags else -1
-    for path in ckpt_root.iterdir():  # incomplete leftovers older than the newest complete one
-        match = TAG_RE.match(path.name)
-        if match and int(match.group(1)) < newest and not (path / COMPLETE).is_file():
-            shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------- load
@@ -183,22 +142,23 @@ def resume(engine: Any, run_dir: Path, dist: Dist) -> dict[str, Any] | None:
     """Restore engine (module, optimizer, scheduler) and RNG from the newest complete checkpoint of
     ``run_dir``; returns its run state, or None when there is none (fresh start). Every file is read
     weights-only (ConfigError naming a file that holds anything else)."""
-    ckpt_root = run_dir / "checkpoints"
-    tag = latest_complete(ckpt_root)
+    run = RunDir(run_dir)
+    tag = run.latest()
     if tag is None:
         return None
+    folder = run.checkpoint(tag)
     weights_only_loads(engine)
-    load_path, _ = engine.load_checkpoint(str(ckpt_root), tag=tag, load_optimizer_states=True,
+    load_path, _ = engine.load_checkpoint(str(run.checkpoints), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load {ckpt_root / tag}")
-    rng_file = ckpt_root / tag / "rng" / f"rank_{dist.rank:05d}.pt"
-    if rng_file.is_file():
-        set_rng_state(safe_load(rng_file))
+        raise RuntimeError(f"DeepSpeed could not load {folder}")
+    rng = rng_file(folder, dist.rank)
+    if rng.is_file():
+        set_rng_state(safe_load(rng))
     else:
-        log.warning("%s missing: RNG not restored on rank %d (world size changed?)", rng_file, dist.rank)
-    state = json.loads((ckpt_root / tag / RUN_STATE).read_text())
-    log.info("resumed from %s (step %d)", ckpt_root / tag, state["step"])
+        log.warning("%s missing: RNG not restored on rank %d (world size changed?)", rng, dist.rank)
+    state = json.loads((folder / RUN_STATE).read_text())
+    log.info("resumed from %s (step %d)", folder, state["step"])
     return state
 
 
@@ -211,8 +171,8 @@ def load_weights(engine: Any, init_from: str | Path) -> Path:
     from pipeline.run.checkpoint_merge import merge_moe_checkpoint
     from pipeline.recipe import init_from_shape_error
 
-    ckpt_root, tag = resolve_checkpoint(init_from)
-    folder = ckpt_root / tag
+    run, tag = RunDir.resolve(init_from)
+    folder = run.checkpoint(tag)
     saved = merge_moe_checkpoint(folder)
     module = engine.module
     current = module.state_dict()
@@ -232,10 +192,10 @@ def load_weights(engine: Any, init_from: str | Path) -> Path:
     module.load_state_dict(state, strict=False)
     if missing:
         log.info("init_from %s: %d head tensors not in the checkpoint keep their fresh init: %s", folder,
-                 len(missing), _summary(missing))
+                 len(missing), summarize_keys(missing))
     if unexpected:
         log.info("init_from %s: %d checkpoint head tensors unused: %s", folder, len(unexpected),
-                 _summary(unexpected))
+                 summarize_keys(unexpected))
     optimizer = getattr(engine, "optimizer", None)
     if optimizer is not None and hasattr(optimizer, "refresh_fp32_params"):
         optimizer.refresh_fp32_params()
@@ -243,12 +203,9 @@ def load_weights(engine: Any, init_from: str | Path) -> Path:
     return folder
 
 
-_EXPERT_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.*)$")
-
-
 def _global_expert_key(module: Any, key: str) -> str:
     """``...deepspeed_experts.{local}...`` -> ``...deepspeed_experts.{global}...`` for this rank."""
-    match = _EXPERT_KEY.match(key)
+    match = EXPERT_KEY.match(key)
     if match is None:
         return key
     from deepspeed.utils import groups
@@ -256,12 +213,12 @@ def _global_expert_key(module: Any, key: str) -> str:
     moe = module.get_submodule(match.group(1))
     ep_rank = groups._get_expert_parallel_rank(moe.expert_group_name)
     global_id = ep_rank * moe.num_local_experts + int(match.group(2))
-    return f"{match.group(1)}.deepspeed_moe.experts.deepspeed_experts.{global_id}.{match.group(3)}"
+    return expert_key(match.group(1), global_id, match.group(3))
 
 
 def _other_ranks_expert(module: Any, key: str) -> bool:
     """A checkpoint tensor of a global expert that another EP rank of this model holds."""
-    match = _EXPERT_KEY.match(key)
+    match = EXPERT_KEY.match(key)
     if match is None:
         return False
     try:
@@ -270,6 +227,3 @@ def _other_ranks_expert(module: Any, key: str) -> bool:
         return False
     return int(match.group(2)) < getattr(moe, "num_experts", 0)
 
-
-def _summary(keys: list[str], limit: int = 8) -> str:
-    return ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit})" if len(keys) > limit else "")

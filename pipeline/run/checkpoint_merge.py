@@ -6,7 +6,8 @@ already renamed to the **global** expert id G (``...deepspeed_experts.{G}...``).
 local and local id == global id, so the union of those files is exactly an EP=1 state dict.
 ``zero_to_fp32.py`` and universal checkpoints do not handle MoE (DeepSpeed issues #4497, #5716).
 
-    state = merge_moe_checkpoint(resolve_checkpoint("runs/demo/vqa"))   # newest COMPLETE checkpoint
+    run, tag = RunDir.resolve("runs/demo/vqa")                  # newest complete checkpoint
+    state = merge_moe_checkpoint(run.checkpoint(tag))
 """
 from __future__ import annotations
 
@@ -25,31 +26,13 @@ log = logging.getLogger(__name__)
 
 DENSE_FILE = "mp_rank_00_model_states.pt"
 EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
-EXPERT_KEY = re.compile(r"^(.*\.deepspeed_experts)\.(\d+)\.(.*)$")
-COMPLETE_MARKER = "COMPLETE"
+EXPERTS = ".deepspeed_moe.experts.deepspeed_experts."  # DeepSpeed MoE layer -> its expert list
+EXPERT_KEY = re.compile(rf"^(.*){re.escape(EXPERTS)}(\d+)\.(.*)$")  # (MoE module, expert id, parameter)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """``RUN_DIR`` -> its newest complete ``checkpoints/step_*``; ``RUN_DIR/TAG`` or a checkpoint folder
-    -> that folder. Raises FileNotFoundError naming what was looked for."""
-    path = Path(path)
-    if (path / DENSE_FILE).is_file():
-        return path
-    if (path.parent / "checkpoints" / path.name / DENSE_FILE).is_file():
-        return path.parent / "checkpoints" / path.name
-    ckpt_root = path / "checkpoints"
-    candidates = sorted(p for p in ckpt_root.glob("*") if (p / COMPLETE_MARKER).is_file()
-                        and (p / DENSE_FILE).is_file()) if ckpt_root.is_dir() else []
-    if not candidates:
-        raise FileNotFoundError(f"{path}: no checkpoint ({DENSE_FILE}) here, and no complete checkpoint "
-                                f"(with a {COMPLETE_MARKER} marker) under {ckpt_root}")
-    return candidates[-1]
-
-
-def run_dir_of(checkpoint_dir: Path) -> Path:
-    """``RUN/checkpoints/step_X`` -> ``RUN``."""
-    checkpoint_dir = Path(checkpoint_dir)
-    return checkpoint_dir.parent.parent if checkpoint_dir.parent.name == "checkpoints" else checkpoint_dir.parent
+def expert_key(moe_module: str, expert_id: int, parameter: str) -> str:
+    """The name of expert ``expert_id``'s ``parameter`` in MoE module ``moe_module`` (EXPERT_KEY's inverse)."""
+    return f"{moe_module}{EXPERTS}{expert_id}.{parameter}"
 
 
 def safe_load(path: Path, allowed: list[type] | None = None, map_location: Any = "cpu") -> Any:
@@ -100,15 +83,11 @@ def check_keys(source: str | Path, missing: list[str], unexpected: list[str], ma
     if missing or unexpected:
         allowed = f" (only tensors under {may_differ!r} may differ)" if may_differ else ""
         raise ConfigError(f"{source}: the checkpoint does not match the model{allowed}: "
-                          f"{len(missing)} model tensors missing from it ({_summary(missing)}), "
-                          f"{len(unexpected)} checkpoint tensors the model has not ({_summary(unexpected)}). "
+                          f"{len(missing)} model tensors missing from it ({summarize_keys(missing)}), "
+                          f"{len(unexpected)} checkpoint tensors the model has not ({summarize_keys(unexpected)}). "
                           "Was it saved by a run of another model or task?")
 
 
-def _summary(keys: list[str], limit: int = 6) -> str:
+def summarize_keys(keys: list[str], limit: int = 6) -> str:
     return ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit})" if len(keys) > limit else "") if keys else "-"
 
-
-def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Keys under ``prefix`` (e.g. ``"model."``) with the prefix removed; other keys dropped."""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

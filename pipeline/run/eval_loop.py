@@ -21,6 +21,7 @@ import torch
 from pipeline.config_utils import ConfigError
 from pipeline.data.faults import ReadReport
 from pipeline.run.distributed import Dist, all_reduce_max, gather_objects
+from pipeline.run.run_dir import RunDir
 from pipeline.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -155,21 +156,17 @@ def _count(outputs: dict[str, Any]) -> int:
     return 0
 
 
-def eval_path(run_dir: Path, tag: str) -> Path:
-    """Where a training-time evaluation of checkpoint ``tag`` is written: ``RUN/eval/TAG.json``."""
-    return run_dir / "eval" / f"{tag}.json"
-
-
 def write_eval(run_dir: Path, tag: str, metrics: dict[str, float], task: Task, outputs: dict[str, Any]) -> Path:
-    path = eval_path(run_dir, tag)
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
+    """``RUN/eval/TAG.json`` (the metrics, and what the evaluation missed) and the task's predictions file."""
+    run = RunDir(run_dir)
+    path = run.eval_path(tag)
+    path.parent.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = dict(metrics)
     incomplete = getattr(metrics, "incomplete", None)  # EvalMetrics from run_eval
     if incomplete:
         record["incomplete"] = incomplete
     path.write_text(json.dumps(record, indent=2, sort_keys=True))
-    task.write_predictions(outputs, folder / f"{tag}_predictions")
+    task.write_predictions(outputs, run.predictions_stem(tag))
     return path
 
 
@@ -188,22 +185,21 @@ def load_for_eval(run_dir_or_tag: str | Path, dist: Dist | None = None, override
     file, so any world size (including 1 process) can evaluate. ``overrides`` are ``--set`` items
     applied to the saved recipe (e.g. ``data.eval.path=...``). Expert parallelism is set to 1."""
     from pipeline.run.build import build_task, build_task_model, load_tokenizer
-    from pipeline.run.checkpoint import resolve_checkpoint
     from pipeline.run.checkpoint_merge import check_keys, merge_moe_checkpoint
     from pipeline.run.distributed import single_process
-    from pipeline.recipe import load_recipe, resolve_init_from
+    from pipeline.recipe import load_recipe
     from pipeline.tasks import DistInfo
 
     dist = dist or single_process()
-    ckpt_root, tag = resolve_checkpoint(run_dir_or_tag)
-    run_dir = resolve_init_from(str(ckpt_root / tag))
-    recipe = load_recipe(run_dir / "resolved_recipe.yaml",
+    run, tag = RunDir.resolve(run_dir_or_tag)
+    folder = run.checkpoint(tag)
+    recipe = load_recipe(run.saved_recipe(f"checkpoint {run_dir_or_tag}"),
                                     ["init_from=null", "init={}", "model.moe.ep_size=1", *(overrides or [])])
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     task = build_task(recipe, tokenizer, DistInfo(dist.rank, dist.world_size))
     module = build_task_model(recipe, task, recipe.train.seed)
-    state = merge_moe_checkpoint(ckpt_root / tag)
+    state = merge_moe_checkpoint(folder)
     missing, unexpected = module.load_state_dict(state, strict=False)
-    check_keys(ckpt_root / tag, missing, unexpected)  # a model scored on fresh weights is no result
+    check_keys(folder, missing, unexpected)  # a model scored on fresh weights is no result
     module.to(device or dist.device).eval()
-    return LoadedRun(module, task, recipe, ckpt_root / tag)
+    return LoadedRun(module, task, recipe, folder)

@@ -179,10 +179,10 @@ def init_from_problems(init_from: str | None) -> list[str]:
     """``init_from`` names a run (or checkpoint) with a complete checkpoint to take weights from."""
     if not init_from:
         return []
-    from pipeline.run.checkpoint import resolve_checkpoint
+    from pipeline.run.run_dir import RunDir
 
     try:
-        resolve_checkpoint(init_from)
+        RunDir.resolve(init_from)
     except FileNotFoundError as exc:
         return [f"init_from={init_from}: {exc}; finish that stage first or point init_from at a run folder "
                 "with a complete checkpoint"]

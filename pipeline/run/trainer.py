@@ -23,8 +23,9 @@ from pipeline.run.build import apply_freeze, build_engine, build_task, build_tas
 from pipeline.data.loader import build_eval_loader, build_train_loader, strip_meta
 from pipeline.run.distributed import Dist, all_reduce_max, all_reduce_sum, barrier, watch_launcher
 from pipeline.run.ds_config import build_ds_config, load_engine_json, precision, zero_stage
-from pipeline.run.eval_loop import eval_path, run_eval, to_device, write_eval
+from pipeline.run.eval_loop import run_eval, to_device, write_eval
 from pipeline.recipe import InitConfig, dump_recipe, load_recipe
+from pipeline.run.run_dir import RunDir
 from pipeline.run.step_guard import NonFiniteTraining, StepGuard
 from pipeline.tasks import DistInfo
 from pipeline.run.tb_logging import MetricsSink, console_line, expert_load_scalars, measure_peak_tflops
@@ -70,14 +71,15 @@ class Trainer:
                resume: bool, dist: Dist) -> "Trainer":
         recipe = load_recipe(recipe_path, overrides)
         ds_config = build_ds_config(recipe, load_engine_json(ds_config_path), dist.world_size)
+        run = RunDir(run_dir)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "resolved_recipe.yaml").write_text(dump_recipe(recipe))
-            (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+            run.recipe_path.write_text(dump_recipe(recipe))
+            run.ds_config_path.write_text(json.dumps(ds_config, indent=2))
         torch.manual_seed(recipe.train.seed)
         tokenizer = load_tokenizer(recipe.data.tokenizer)
         task = build_task(recipe, tokenizer, DistInfo(dist.rank, dist.world_size, None))
-        resuming = resume and checkpoint.latest_complete(run_dir / "checkpoints") is not None
+        resuming = resume and run.latest() is not None
         # a resumed run's weights come from its checkpoint: no need for the init.vit/bert folders again
         build_recipe = dataclasses.replace(recipe, init=InitConfig()) if resuming else recipe
         module = build_task_model(build_recipe, task, recipe.train.seed)
@@ -105,7 +107,7 @@ class Trainer:
         steps = self.recipe.train.steps
         if self.state.step >= steps:
             log.info("already trained %d/%d steps: nothing to do", self.state.step, steps)
-            if not eval_path(self.run_dir, checkpoint.tag_for(self.state.step)).is_file():  # the final eval failed
+            if not RunDir(self.run_dir).eval_path(RunDir.tag_for(self.state.step)).is_file():  # final eval failed
                 self.evaluate()
             self._mark_finished()
             return
@@ -126,7 +128,7 @@ class Trainer:
                 self.save()
                 if stop or self._stop_requested():  # a signal during this save: it is the checkpoint to stop at
                     log.info("preempted at step %d: checkpoint %s saved, rerun with --resume auto to continue",
-                             step, checkpoint.tag_for(step))
+                             step, RunDir.tag_for(step))
                     return
                 self._restart_data()  # data stream is a function of (seed, step): resume is exact
             if step < steps and self.recipe.train.eval_every and step % self.recipe.train.eval_every == 0:
@@ -137,7 +139,7 @@ class Trainer:
 
     def _mark_finished(self) -> None:
         if self.dist.is_main:  # what launch/pipeline.sh waits for before starting the next stage
-            (self.run_dir / "FINISHED").write_text(checkpoint.tag_for(self.state.step) + "\n")
+            RunDir(self.run_dir).mark_finished(self.state.step)
 
     def train_step(self) -> None:
         """One optimizer step (``grad_accum`` micro-batches). A micro-batch whose loss is not finite on any
@@ -245,7 +247,7 @@ class Trainer:
                                         self.recipe.train.eval_max_batches)
         metrics["eval_seconds"] = time.perf_counter() - start
         if self.dist.is_main:
-            write_eval(self.run_dir, checkpoint.tag_for(self.state.step), metrics, self.task, outputs)
+            write_eval(self.run_dir, RunDir.tag_for(self.state.step), metrics, self.task, outputs)
             self.sink.scalars({f"eval/{k}": v for k, v in metrics.items()}, self.state.step)
             log.info("eval step %d: %s", self.state.step,
                      ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
@@ -290,7 +292,7 @@ def _record_resume(run_dir: Path, step: int, dist: Dist) -> int:
     """Append this resume to ``RUN/resumes.jsonl`` (rank 0) and return how many resumes the run has had,
     counting those that were interrupted again before their first save (a checkpoint's own count
     would miss them)."""
-    path = run_dir / "resumes.jsonl"
+    path = RunDir(run_dir).resumes_path
     if dist.is_main:
         with path.open("a") as fh:
             fh.write(json.dumps({"time": time.time(), "from_step": step, "world_size": dist.world_size}) + "\n")

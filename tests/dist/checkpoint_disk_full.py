@@ -17,9 +17,10 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
-from pipeline.run.checkpoint import complete_tags, save_checkpoint
+from pipeline.run.checkpoint import save_checkpoint
 from pipeline.run.disk_space import CheckpointSaveError, engine_share_bytes, folder_bytes
 from pipeline.run.distributed import enable_stack_dumps, init_distributed, shutdown_distributed
+from pipeline.run.run_dir import RunDir
 from tests.dist.moe_zero_tokens import D, OneMoE
 
 FSIZE_LIMIT = 64 * 1024  # smaller than the model-state file, larger than the RNG file
@@ -56,8 +57,9 @@ def main(run_dir: Path) -> dict:
         error = None
     except CheckpointSaveError as exc:
         error = str(exc)
-    return {"estimate": estimate, "size": size, "error": error, "complete": complete_tags(run_dir / "checkpoints"),
-            "folders": sorted(p.name for p in (run_dir / "checkpoints").iterdir())}
+    run = RunDir(run_dir)
+    return {"estimate": estimate, "size": size, "error": error, "complete": run.complete_tags(),
+            "folders": sorted(p.name for p in run.checkpoints.iterdir())}
 
 
 if __name__ == "__main__":
