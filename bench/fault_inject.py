@@ -40,8 +40,9 @@ from typing import Any, Callable
 import psutil
 
 from bench import common
-from pipeline.run.checkpoint import complete_tags, tag_for
+from pipeline.run.checkpoint import RUN_STATE
 from pipeline.run.checkpoint_merge import merge_moe_checkpoint
+from pipeline.run.run_dir import RunDir
 from tests.conftest import TINY_MODEL_SETS
 from tests.launcher import run_processes, stop_with_stacks
 
@@ -203,8 +204,8 @@ class Trial:
         self.injected = False
 
     @property
-    def ckpt_root(self) -> Path:
-        return self.run_dir / "checkpoints"
+    def run(self) -> RunDir:
+        return RunDir(self.run_dir)
 
     def poll(self, run: Run) -> None:
         """Called while the fault run runs: inject once the trigger step (and delay) has passed."""
@@ -214,7 +215,7 @@ class Trial:
             self.reached_at = time.perf_counter()
         if time.perf_counter() - self.reached_at < self.delay:
             return
-        self.before = complete_tags(self.ckpt_root)
+        self.before = self.run.complete_tags()
         done = INJECT[self.kind](self, run)
         if done:
             self.injected = True
@@ -257,7 +258,7 @@ def inject_corrupt_shard(trial: Trial, run: Run) -> str:
 def inject_fill_disk(trial: Trial, run: Run) -> str | None:
     if not trial.before:
         return None  # wait for a complete checkpoint: its size says what cannot fit
-    size = sum(p.stat().st_size for p in (trial.ckpt_root / trial.before[-1]).rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in trial.run.checkpoint(trial.before[-1]).rglob("*") if p.is_file())
     leave = int(size * trial.choice["free_fraction"])
     filler = trial.disk / "filler"
     with filler.open("wb") as fh:
@@ -286,8 +287,8 @@ def outcome_problems(trial: Trial, run: Run) -> list[str]:
         if rc == 5 and shard not in "\n".join(stopped):
             return [f"exit 5 without naming {shard}: {stopped}"]
         return [] if rc in (0, 5) else [f"exit {rc}, expected 0 (skips) or 5 (data failure budget)"]
-    if trial.kind == "fill_disk" and tag_for(trial.args.steps) in trial.before:  # no save left to fail
-        return [] if rc == 0 and (trial.run_dir / "FINISHED").is_file() else [f"exit {rc} after the final save"]
+    if trial.kind == "fill_disk" and RunDir.tag_for(trial.args.steps) in trial.before:  # no save left to fail
+        return [] if rc == 0 and trial.run.finished_path.is_file() else [f"exit {rc} after the final save"]
     if trial.kind == "fill_disk":
         problems = [] if rc == 4 else [f"exit {rc}, expected 4"]
         if len(stopped) != 1 or "checkpoint" not in stopped[0]:
@@ -297,9 +298,9 @@ def outcome_problems(trial: Trial, run: Run) -> list[str]:
         if rc != 0:
             return [f"exit {rc} after SIGTERM, expected 0"]
         stop = re.findall(r"checkpointing at step (\d+) and exiting", log)
-        if not stop and not (trial.run_dir / "FINISHED").is_file():
+        if not stop and not trial.run.finished_path.is_file():
             return ["no 'checkpointing at step N' line and not FINISHED"]
-        if stop and not (trial.ckpt_root / tag_for(int(stop[-1])) / "COMPLETE").is_file():
+        if stop and not trial.run.is_complete(RunDir.tag_for(int(stop[-1]))):
             return [f"no complete checkpoint at the stop step {stop[-1]}"]
     return []
 
@@ -307,20 +308,20 @@ def outcome_problems(trial: Trial, run: Run) -> list[str]:
 def checkpoint_losses(trial: Trial) -> tuple[list[str], list[str]]:
     """(checkpoints complete before the fault now gone or unreadable (keep_last pruning aside),
     COMPLETE checkpoints that do not load)."""
-    now = complete_tags(trial.ckpt_root)
+    now = trial.run.complete_tags()
     bad = []
     for tag in now:
         try:
-            merge_moe_checkpoint(trial.ckpt_root / tag)
-            json.loads((trial.ckpt_root / tag / "run_state.json").read_text())
+            merge_moe_checkpoint(trial.run.checkpoint(tag))
+            json.loads((trial.run.checkpoint(tag) / RUN_STATE).read_text())
         except Exception as exc:  # noqa: BLE001 - any failure to load is the finding
             bad.append(f"{tag}: {type(exc).__name__}: {str(exc)[:200]}")
     lost = []
     for tag in trial.before:
         if tag in now:
             lost += [b for b in bad if b.startswith(tag)]
-        elif sum(1 for t in now if t > tag) < trial.args.keep_last:
-            lost.append(f"{tag}: gone ({len([t for t in now if t > tag])} newer complete, keep_last "
+        elif len(newer := [t for t in now if RunDir.step_of(t) > RunDir.step_of(tag)]) < trial.args.keep_last:
+            lost.append(f"{tag}: gone ({len(newer)} newer complete, keep_last "
                         f"{trial.args.keep_last})")
     return lost, bad
 
@@ -329,13 +330,13 @@ def checkpoint_losses(trial: Trial) -> tuple[list[str], list[str]]:
 def samples_lost(trial: Trial, captions: Path) -> int | None:
     """Training samples (run_state samples_seen vs steps x global batch) plus eval samples (num_samples vs
     the manifest's val split) missing or extra at the end; None when the run did not finish."""
-    finished = trial.run_dir / "FINISHED"
-    if not finished.is_file():
+    run = trial.run
+    if not run.finished_path.is_file():
         return None
-    tag = finished.read_text().strip()
-    state = json.loads((trial.ckpt_root / tag / "run_state.json").read_text())
-    batch = json.loads((trial.run_dir / "ds_config.json").read_text())["train_batch_size"]
-    evaluated = json.loads((trial.run_dir / "eval" / f"{tag}.json").read_text())["num_samples"]
+    tag = run.finished_path.read_text().strip()
+    state = json.loads((run.checkpoint(tag) / RUN_STATE).read_text())
+    batch = json.loads(run.ds_config_path.read_text())["train_batch_size"]
+    evaluated = json.loads(run.eval_path(tag).read_text())["num_samples"]
     expected_eval = json.loads((captions / "manifest.json").read_text())["splits"]["val"]["num_samples"]
     trial.record.update(samples_seen=state["samples_seen"], expected_samples=trial.args.steps * batch,
                         eval_num_samples=evaluated, manifest_val_samples=expected_eval)
@@ -350,12 +351,12 @@ def recover_and_rerun(trial: Trial, run_args: tuple) -> Run:
         trial.record["data_prep_rerun"] = summary[0] if summary else out[-300:]
     if trial.kind == "fill_disk":
         subprocess.run(["mount", "-o", f"remount,size={TMPFS_ROOMY}", str(trial.disk)], check=True)
-    newest = complete_tags(trial.ckpt_root)
+    newest = trial.run.complete_tags()
     trial.record["newest_complete_at_rerun"] = newest[-1] if newest else None
     rerun = Run(*run_args, trial.run_dir, trial.folder / "rerun.log").execute()
     found = re.search(r"resumed from (\S+) \(step (\d+)\)", rerun.log())
-    finished = trial.run_dir / "FINISHED"
-    final = finished.is_file() and finished.read_text().strip() == tag_for(trial.args.steps)
+    finished = trial.run.finished_path
+    final = finished.is_file() and finished.read_text().strip() == RunDir.tag_for(trial.args.steps)
     trial.record.update(rerun_rc=rerun.rc, rerun_s=round(rerun.wall, 1), rerun_hang=rerun.hang,
                         resumed_from=Path(found.group(1)).name if found else None, finished=final)
     trial.record["resumed"] = bool(found) and final and rerun.rc == 0

@@ -121,11 +121,7 @@ note_preempted() {  # RUN_DIR TAG
 }
 
 latest_checkpoint() {  # RUN_DIR -> tag of its newest complete checkpoint (step_N), or nothing
-  local marker tag=""
-  for marker in "$1"/checkpoints/step_*/COMPLETE; do  # zero-padded tags: glob order is step order
-    [[ -f "$marker" ]] && tag="$(basename "$(dirname "$marker")")"
-  done
-  echo "$tag"
+  "$PYTHON" -c 'import sys; from pipeline.run.run_dir import RunDir; print(RunDir(sys.argv[1]).latest() or "")' "$1"
 }
 
 # data_sets STAGE_DATA_DIR EVAL_SPLIT TOKENIZER: DATA_SETS = the --set items pointing a recipe at a
