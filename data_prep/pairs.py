@@ -67,7 +67,7 @@ def table_items(path: str, image_column: str, caption_column: str, image_root: s
                           where=f"{name}:{line}")
 
 
-def shard_sample_record(key: str, fields: dict[str, bytes], where: str) -> ReaderItem:
+def shard_sample_record(fields: dict[str, bytes], where: str) -> ReaderItem:
     """An img2dataset / webdataset sample -> Record (image bytes + .txt caption) or Skip."""
     image = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
     if image is None:
@@ -91,7 +91,7 @@ def shard_items(paths: list[str]) -> Iterator[ReaderItem]:
                     yield Skip(DUPLICATE_KEY, f"{name}/{key}: key seen before in this tar; the first is kept")
                     continue
                 seen.add(key)
-                yield shard_sample_record(key, fields, f"{name}/{key}")
+                yield shard_sample_record(fields, f"{name}/{key}")
         except (tarfile.TarError, OSError) as exc:
             raise InputFormatError(path, None, f"unreadable tar ({exc}); expected webdataset shards") from None
 
