@@ -96,7 +96,7 @@ def build(folder: Path, tokenizer: Path, image_size: int, workers: int, sets: li
     recipe = load_recipe(REPO / common.VL_RECIPE, common.data_sets(folder, tokenizer, workers=workers)
                                     + [f"data.image_size={image_size}", f"model.image_size={image_size}",
                                        f"model.patch_size={patch}", *(sets or [])])
-    task = build_task(recipe, load_tokenizer(recipe.data.tokenizer), DistInfo(0, 1, None))
+    task = build_task(recipe, load_tokenizer(recipe.data.tokenizer), DistInfo(0, 1))
     return recipe, task
 
 

@@ -88,8 +88,8 @@ def run_variant(name: str, args: argparse.Namespace, train: dict, val: list[dict
     cfg = ModelConfig(**{**BASE_MODEL, **overrides, "vocab_size": len(tokenizer)}, moe=MoEConfig(every=0))
     model = VLMoE(cfg)
     task = VQATask(TaskContext(model_cfg=cfg, tokenizer=tokenizer, text_len=16, image_size=64,
-                               data_dir=vqa_dir, objectives={"vqa": 1.0}))
-    heads = task.build_heads(model)
+                               data_dir=vqa_dir, objectives={"vqa": 1.0}), model)
+    heads = task.heads
     opt = torch.optim.AdamW([{"params": model.parameters(), "lr": args.lr},
                              {"params": heads.parameters(), "lr": args.lr * head_lr_mult}],
                             betas=(0.9, 0.98), weight_decay=0.01)
@@ -106,34 +106,32 @@ def run_variant(name: str, args: argparse.Namespace, train: dict, val: list[dict
         for group, peak in zip(opt.param_groups, peaks):
             group["lr"] = peak * scale
         batch = {k: v[idx] for k, v in train.items()}
-        loss = task.training_loss(model, heads, batch).loss
+        loss = task(batch).loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*model.parameters(), *heads.parameters()], 1.0)
         opt.step()
         if step % args.eval_every == 0 or step == args.steps:
             point = {"step": step, "train_loss": round(float(loss), 4),
-                     "seconds": round(time.perf_counter() - started, 1), **evaluate(task, model, heads, val)}
+                     "seconds": round(time.perf_counter() - started, 1), **evaluate(task, val)}
             curve.append(point)
             print(f"  {name:14s} step {step:5d} {point['seconds']:7.1f}s  overall {point['overall']:.3f}  "
                   + "  ".join(f"{t} {a:.3f}" for t, a in sorted(point["by_question_type"].items())), flush=True)
     return {"variant": name, "model": {**BASE_MODEL, **overrides}, "head_lr_mult": head_lr_mult, "curve": curve}
 
 
-def evaluate(task: Any, model: Any, heads: Any, val: list[dict]) -> dict[str, Any]:
+def evaluate(task: Any, val: list[dict]) -> dict[str, Any]:
     """Official VQA accuracy overall and the exact-match rate per synth question type."""
     import torch
-    model.eval()
-    heads.eval()
+    task.eval()
     outputs: dict[str, list] = {"pred": [], "answers": [], "answer_type": [], "question_type": []}
     with torch.no_grad():
         for start in range(0, len(val), 200):
             batch = task.collate(val[start:start + 200])
-            out = task.eval_outputs(model, heads, batch)
+            out = task.eval_outputs(batch)
             for key in outputs:
                 outputs[key] += list(out[key])
-    model.train()
-    heads.train()
+    task.train()
     outputs["pred"] = torch.stack(outputs["pred"])
     overall = task.metrics(outputs)["acc"]
     predicted = task.answer_strings(outputs)

@@ -26,19 +26,22 @@ from typing import Any
 from pipeline.config_utils import ConfigError
 
 log = logging.getLogger("pipeline.evaluate")
-PRETRAIN_TASKS = ("text_mlm", "vl_pretrain")  # no evaluation of their own: fine-tune them first
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="RUN_DIR (newest complete checkpoint) or RUN_DIR/TAG")
-    p.add_argument("--task", required=True, help="downstream task the checkpoint was fine-tuned for (vqa, "
-                   "retrieval, nlvr2, classification: pipeline.tasks.TASKS without the pretraining ones)")
+    p.add_argument("--task", required=True, help="the task the checkpoint was fine-tuned for: a name in "
+                   "pipeline.tasks.TASKS whose class has a headline metric (not a pretraining one), or the "
+                   "recipe's import path module:Class")
     p.add_argument("--data", required=True, help="data_prep output folder (manifest.json) to evaluate on")
     p.add_argument("--split", default="val", help="split name in the manifest")
     p.add_argument("--output", default=None, help="metrics JSON path (default RUN/eval/<task>_<split>_<tag>.json)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per rank per forward (fixed)")
-    p.add_argument("--itm-rerank", type=int, default=0, help="retrieval: re-rank each query's top-K by ITM")
+    p.add_argument("--itm-rerank", type=int, default=0,
+                   help="shorthand for --set task_options.itm_rerank=K (re-rank each query's top-K by ITM)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="task_options.KEY=VALUE",
+                   help="override one of the task's options of the run's recipe (repeatable)")
     p.add_argument("--eval-capacity-factor", type=float, default=None,
                    help="override moe.eval_capacity_factor (e.g. num_experts: no token dropping at eval)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
@@ -53,12 +56,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size <= 0 or args.itm_rerank < 0:
         p.error("--batch-size must be > 0 and --itm-rerank >= 0")
-    from pipeline.tasks import TASKS  # after parsing: --help must not import torch
+    bad = [item for item in args.overrides if not item.startswith("task_options.") or "=" not in item]
+    if bad:
+        p.error(f"--set {bad[0]!r}: expected task_options.KEY=VALUE")
+    from pipeline.tasks import evaluable_tasks, get_task_class  # after parsing: --help must not import torch
 
-    downstream = [t for t in TASKS if t not in PRETRAIN_TASKS]
-    if args.task not in downstream:
-        p.error(f"--task {args.task!r}: choose from {downstream}")
+    try:
+        evaluable = get_task_class(args.task).headline is not None
+    except ConfigError:
+        evaluable = False
+    if not evaluable:
+        p.error(f"--task {args.task!r}: choose a task that evaluates: {evaluable_tasks()} (or the import path "
+                "of a task class with a headline metric)")
     return args
+
+
+def task_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set task_options.*`` items for the run's recipe (``--itm-rerank K`` included)."""
+    return [*args.overrides] + ([f"task_options.itm_rerank={args.itm_rerank}"] if args.itm_rerank else [])
 
 
 def check_inputs(args: argparse.Namespace) -> None:
@@ -70,7 +85,7 @@ def check_inputs(args: argparse.Namespace) -> None:
 
     run, _ = RunDir.resolve(args.checkpoint)
     recipe = load_recipe(run.saved_recipe(f"--checkpoint {args.checkpoint}"),
-                         ["init_from=null", "model.moe.ep_size=1"])
+                         ["init_from=null", "model.moe.ep_size=1", *task_overrides(args)])
     require_no_problems(eval_input_problems(recipe, args.task, args.data, args.split),
                         f"pipeline.evaluate --checkpoint {args.checkpoint}")
 
@@ -107,7 +122,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.run.run_dir import RunDir
     from pipeline.data.loader import build_eval_loader, num_samples
     from pipeline.run.distributed import init_distributed, single_process
-    from pipeline.eval_baselines import baseline_for
     from pipeline.run.eval_loop import load_for_eval, require_complete, run_eval
     from pipeline.recipe import SourceConfig
 
@@ -115,27 +129,25 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     dist = init_distributed() if launched else single_process()
     run_dir, tag = RunDir.resolve(args.checkpoint)
     ckpt_dir = run_dir.checkpoint(tag)
-    overrides = [f"task_options.keep_inputs={str(args.itm_rerank > 0).lower()}"]
+    overrides = task_overrides(args)
     if args.eval_capacity_factor is not None:
         overrides.append(f"model.moe.eval_capacity_factor={args.eval_capacity_factor}")
     run = load_for_eval(ckpt_dir, dist, overrides)
-    run.module.to(eval_dtype(args.dtype, run_dir.ds_config_of(tag)))
+    run.task.to(eval_dtype(args.dtype, run_dir.ds_config_of(tag)))
     source = SourceConfig(path=args.data, split=args.split)
     loader = build_eval_loader(source, run.recipe.data, run.task, args.batch_size, dist.rank, dist.world_size)
     count = num_samples(args.data, args.split)
     steps = -(-count // (args.batch_size * dist.world_size)) if count else None
     show = not args.no_progress and dist.is_main
     started = time.time()
-    metrics, outputs = run_eval(run.module, run.task,
+    metrics, outputs = run_eval(run.task, run.task,
                                 tqdm(loader, total=steps, desc=f"eval {args.task}/{args.split}",
                                      unit="batch", file=sys.stderr, disable=not show),
                                 dist, args.batch_size)
     require_complete(metrics, f"--data {args.data} --split {args.split}")  # every rank: all exit 2
-    if args.task == "retrieval" and args.itm_rerank:
-        with tqdm(desc="itm re-rank", unit="batch", file=sys.stderr, disable=not show) as bar:
-            metrics.update(run.task.itm_rerank(run.module.model, run.module.heads, outputs, args.itm_rerank,
-                                               args.batch_size, bar))
-    baseline_name, baseline = baseline_for(args.task, run.task, outputs, Path(args.data))
+    with tqdm(desc="after eval", unit="batch", file=sys.stderr, disable=not show) as bar:
+        metrics.update(run.task.extra_metrics(outputs, args.batch_size, bar))  # e.g. a re-rank by its options
+    baseline_name, baseline = run.task.baseline(outputs, Path(args.data))
     result = {"task": args.task, "checkpoint": str(ckpt_dir), "data": args.data, "split": args.split,
               "world_size": dist.world_size, "seconds": round(time.time() - started, 2),
               "metrics": metrics, "baseline": {"name": baseline_name, "metrics": baseline}}

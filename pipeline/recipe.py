@@ -159,15 +159,16 @@ class InitConfig:
 
 @dataclasses.dataclass
 class Recipe:
-    task: str = _f(help="task registry name (pipeline.tasks.TASKS)")
+    task: str = _f(help="task registry name (pipeline.tasks.TASKS) or a Task class's import path module:Class")
     data: DataConfig = _f(help="shards, tokenizer, shapes")
     model: ModelConfig = _f(default_factory=ModelConfig, help="the model (pipeline.model.config.ModelConfig); "
                             "with init_from, merged over that run's model")
     init_from: str | None = _f(None, help="RUN_DIR or RUN_DIR/TAG of an earlier stage: weights only")
     init: InitConfig = _f(default_factory=InitConfig, help="pretrained ViT / BERT weights for a fresh model "
                                                              "(first stage; `--set init={}` turns it off)")
-    objectives: dict[str, float] = _f({}, help="objective name -> loss weight")
-    task_options: dict[str, Any] = _f({}, help="task-specific options (TaskContext.options)")
+    objectives: dict[str, float] = _f({}, help="objective name -> loss weight, only the task's objectives "
+                                      "(Task.objectives); empty = the task's defaults, one not named weighs 0")
+    task_options: dict[str, Any] = _f({}, help="the task's options (its Options dataclass; unknown keys rejected)")
     freeze: list[str] = _f([], help="regexes over parameter names to freeze")
     optim: OptimConfig = _f(default_factory=OptimConfig, help="optimiser")
     schedule: ScheduleConfig = _f(default_factory=ScheduleConfig, help="learning-rate schedule")
@@ -177,10 +178,14 @@ class Recipe:
         [], help="ds_configs/*.json names this recipe is tested with (empty = any)")
 
     def __post_init__(self) -> None:
-        from pipeline.tasks import TASKS
+        from pipeline.tasks import get_task_class
 
-        if self.task not in TASKS:
-            raise ConfigError(f"task: {self.task!r} is unknown; valid tasks are {sorted(TASKS)}")
+        try:
+            task_class = get_task_class(self.task)
+        except ConfigError as exc:
+            raise ConfigError(f"task: {exc}") from exc
+        self.objectives = task_class.resolve_objectives(self.objectives)
+        task_class.parse_options(self.task_options)  # checked here, typed again where the task is built
         if self.init.active and self.init_from:
             raise ConfigError(f"init (init.vit / init.bert) and init_from={self.init_from} are both set: init_from "
                               "already gives every weight (the earlier stage's); drop the init section")

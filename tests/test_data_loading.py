@@ -35,10 +35,10 @@ class IdTask(Task):
     def padding_sample(self):
         return {"image": torch.zeros(16, 3), "idx": torch.tensor(-1), "source": ""}
 
-    def training_loss(self, model, heads, batch):
+    def forward(self, batch):
         raise NotImplementedError
 
-    def eval_outputs(self, model, heads, batch):
+    def eval_outputs(self, batch):
         raise NotImplementedError
 
     def metrics(self, outputs):

@@ -31,9 +31,11 @@ def model():
 
 
 def make_task(name, model, tokenizer, data_dir=None, options=None, objectives=None):
+    """The task holding ``model`` and fresh heads, its objectives and options read as a recipe's are."""
+    cls = get_task_class(name)
     ctx = TaskContext(model_cfg=model.cfg, tokenizer=tokenizer, text_len=L, image_size=SIZE, data_dir=data_dir,
-                      objectives=objectives or {}, options=options or {})
-    return get_task_class(name)(ctx)
+                      objectives=cls.resolve_objectives(objectives or {}), options=cls.parse_options(options or {}))
+    return cls(ctx, model)
 
 
 def image(color):
@@ -48,11 +50,10 @@ def check_contract(task, samples, model):
         for key, value in s.items():
             if isinstance(value, torch.Tensor):
                 assert value.shape == pad[key].shape and value.dtype == pad[key].dtype, key
-    heads = task.build_heads(model)
     batch = task.collate(samples + [pad])
-    model.zero_grad()
-    out = task.training_loss(model, heads, batch) if "label" in batch or "targets" in batch else None
-    return heads, batch, out
+    task.zero_grad()
+    out = task(batch) if "label" in batch or "targets" in batch else None
+    return task.heads, batch, out
 
 
 def test_vqa(tmp_path, model, tokenizer):
@@ -72,10 +73,13 @@ def test_vqa(tmp_path, model, tokenizer):
     model.eval()
     logits = heads["vqa"](model.fuse(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).cls)
     manual = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["targets"], reduction="sum") / 3
-    assert task.training_loss(model, heads, batch).loss.item() == pytest.approx(manual.item(), rel=1e-4)
+    assert task(batch).loss.item() == pytest.approx(manual.item(), rel=1e-4)
+    # the recipe's objective weight scales the loss
+    half = make_task("vqa", model, tokenizer, tmp_path, objectives={"vqa": 0.5})
+    half.heads.load_state_dict(heads.state_dict())
+    assert half(batch).loss.item() == pytest.approx(manual.item() / 2, rel=1e-4)
     model.train()
-    assert out.aux_loss.ndim == 0 and out.expert_counts
-    ev = task.eval_outputs(model, heads, batch)
+    ev = task.eval_outputs(batch)
     ev = {k: v[:2] for k, v in ev.items()}  # the loop drops the padding row
     ev["pred"] = torch.tensor([3, 0])  # "red", "yes"
     m = task.metrics(ev)
@@ -85,16 +89,18 @@ def test_vqa(tmp_path, model, tokenizer):
 
 def test_retrieval(model, tokenizer):
     task = make_task("retrieval", model, tokenizer, objectives={"itc": 1.0, "itm": 1.0},
-                     options={"keep_inputs": True})
+                     options={"itm_rerank": 3})
     raws = [{"jpg": image(c), "txt": f"a {c} circle", "json": {"image_id": i, "captions": [
         f"a {c} circle", f"the {c} circle", f"{c}", f"a big {c} circle", f"a small {c} circle", "extra"]}}
         for i, c in enumerate(["red", "blue", "green"])]
     train = [task.prepare_sample(r, train=True) for r in raws]
     assert train[0]["input_ids"].shape == (L,)
-    heads = task.build_heads(model)
-    out = task.training_loss(model, heads, task.collate(train))
+    heads = task.heads
+    out = task(task.collate(train))
     out.loss.backward()
     assert {"itc", "itm"} <= set(out.terms) and heads["itc"].image_proj.weight.grad is not None
+    itc_only = make_task("retrieval", model, tokenizer, objectives={"itc": 1.0})  # itm weighs 0: not run
+    assert set(itc_only(task.collate(train)).terms) == {"itc", "itc_acc"}
     evs = [task.prepare_sample(r, train=False) for r in raws]
     short = task.prepare_sample({"jpg": image("red"), "json": {"captions": ["red", "a red"]}}, train=False)
     assert evs[0]["input_ids"].shape == (5, L) and evs[0]["caption_valid"].all()
@@ -103,11 +109,11 @@ def test_retrieval(model, tokenizer):
     assert set(pad) == set(evs[0]) and pad["input_ids"].shape == (5, L) and not pad["caption_valid"].any()
     with pytest.raises(SkipSample):
         task.prepare_sample({"jpg": image("red"), "json": {"captions": []}}, train=False)
-    ev = task.eval_outputs(model, heads, task.collate(evs + [short]))
+    ev = task.eval_outputs(task.collate(evs + [short]))
     assert ev["image_emb"].shape[0] == 4 and ev["text_emb"].shape[:2] == (4, 5)
     m = task.metrics(ev)
     assert m["num_images"] == 4 and m["num_captions"] == 17 and 0 <= m["r_mean"] <= 1
-    rr = task.itm_rerank(model, heads, ev, top_k=3, batch_size=4)
+    rr = task.extra_metrics(ev, batch_size=4)  # itm_rerank=3: the top-3 of each query re-ranked by ITM
     assert set(rr) == {f"itm_{k}" for k in m if k.startswith(("i2t", "t2i", "r_mean"))}
 
 
@@ -121,10 +127,7 @@ def test_nlvr2(model, tokenizer):
     heads, batch, out = check_contract(task, samples, model)
     out.loss.backward()
     assert heads["nlvr2"][0].weight.shape == (64, 64) and heads["nlvr2"][0].weight.grad is not None
-    # two fuse passes: the expert counts cover twice the tokens of one pass
-    one = model.fuse(batch["pixel_values0"], batch["input_ids"], batch["attention_mask"]).expert_counts
-    assert sum(v.sum() for v in out.expert_counts.values()) == 2 * sum(v.sum() for v in one.values())
-    ev = task.eval_outputs(model, heads, batch)
+    ev = task.eval_outputs(batch)
     ev = {"pred": torch.tensor([1, 1]), "label": ev["label"][:2], "identifier": ev["identifier"][:2]}
     assert task.metrics(ev) == {"acc": 0.5, "consistency": 0.0}
 
@@ -138,7 +141,7 @@ def test_classification(tmp_path, model, tokenizer):
         task.prepare_sample({"jpg": image("blue"), "cls": 6}, train=True)
     heads, batch, out = check_contract(task, samples, model)
     out.loss.backward()
-    ev = task.eval_outputs(model, heads, batch)
+    ev = task.eval_outputs(batch)
     assert ev["logits"].shape == (3, 6)
     m = task.metrics({"logits": ev["logits"][:2], "label": ev["label"][:2]})
     assert set(m) == {"top1", "top5"} and m["top1"] <= m["top5"]
@@ -216,7 +219,7 @@ def test_snli_ve(tmp_path, model, tokenizer):
     heads, batch, out = check_contract(task, samples, model)
     out.loss.backward()
     assert heads["snli_ve"][-1].weight.grad is not None
-    ev = task.eval_outputs(model, heads, batch)
+    ev = task.eval_outputs(batch)
     ev = {"pred": torch.tensor([0, 0, 2]), "label": ev["label"][:3], "pair_id": ev["pair_id"][:3]}
     assert task.metrics(ev) == {"acc": pytest.approx(2 / 3), "num_scored": 3.0, "acc/contradiction": 1.0,
                                 "acc/entailment": 1.0, "acc/neutral": 0.0}

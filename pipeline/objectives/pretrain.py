@@ -152,33 +152,22 @@ def mlm_loss(mlm_head: torch.nn.Module, text_hidden_bld: torch.Tensor, labels_bl
     return loss, acc
 
 
-def _merge_counts(total: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
-    for key, value in new.items():
-        total[key] = total[key] + value if key in total else value
-
-
 def vl_pretrain_losses(model: torch.nn.Module, heads: torch.nn.ModuleDict, batch: dict[str, torch.Tensor],
                        weights: dict[str, float], group: Any = None,
                        generator: torch.Generator | None = None) -> dict[str, Any]:
     """One VLMo pretraining micro-step. ``batch``: pixel_values, input_ids, attention_mask and, for MLM,
     mlm_input_ids / mlm_labels (from ``mask_tokens``). ``heads``: itc, itm, mlm as needed by ``weights``.
 
-    Returns {"loss": weighted sum (no aux), "terms": {name: detached}, "aux_loss", "expert_counts"}
-    (counts, routed and kept, summed over the step's model calls).
+    Returns {"loss": weighted sum (the MoE aux loss is the model's own record), "terms": {name: detached}}.
     Model calls per step (same on every rank): encode_image(B), encode_text(B) for ITC;
     fuse(3B) for ITM; fuse(B) for MLM."""
     pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
     terms: dict[str, torch.Tensor] = {}
-    counts: dict[str, torch.Tensor] = {}
     loss = pixels.new_zeros((), dtype=torch.float32)
-    aux = pixels.new_zeros((), dtype=torch.float32)
     itc = None
     if weights.get("itc", 0) or weights.get("itm", 0):
         image_out, text_out = model.encode_image(pixels), model.encode_text(ids, mask)
         itc = itc_loss(*heads["itc"](image_out.pooled, text_out.pooled), group=group)
-        aux = aux + image_out.aux_loss + text_out.aux_loss
-        _merge_counts(counts, image_out.expert_counts)
-        _merge_counts(counts, text_out.expert_counts)
         terms.update(itc=itc.loss.detach(), itc_acc=itc.accuracy)
         if weights.get("itc", 0):
             loss = loss + weights["itc"] * itc.loss
@@ -187,14 +176,12 @@ def vl_pretrain_losses(model: torch.nn.Module, heads: torch.nn.ModuleDict, batch
         pairs = itm_batch(pixels, ids, mask, itc, group, generator)
         fused = model.fuse(*pairs[:3])
         term, acc = itm_loss(heads["itm"](fused.pooled), pairs[3])
-        loss, aux = loss + weights["itm"] * term, aux + fused.aux_loss
-        _merge_counts(counts, fused.expert_counts)
+        loss = loss + weights["itm"] * term
         terms.update(itm=term.detach(), itm_acc=acc)
     if weights.get("mlm", 0):
         fused = model.fuse(pixels, batch["mlm_input_ids"], mask)
         start, end = fused.spans["text"]
         term, acc = mlm_loss(heads["mlm"], fused.hidden[:, start:end], batch["mlm_labels"])
-        loss, aux = loss + weights["mlm"] * term, aux + fused.aux_loss
-        _merge_counts(counts, fused.expert_counts)
+        loss = loss + weights["mlm"] * term
         terms.update(mlm=term.detach(), mlm_acc=acc)
-    return {"loss": loss, "terms": terms, "aux_loss": aux, "expert_counts": counts}
+    return {"loss": loss, "terms": terms}

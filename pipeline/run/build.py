@@ -1,5 +1,5 @@
-"""Build what a run needs from a recipe: tokenizer, task, model + heads (``TaskModel``), optimizer param
-groups (weight decay, head lr multiplier, freeze patterns, MoE groups), the DeepSpeed engine."""
+"""Build what a run needs from a recipe: tokenizer, the task (the module holding model + heads), optimizer
+param groups (weight decay, head lr multiplier, freeze patterns, MoE groups), the DeepSpeed engine."""
 from __future__ import annotations
 
 import logging
@@ -17,35 +17,6 @@ from pipeline.tasks import DistInfo, Task, TaskContext, get_task_class
 log = logging.getLogger(__name__)
 
 
-class TaskModel(nn.Module):
-    """The model and the task's heads as one module (what DeepSpeed wraps and checkpoints).
-    ``forward(batch, mode)`` runs ``task.training_loss`` ("train") or ``task.eval_outputs`` ("eval")."""
-
-    def __init__(self, model: nn.Module, task: Task):
-        super().__init__()
-        self.model = model
-        self.heads = task.build_heads(model)
-        self.task = task  # plain attribute: not a module
-        promote_scalar_params(self)
-
-    def forward(self, batch: dict[str, Any], mode: str = "train") -> Any:
-        if mode == "train":
-            return self.task.training_loss(self.model, self.heads, batch)
-        return self.task.eval_outputs(self.model, self.heads, batch)
-
-
-def promote_scalar_params(module: nn.Module) -> list[str]:
-    """0-dim parameters (e.g. a logit scale) -> shape [1]: DeepSpeed's initial broadcast views every
-    parameter as bytes, which fails for 0-dim tensors. Broadcasting keeps the maths unchanged."""
-    names = []
-    for owner_name, owner in module.named_modules():
-        for name, param in list(owner.named_parameters(recurse=False)):
-            if param.dim() == 0:
-                setattr(owner, name, nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
-                names.append(f"{owner_name}.{name}".lstrip("."))
-    return names
-
-
 def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
@@ -56,6 +27,7 @@ def load_tokenizer(path: str) -> Any:
 
 
 def build_task(recipe: Any, tokenizer: Any, dist: DistInfo) -> Task:
+    """The recipe's task without a model: it prepares samples (loaders); ``build_task_model`` adds the model."""
     if len(tokenizer) > recipe.model.vocab_size:
         raise ConfigError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's "
                           f"{len(tokenizer)} tokens: set model.vocab_size >= {len(tokenizer)}")
@@ -70,14 +42,15 @@ def build_task(recipe: Any, tokenizer: Any, dist: DistInfo) -> Task:
                           f"{', '.join(task_class.vocab_files)} from the training data folder (it sizes the "
                           "heads, also when evaluating on other data)")
     ctx = TaskContext(model_cfg=recipe.model, tokenizer=tokenizer, text_len=recipe.data.text_len,
-                      image_size=recipe.data.image_size, data_dir=data_dir, objectives=dict(recipe.objectives),
-                      dist=dist, options=dict(recipe.task_options))
+                      image_size=recipe.data.image_size, data_dir=data_dir,
+                      objectives=task_class.resolve_objectives(recipe.objectives), dist=dist,
+                      options=task_class.parse_options(recipe.task_options))
     return task_class(ctx)
 
 
-def build_task_model(recipe: Any, task: Task, seed: int) -> TaskModel:
-    """Model (from-scratch init, then ``recipe.init``'s pretrained weights when set) and the task's heads.
-    Identical dense weights on every rank; each EP rank draws (or upcycles) its own experts."""
+def build_task_model(recipe: Any, task: Task, seed: int) -> Task:
+    """``task`` with a model (from-scratch init, then ``recipe.init``'s pretrained weights when set) and its
+    heads. Identical dense weights on every rank; each EP rank draws (or upcycles) its own experts."""
     from pipeline.model import VLMoE
     from pipeline.model.init_recipe import apply_init
 
@@ -85,7 +58,7 @@ def build_task_model(recipe: Any, task: Task, seed: int) -> TaskModel:
     model = VLMoE(recipe.model)
     if recipe.init.active:
         apply_init(model, recipe.init)
-    return TaskModel(model, task)
+    return type(task)(task.ctx, model)
 
 
 def apply_freeze(module: nn.Module, patterns: list[str]) -> list[str]:
@@ -108,7 +81,7 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
         or "logit_scale" in name or "norm" in name
 
 
-def param_groups(module: TaskModel, optim: Any) -> list[dict[str, Any]]:
+def param_groups(module: Task, optim: Any) -> list[dict[str, Any]]:
     """AdamW groups: (body|heads) x (decay|no decay), heads at lr * head_lr_mult, then split into
     DeepSpeed MoE groups (expert params must sit in their own groups)."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -129,7 +102,7 @@ def param_groups(module: TaskModel, optim: Any) -> list[dict[str, Any]]:
     return split_params_into_different_moe_groups_for_optimizer(list(groups.values()))
 
 
-def build_optimizer(module: TaskModel, recipe: Any, ds_config: dict[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(module: Task, recipe: Any, ds_config: dict[str, Any]) -> torch.optim.Optimizer:
     optim = recipe.optim
     groups = param_groups(module, optim)
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
@@ -150,7 +123,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Any) -> torch.opti
         optimizer, LrFactor(recipe.train.steps, s.warmup_steps, s.kind, s.min_lr_ratio))
 
 
-def build_engine(module: TaskModel, recipe: Any, ds_config: dict[str, Any]) -> tuple[Any, Any]:
+def build_engine(module: Task, recipe: Any, ds_config: dict[str, Any]) -> tuple[Any, Any]:
     """(engine, lr_scheduler): deepspeed.initialize with our optimizer and schedule."""
     import deepspeed
 

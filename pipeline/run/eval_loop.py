@@ -73,8 +73,8 @@ def _merge(parts: list[dict[str, list[Any]]]) -> dict[str, Any]:
 def run_eval(engine_or_module: Any, task: Task, loader: Iterable[list[dict[str, Any]]], dist: Dist,
              batch_size: int, max_batches: int | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """(metrics, gathered outputs). Collective: every rank must call it. ``loader`` yields lists of
-    prepared samples (``pipeline.data.loader.build_eval_loader``); ``engine_or_module(batch, mode="eval")``
-    must return ``task.eval_outputs``."""
+    prepared samples (``pipeline.data.loader.build_eval_loader``); the unwrapped module (``engine.module``,
+    the task holding the model) gives ``eval_outputs(batch)``."""
     module = getattr(engine_or_module, "module", engine_or_module)
     was_training = module.training
     module.eval()
@@ -88,7 +88,7 @@ def run_eval(engine_or_module: Any, task: Task, loader: Iterable[list[dict[str, 
             break  # every rank is out of data
         batch = to_device(pad_and_collate(task, samples or [], batch_size), dist.device)
         valid = batch["valid"].cpu()
-        _append(local, module(batch, mode="eval"), valid)
+        _append(local, module.eval_outputs(batch), valid)
         batches += 1
     parts = gather_objects((local, reports))
     outputs = _merge([part[0] for part in parts])
@@ -172,8 +172,7 @@ def write_eval(run_dir: Path, tag: str, metrics: dict[str, float], task: Task, o
 
 @dataclasses.dataclass
 class LoadedRun:
-    module: Any  # TaskModel (model + heads), eval mode, on ``device``
-    task: Task
+    task: Task  # holding model + heads, eval mode, on ``device``
     recipe: Any
     checkpoint: Path
 
@@ -196,10 +195,10 @@ def load_for_eval(run_dir_or_tag: str | Path, dist: Dist | None = None, override
     recipe = load_recipe(run.saved_recipe(f"checkpoint {run_dir_or_tag}"),
                                     ["init_from=null", "init={}", "model.moe.ep_size=1", *(overrides or [])])
     tokenizer = load_tokenizer(recipe.data.tokenizer)
-    task = build_task(recipe, tokenizer, DistInfo(dist.rank, dist.world_size))
-    module = build_task_model(recipe, task, recipe.train.seed)
+    task = build_task_model(recipe, build_task(recipe, tokenizer, DistInfo(dist.rank, dist.world_size)),
+                            recipe.train.seed)
     state = merge_moe_checkpoint(folder)
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing, unexpected = task.load_state_dict(state, strict=False)
     check_keys(folder, missing, unexpected)  # a model scored on fresh weights is no result
-    module.to(device or dist.device).eval()
-    return LoadedRun(module, task, recipe, folder)
+    task.to(device or dist.device).eval()
+    return LoadedRun(task, recipe, folder)

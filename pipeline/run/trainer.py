@@ -78,15 +78,15 @@ class Trainer:
             run.ds_config_path.write_text(json.dumps(ds_config, indent=2))
         torch.manual_seed(recipe.train.seed)
         tokenizer = load_tokenizer(recipe.data.tokenizer)
-        task = build_task(recipe, tokenizer, DistInfo(dist.rank, dist.world_size, None))
+        task = build_task(recipe, tokenizer, DistInfo(dist.rank, dist.world_size))
         resuming = resume and run.latest() is not None
         # a resumed run's weights come from its checkpoint: no need for the init.vit/bert folders again
         build_recipe = dataclasses.replace(recipe, init=InitConfig()) if resuming else recipe
-        module = build_task_model(build_recipe, task, recipe.train.seed)
-        frozen = apply_freeze(module, recipe.freeze)
+        task = build_task_model(build_recipe, task, recipe.train.seed)  # model + heads: what DeepSpeed wraps
+        frozen = apply_freeze(task, recipe.freeze)
         if frozen:
             log.info("frozen %d parameters (%s)", len(frozen), ", ".join(recipe.freeze))
-        engine, _ = build_engine(module, recipe, ds_config)
+        engine, _ = build_engine(task, recipe, ds_config)
         torch.manual_seed(recipe.train.seed + 7919 * (dist.rank + 1))  # per-rank masking/negatives/noise
         state = RunState(world_size=dist.world_size)
         saved = checkpoint.resume(engine, run_dir, dist) if resume else None
@@ -324,10 +324,8 @@ def _dtype(ds_config: dict[str, Any]) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds_config)]
 
 
-def _train_flops_per_sample(recipe: Any) -> float | None:
-    """3 x forward FLOPs (forward + backward) of one sample, from the model's own accounting."""
-    try:
-        from pipeline.plan import forward_flops_per_sample
-    except ImportError:
-        return None
-    return 3.0 * forward_flops_per_sample(recipe)
+def _train_flops_per_sample(recipe: Any) -> float:
+    """Forward + backward FLOPs of one training sample (``pipeline.plan``, from the model's accounting)."""
+    from pipeline.plan import train_flops_per_sample
+
+    return train_flops_per_sample(recipe)

@@ -10,6 +10,7 @@ Shape letters: B batch, D hidden, C classes.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,10 +65,15 @@ class ClassificationTask(Task):
     fields = ("jpg", "cls", "json")
     manifest_tasks = ("classification",)
     vocab_files = ("classes.json",)
+    objectives = {"cls": 1.0}
+    headline = "top1"
 
-    def __init__(self, ctx: TaskContext):
-        super().__init__(ctx)
-        self.classes, self.class_index = training_classes(ctx, self.name)
+    @classmethod
+    def passes(cls, objectives: dict[str, float], options: Any) -> dict[str, int]:
+        return {"image": 1}
+
+    def setup(self) -> None:
+        self.classes, self.class_index = training_classes(self.ctx, self.name)
 
     def build_heads(self, model: nn.Module) -> nn.ModuleDict:
         d = self.ctx.model_cfg.hidden_size
@@ -81,17 +87,16 @@ class ClassificationTask(Task):
     def padding_sample(self) -> dict[str, Any]:
         return {"pixel_values": blank_image(self.ctx.image_size), "label": torch.tensor(0), "key": ""}
 
-    def _logits(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]):
-        out = model.encode_image(batch["pixel_values"])
-        return heads["classifier"](out.pooled).float(), out
+    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.heads["classifier"](self.model.encode_image(batch["pixel_values"]).pooled).float()
 
-    def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
-        logits, out = self._logits(model, heads, batch)
-        return cross_entropy_loss(logits, batch["label"], "cls", out.aux_loss, out.expert_counts)
+    def forward(self, batch: dict[str, Any]) -> LossOutput:
+        loss, terms = cross_entropy_loss(self.logits(batch), batch["label"], "cls")
+        return LossOutput(self.weights["cls"] * loss, terms)
 
     @torch.no_grad()
-    def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:
-        logits, _ = self._logits(model, heads, batch)
+    def eval_outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        logits = self.logits(batch)
         return {"logits": logits, "label": batch["label"].long(), "key": list(batch["key"])}
 
     def metrics(self, outputs: dict[str, Any]) -> dict[str, float]:
@@ -104,3 +109,8 @@ class ClassificationTask(Task):
         return [{"key": key, "top5": [{"class": self.classes[c], "score": round(s, 6)}
                                       for c, s in zip(idx, scores)]}
                 for key, idx, scores in zip(outputs["key"], top.indices.tolist(), top.values.tolist())]
+
+    def baseline(self, outputs: dict[str, Any], data_dir: Path) -> tuple[str, dict[str, float]]:
+        """Chance level: K / classes."""
+        c = outputs["logits"].shape[1]
+        return "chance", {"top1": 1 / c, "top5": min(5, c) / c}

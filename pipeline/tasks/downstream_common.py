@@ -1,7 +1,7 @@
-"""Pure helpers shared by the downstream tasks (VQA, retrieval, NLVR2, classification): fixed-shape image
-and text tensors, answer/class files, and summing the MoE outputs of several model calls.
+"""Pure helpers shared by the downstream tasks: fixed-shape image and text tensors, answer/class files,
+the single-label cross-entropy.
 
-Shape letters: N texts, L text length, H=W image size, E experts.
+Shape letters: N texts, L text length, H=W image size.
 """
 from __future__ import annotations
 
@@ -68,15 +68,6 @@ def read_json_file(data_dir: Path | None, name: str, key: str, task: str) -> lis
     return data[key]
 
 
-def sum_counts(*counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sum ``expert_counts`` dicts of several model calls (same keys add up)."""
-    total: dict[str, torch.Tensor] = {}
-    for c in counts:
-        for key, value in c.items():
-            total[key] = total[key] + value if key in total else value.clone()
-    return total
-
-
 def warn_if_unscored(metrics: dict[str, float], task: str) -> dict[str, float]:
     """Say so when no eval sample had a ground truth (``num_scored`` 0, no ``acc``): a test split."""
     if metrics.get("num_scored") == 0:
@@ -92,12 +83,10 @@ def sample_json(sample: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def cross_entropy_loss(logits: torch.Tensor, label: torch.Tensor, name: str, aux_loss: torch.Tensor,
-                       expert_counts: dict[str, torch.Tensor]) -> LossOutput:
-    """Cross-entropy of [B, C] logits against [B] labels, logged as ``{name}_ce`` and ``{name}_acc``, with the
-    model calls' MoE aux loss and expert counts (the single-label classifier tasks share it)."""
+def cross_entropy_loss(logits: torch.Tensor, label: torch.Tensor, name: str) -> LossOutput:
+    """Cross-entropy of [B, C] logits against [B] labels, logged as ``{name}_ce`` and ``{name}_acc`` (the
+    single-label classifier tasks share it)."""
     label = label.long()
     loss = F.cross_entropy(logits, label)
     acc = (logits.argmax(dim=1) == label).float().mean()
-    return LossOutput(loss=loss, terms={f"{name}_ce": loss.detach(), f"{name}_acc": acc.detach()},
-                      aux_loss=aux_loss, expert_counts=expert_counts)
+    return LossOutput(loss, {f"{name}_ce": loss.detach(), f"{name}_acc": acc.detach()})

@@ -10,13 +10,15 @@ Shape letters: B batch, A answers.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from pipeline.metrics.gqa import gqa_accuracy
+from pipeline.metrics.vqa import baseline_predictions, most_frequent_by_type
 from pipeline.tasks.base import LossOutput, SkipSample
+from pipeline.tasks.baselines import train_records
 from pipeline.tasks.downstream_common import cross_entropy_loss, warn_if_unscored
 from pipeline.tasks.vqa import VQATask
 
@@ -26,6 +28,7 @@ NO_LABEL = -1  # eval sample with an unknown or absent answer (never a cross-ent
 class GQATask(VQATask):
     name = "gqa"
     manifest_tasks = ("gqa",)
+    objectives = {"gqa": 1.0}
 
     def prepare_sample(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
         meta, inputs = self.question_inputs(sample)
@@ -43,13 +46,13 @@ class GQATask(VQATask):
         return {**self.blank_inputs(), "label": torch.tensor(0), "answer": "", "question_id": "",
                 "question_type": ""}
 
-    def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
-        logits, out = self._logits(model, heads, batch)
-        return cross_entropy_loss(logits, batch["label"], "gqa", out.aux_loss, out.expert_counts)
+    def forward(self, batch: dict[str, Any]) -> LossOutput:
+        loss, terms = cross_entropy_loss(self.logits(batch), batch["label"], "gqa")
+        return LossOutput(self.weights["gqa"] * loss, terms)
 
     @torch.no_grad()
-    def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:
-        logits, _ = self._logits(model, heads, batch)
+    def eval_outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        logits = self.logits(batch)
         return {"pred": logits.argmax(dim=1), "question_id": list(batch["question_id"]),
                 "answer": list(batch["answer"]), "question_type": list(batch["question_type"])}
 
@@ -60,3 +63,13 @@ class GQATask(VQATask):
     def predictions(self, outputs: dict[str, Any]) -> list[dict[str, str]]:
         return [{"questionId": str(q), "prediction": a}
                 for q, a in zip(outputs["question_id"], self.answer_strings(outputs))]
+
+    def baseline(self, outputs: dict[str, Any], data_dir: Path) -> tuple[str, dict[str, float]]:
+        """The most frequent train answer per question type, scored with exact match."""
+        records = train_records(data_dir)
+        if records is None:
+            return "q-type prior", {}
+        table, fallback = most_frequent_by_type(
+            (str(r.get("question_type") or ""), str(r["answer"])) for r in records if r.get("answer"))
+        preds = baseline_predictions(outputs["question_type"], table, fallback)
+        return "q-type prior", gqa_accuracy(preds, outputs["answer"], outputs["question_type"])

@@ -13,8 +13,9 @@ from torch import nn
 
 from pipeline.metrics.nlvr2 import nlvr2_metrics
 from pipeline.tasks.base import LossOutput, SkipSample, Task
-from pipeline.tasks.downstream_common import (cross_entropy_loss, blank_image, blank_text, image_tensor, sample_json,
-                                              sum_counts, tokenize)
+from pipeline.tasks.baselines import train_records
+from pipeline.tasks.downstream_common import (blank_image, blank_text, cross_entropy_loss, image_tensor, sample_json,
+                                              tokenize)
 
 
 def parse_label(value: Any) -> bool:
@@ -29,6 +30,12 @@ class NLVR2Task(Task):
     name = "nlvr2"
     fields = ("img0.jpg", "img1.jpg", "txt", "json")
     manifest_tasks = ("nlvr2",)
+    objectives = {"nlvr2": 1.0}
+    headline = "acc"
+
+    @classmethod
+    def passes(cls, objectives: dict[str, float], options: Any) -> dict[str, int]:
+        return {"fuse": 2}  # one per image of the pair
 
     def build_heads(self, model: nn.Module) -> nn.ModuleDict:
         d = self.ctx.model_cfg.hidden_size
@@ -52,19 +59,18 @@ class NLVR2Task(Task):
         return {"pixel_values0": blank_image(self.ctx.image_size), "pixel_values1": blank_image(self.ctx.image_size),
                 "input_ids": ids, "attention_mask": mask, "label": torch.tensor(0), "identifier": "pad-0-0-0"}
 
-    def _logits(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]):
-        out0 = model.fuse(batch["pixel_values0"], batch["input_ids"], batch["attention_mask"])
-        out1 = model.fuse(batch["pixel_values1"], batch["input_ids"], batch["attention_mask"])
-        logits = heads["nlvr2"](torch.cat([out0.pooled, out1.pooled], dim=-1)).float()
-        return logits, out0.aux_loss + out1.aux_loss, sum_counts(out0.expert_counts, out1.expert_counts)
+    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        out0 = self.model.fuse(batch["pixel_values0"], batch["input_ids"], batch["attention_mask"])
+        out1 = self.model.fuse(batch["pixel_values1"], batch["input_ids"], batch["attention_mask"])
+        return self.heads["nlvr2"](torch.cat([out0.pooled, out1.pooled], dim=-1)).float()
 
-    def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
-        logits, aux, counts = self._logits(model, heads, batch)
-        return cross_entropy_loss(logits, batch["label"], "nlvr2", aux, counts)
+    def forward(self, batch: dict[str, Any]) -> LossOutput:
+        loss, terms = cross_entropy_loss(self.logits(batch), batch["label"], "nlvr2")
+        return LossOutput(self.weights["nlvr2"] * loss, terms)
 
     @torch.no_grad()
-    def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:
-        logits, _, _ = self._logits(model, heads, batch)
+    def eval_outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        logits = self.logits(batch)
         return {"pred": logits.argmax(dim=1), "label": batch["label"].long(),
                 "identifier": list(batch["identifier"])}
 
@@ -72,6 +78,16 @@ class NLVR2Task(Task):
         preds = [bool(p) for p in torch.as_tensor(outputs["pred"]).tolist()]
         labels = [bool(y) for y in torch.as_tensor(outputs["label"]).tolist()]
         return nlvr2_metrics(preds, labels, list(outputs["identifier"]))
+
+    def baseline(self, outputs: dict[str, Any], data_dir: Path) -> tuple[str, dict[str, float]]:
+        """Always the majority train label."""
+        records = train_records(data_dir)
+        if records is None:
+            return "majority", {}
+        labels = [str(r.get("label")).lower() == "true" for r in records]
+        majority = sum(labels) * 2 >= len(labels)
+        truth = [bool(y) for y in outputs["label"].tolist()]
+        return "majority", nlvr2_metrics([majority] * len(truth), truth, outputs["identifier"])
 
     def predictions(self, outputs: dict[str, Any]) -> list[dict[str, str]]:
         """``[{"identifier", "prediction": "True"|"False"}]``, the rows of the submission CSV."""

@@ -5,6 +5,7 @@ sees the same masks. Shapes: B batch, L text length, H/W image side, D hidden, P
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -18,11 +19,31 @@ from pipeline.tasks.downstream_common import image_tensor
 
 EVAL_MASK_SEED = 1234
 CAPTION_MANIFESTS = ("pairs", "retrieval")  # data_prep folders whose txt is a caption (synth captions: pairs)
-MLM_PROB_OPTION = "mlm_prob"
+
+
+@dataclasses.dataclass
+class MLMOptions:
+    mlm_prob: float = dataclasses.field(default=0.15, metadata={
+        "help": "share of the real, non-special text tokens masked for MLM (BERT: 0.15)"})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mlm_prob < 1:
+            raise ValueError(f"mlm_prob must be in (0, 1), got {self.mlm_prob}")
+
+
+def vl_pretrain_passes(objectives: dict[str, float]) -> dict[str, int]:
+    """Model passes per sample of ``pipeline.objectives.pretrain.vl_pretrain_losses`` for the objectives with
+    a non-zero weight (ITC: image + text; ITM: image + text for its negatives' similarities, then 3 fused
+    pairs; MLM: 1 fused masked pair)."""
+    on = {name for name, weight in objectives.items() if weight}
+    passes = {"image": 1, "text": 1} if on & {"itc", "itm"} else {}
+    fuse = (3 if "itm" in on else 0) + (1 if "mlm" in on else 0)
+    return {**passes, "fuse": fuse} if fuse else passes
 
 
 class _TextMixin:
     ctx: TaskContext
+    options: MLMOptions
 
     def tokenize(self, text: str) -> dict[str, torch.Tensor]:
         enc = self.ctx.tokenizer(text, max_length=self.ctx.text_len, padding="max_length", truncation=True,
@@ -32,7 +53,7 @@ class _TextMixin:
     def mask(self, batch: dict[str, Any], generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         tok = self.ctx.tokenizer
         return mask_tokens(batch["input_ids"], batch["attention_mask"], tok.all_special_ids, tok.mask_token_id,
-                           len(tok), prob=float(self.ctx.options.get(MLM_PROB_OPTION, 0.15)),
+                           len(tok), prob=self.options.mlm_prob,
                            generator=generator)
 
     def eval_generator(self, device: torch.device) -> torch.Generator:
@@ -59,6 +80,12 @@ class TextMLMTask(_TextMixin, Task):
     name = "text_mlm"
     fields = ("txt",)
     manifest_tasks = CAPTION_MANIFESTS
+    Options = MLMOptions
+    objectives = {"mlm": 1.0}
+
+    @classmethod
+    def passes(cls, objectives: dict[str, float], options: Any) -> dict[str, int]:
+        return {"text": 1}
 
     def build_heads(self, model: nn.Module) -> nn.ModuleDict:
         return nn.ModuleDict({"mlm": MLMHead(model.token_embedding, model.cfg.layer_norm_eps)})
@@ -72,18 +99,17 @@ class TextMLMTask(_TextMixin, Task):
     def padding_sample(self) -> dict[str, Any]:
         return self.tokenize("")
 
-    def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
+    def forward(self, batch: dict[str, Any]) -> LossOutput:
         masked, labels = self.mask(batch, None)
-        out = model.encode_text(masked, batch["attention_mask"])
-        loss, acc = mlm_loss(heads["mlm"], out.hidden, labels)
-        return LossOutput(loss=loss, terms={"mlm": loss.detach(), "mlm_acc": acc}, aux_loss=out.aux_loss,
-                          expert_counts=out.expert_counts)
+        out = self.model.encode_text(masked, batch["attention_mask"])
+        loss, acc = mlm_loss(self.heads["mlm"], out.hidden, labels)
+        return LossOutput(self.weights["mlm"] * loss, {"mlm": loss.detach(), "mlm_acc": acc})
 
     @torch.no_grad()
-    def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:
+    def eval_outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         masked, labels = self.mask(batch, self.eval_generator(batch["input_ids"].device))
-        out = model.encode_text(masked, batch["attention_mask"])
-        return _mlm_per_sample(labels, out.hidden, heads["mlm"])
+        out = self.model.encode_text(masked, batch["attention_mask"])
+        return _mlm_per_sample(labels, out.hidden, self.heads["mlm"])
 
     def metrics(self, outputs: dict[str, Any]) -> dict[str, float]:
         return _mlm_metrics(outputs)
@@ -93,6 +119,12 @@ class VLPretrainTask(_TextMixin, Task):
     name = "vl_pretrain"
     fields = ("jpg", "txt")
     manifest_tasks = CAPTION_MANIFESTS
+    Options = MLMOptions
+    objectives = {"itc": 1.0, "itm": 1.0, "mlm": 1.0}
+
+    @classmethod
+    def passes(cls, objectives: dict[str, float], options: Any) -> dict[str, int]:
+        return vl_pretrain_passes(objectives)
 
     def build_heads(self, model: nn.Module) -> nn.ModuleDict:
         hidden = model.cfg.hidden_size
@@ -109,16 +141,16 @@ class VLPretrainTask(_TextMixin, Task):
         size = self.ctx.image_size
         return {"pixel_values": torch.zeros(3, size, size), **self.tokenize("")}
 
-    def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
-        batch = dict(batch)
-        if self.ctx.objectives.get("mlm", 0):
+    def forward(self, batch: dict[str, Any]) -> LossOutput:
+        batch, weights = dict(batch), self.weights
+        if weights["mlm"]:
             batch["mlm_input_ids"], batch["mlm_labels"] = self.mask(batch, None)
-        out = vl_pretrain_losses(model, heads, batch, self.ctx.objectives, group=self.ctx.dist.group)
-        return LossOutput(loss=out["loss"], terms=out["terms"], aux_loss=out["aux_loss"],
-                          expert_counts=out["expert_counts"])
+        out = vl_pretrain_losses(self.model, self.heads, batch, weights)
+        return LossOutput(out["loss"], out["terms"])
 
     @torch.no_grad()
-    def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:
+    def eval_outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        model, heads = self.model, self.heads
         pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
         image_bp, text_bp, scale = heads["itc"](model.encode_image(pixels).pooled,
                                                 model.encode_text(ids, mask).pooled)

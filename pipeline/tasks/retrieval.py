@@ -6,25 +6,28 @@ optionally re-ranking each query's top-k candidates with ITM (``itm_rerank``).
 Training samples: image + one caption drawn from its captions. Eval samples: image + its first
 ``captions_per_image`` captions, ``input_ids`` [K, L] with ``caption_valid`` [K] marking real ones.
 Shape letters: B batch, K captions per image, L text length, P projection dim, N images, T captions.
-Options (``task_options``): ``captions_per_image`` (5), ``keep_inputs`` (false; needed for re-ranking).
+Options (``task_options``): ``captions_per_image`` (5), ``itm_rerank`` (0: off; K re-ranks each query's
+top-K by ITM after the gathered outputs, which then keep the eval inputs).
 Predictions: each image's top-10 caption ids and each caption's top-10 image ids, with the shards' ids
 (``image_id``; caption ids from ``sentids`` when the shard has them, else ``<image_id>#<k>``).
 """
 from __future__ import annotations
 
+import dataclasses
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.metrics.retrieval import retrieval_recall
+from pipeline.metrics.retrieval import chance_recall, retrieval_recall
 from pipeline.model.heads import ITCHead, ITMHead
-from pipeline.objectives.pretrain import itc_loss, itm_batch, itm_loss
+from pipeline.objectives.pretrain import vl_pretrain_losses
 from pipeline.tasks.base import LossOutput, SkipSample, Task
-from pipeline.tasks.downstream_common import (blank_image, blank_text, image_tensor, sample_json, sum_counts,
-                                              tokenize)
+from pipeline.tasks.downstream_common import blank_image, blank_text, image_tensor, sample_json, tokenize
+from pipeline.tasks.pretrain import vl_pretrain_passes
 
 
 PREDICTION_TOP_K = 10
@@ -47,14 +50,34 @@ def flatten_captions(text_emb_bkp: torch.Tensor, caption_valid_bk: torch.Tensor
     return text_emb_bkp.reshape(n * k, -1)[valid], image_index
 
 
+@dataclasses.dataclass
+class RetrievalOptions:
+    captions_per_image: int = dataclasses.field(default=5, metadata={
+        "help": "captions per image at eval (the 5-captions protocol); fewer are padded, more dropped"})
+    itm_rerank: int = dataclasses.field(default=0, metadata={
+        "help": "re-rank each query's top-K dual-encoder candidates by ITM after evaluation (0 = off)"})
+
+    def __post_init__(self) -> None:
+        if self.captions_per_image < 1 or self.itm_rerank < 0:
+            raise ValueError(f"captions_per_image must be >= 1 and itm_rerank >= 0, got {self.captions_per_image} "
+                             f"and {self.itm_rerank}")
+
+
 class RetrievalTask(Task):
     name = "retrieval"
     fields = ("jpg", "txt", "json")
     manifest_tasks = ("retrieval",)
+    Options = RetrievalOptions
+    objectives = {"itc": 1.0, "itm": 1.0}
+    headline = "t2i_r5"
+
+    @classmethod
+    def passes(cls, objectives: dict[str, float], options: Any) -> dict[str, int]:
+        return vl_pretrain_passes(objectives)
 
     @property
     def captions_per_image(self) -> int:
-        return int(self.ctx.options.get("captions_per_image", 5))
+        return self.options.captions_per_image
 
     def build_heads(self, model: nn.Module) -> nn.ModuleDict:
         d = self.ctx.model_cfg.hidden_size
@@ -94,36 +117,22 @@ class RetrievalTask(Task):
         return {"pixel_values": blank_image(self.ctx.image_size), "input_ids": ids, "attention_mask": mask,
                 "caption_valid": torch.zeros(k, dtype=torch.bool), "image_id": "", "caption_ids": [""] * k}
 
-    def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
-        weights = self.ctx.objectives or {"itc": 1.0, "itm": 1.0}
-        pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
-        image_out, text_out = model.encode_image(pixels), model.encode_text(ids, mask)
-        itc = itc_loss(*heads["itc"](image_out.pooled, text_out.pooled), group=self.ctx.dist.group)
-        loss = weights.get("itc", 0.0) * itc.loss
-        aux = image_out.aux_loss + text_out.aux_loss
-        counts = sum_counts(image_out.expert_counts, text_out.expert_counts)
-        terms = {"itc": itc.loss.detach(), "itc_acc": itc.accuracy}
-        if weights.get("itm", 0.0):
-            pairs = itm_batch(pixels, ids, mask, itc, group=self.ctx.dist.group)
-            fused = model.fuse(*pairs[:3])
-            itm, acc = itm_loss(heads["itm"](fused.pooled), pairs[3])
-            loss = loss + weights["itm"] * itm
-            aux = aux + fused.aux_loss
-            counts = sum_counts(counts, fused.expert_counts)
-            terms.update(itm=itm.detach(), itm_acc=acc)
-        return LossOutput(loss=loss, terms=terms, aux_loss=aux, expert_counts=counts)
+    def forward(self, batch: dict[str, Any]) -> LossOutput:
+        """ITC and ITM with hard negatives, as in pretraining (without MLM)."""
+        out = vl_pretrain_losses(self.model, self.heads, batch, self.weights)
+        return LossOutput(out["loss"], out["terms"])
 
     @torch.no_grad()
-    def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:
+    def eval_outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
         b, k, length = ids.shape
-        image_emb = heads["itc"].embed_image(model.encode_image(pixels).pooled)
-        text_emb = heads["itc"].embed_text(model.encode_text(ids.reshape(b * k, length),
-                                                             mask.reshape(b * k, length)).pooled)
+        image_emb = self.heads["itc"].embed_image(self.model.encode_image(pixels).pooled)
+        text_emb = self.heads["itc"].embed_text(self.model.encode_text(ids.reshape(b * k, length),
+                                                                       mask.reshape(b * k, length)).pooled)
         out = {"image_emb": image_emb, "text_emb": text_emb.reshape(b, k, -1),
                "caption_valid": batch["caption_valid"].bool(), "image_id": list(batch["image_id"]),
                "caption_ids": list(batch["caption_ids"])}
-        if self.ctx.options.get("keep_inputs", False):
+        if self.options.itm_rerank:  # the re-rank fuses candidate pairs of the gathered split
             out.update(pixel_values=pixels, input_ids=ids, attention_mask=mask)
         return out
 
@@ -137,6 +146,16 @@ class RetrievalTask(Task):
         sim, text_image = self.similarity(outputs)
         return {**retrieval_recall(sim, text_image), "num_images": float(sim.shape[0]),
                 "num_captions": float(sim.shape[1])}
+
+    def baseline(self, outputs: dict[str, Any], data_dir: Path) -> tuple[str, dict[str, float]]:
+        """Chance level of R@K for the split's image and caption counts."""
+        return "chance", chance_recall(len(outputs["image_emb"]), self.captions_per_image)
+
+    def extra_metrics(self, outputs: dict[str, Any], batch_size: int, progress: Any = None) -> dict[str, float]:
+        """With ``itm_rerank`` K > 0: the ``itm_*`` recalls after re-ranking each query's top-K by ITM."""
+        if not self.options.itm_rerank:
+            return {}
+        return self.itm_rerank(outputs, self.options.itm_rerank, batch_size, progress)
 
     def predictions(self, outputs: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         """Ranked ids: ``{"image_to_text": [{"image_id", "caption_ids": top-10}], "text_to_image":
@@ -153,10 +172,10 @@ class RetrievalTask(Task):
                                   for t, row in enumerate(top_img)]}
 
     @torch.no_grad()
-    def itm_rerank(self, model: nn.Module, heads: nn.ModuleDict, outputs: dict[str, Any], top_k: int,
-                   batch_size: int, progress: Any = None) -> dict[str, float]:
+    def itm_rerank(self, outputs: dict[str, Any], top_k: int, batch_size: int,
+                   progress: Any = None) -> dict[str, float]:
         """Re-rank each query's top-k dual-encoder candidates by ITM (match logit margin + similarity),
-        VLMo/ALBEF style. Needs ``keep_inputs``. Every rank scores its share of the (identical) pair list
+        VLMo/ALBEF style. Needs the eval inputs in ``outputs`` (kept when ``itm_rerank`` > 0). Every rank scores its share of the (identical) pair list
         in batches of exactly ``batch_size`` (the MoE fixed-shape invariant) and all ranks gather all
         scores; candidates outside a query's top-k keep their rank order below every re-ranked one."""
         sim, text_image = self.similarity(outputs)
@@ -168,13 +187,14 @@ class RetrievalTask(Task):
         pairs.update((i, int(t)) for i in range(n_img) for t in top_txt[i])
         pairs.update((int(i), t) for t in range(n_txt) for i in top_img[:, t])
         pair_list = sorted(pairs)
-        scores = self._score_pairs(model, heads, outputs, pair_list, batch_size, progress)
+        scores = self._score_pairs(outputs, pair_list, batch_size, progress)
         reranked = sim - sim.max() + sim.min() - 1e4  # everything not re-ranked sits below, order kept
         for (i, t), s in zip(pair_list, scores.tolist()):
             reranked[i, t] = s + sim[i, t]
         return {f"itm_{k}": v for k, v in retrieval_recall(reranked, text_image).items()}
 
-    def _score_pairs(self, model, heads, outputs, pair_list, batch_size, progress) -> torch.Tensor:
+    def _score_pairs(self, outputs: dict[str, Any], pair_list: list[tuple[int, int]], batch_size: int,
+                     progress: Any) -> torch.Tensor:
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         pixels = outputs["pixel_values"]
         valid = outputs["caption_valid"].bool().reshape(-1)
@@ -189,7 +209,8 @@ class RetrievalTask(Task):
             chunk = mine[start:start + batch_size]
             img_idx = torch.tensor([p[0] for p in chunk])
             txt_idx = torch.tensor([p[1] for p in chunk])
-            logits = heads["itm"](model.fuse(pixels[img_idx], ids[txt_idx], mask[txt_idx]).pooled).float()
+            fused = self.model.fuse(pixels[img_idx], ids[txt_idx], mask[txt_idx])
+            logits = self.heads["itm"](fused.pooled).float()
             local.append(logits[:, 1] - logits[:, 0])
             if progress is not None:
                 progress.update(1)

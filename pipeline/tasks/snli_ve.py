@@ -10,13 +10,16 @@ Shape letters: B batch, D hidden, C classes.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline.metrics.classification import class_accuracy
-from pipeline.tasks.base import LossOutput, SkipSample, Task, TaskContext
+from pipeline.metrics.vqa import most_frequent_by_type
+from pipeline.tasks.base import LossOutput, SkipSample, Task
+from pipeline.tasks.baselines import train_records
 from pipeline.tasks.classification import sample_label, training_classes
 from pipeline.tasks.downstream_common import (blank_image, blank_text, cross_entropy_loss, image_tensor,
                                               sample_json, tokenize)
@@ -28,10 +31,11 @@ class SNLIVETask(Task):
     fields = ("jpg", "txt", "json")
     manifest_tasks = ("snli_ve",)
     vocab_files = ("classes.json",)
+    objectives = {"snli_ve": 1.0}
+    headline = "acc"
 
-    def __init__(self, ctx: TaskContext):
-        super().__init__(ctx)
-        self.classes, self.class_index = training_classes(ctx, self.name)
+    def setup(self) -> None:
+        self.classes, self.class_index = training_classes(self.ctx, self.name)
 
     def build_heads(self, model: nn.Module) -> nn.ModuleDict:
         return nn.ModuleDict({"snli_ve": vqa_head(self.ctx.model_cfg.hidden_size, len(self.classes))})
@@ -52,17 +56,17 @@ class SNLIVETask(Task):
         return {"pixel_values": blank_image(self.ctx.image_size), "input_ids": ids, "attention_mask": mask,
                 "label": torch.tensor(0), "pair_id": ""}
 
-    def _logits(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]):
-        out = model.fuse(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-        return heads["snli_ve"](out.pooled).float(), out
+    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        out = self.model.fuse(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        return self.heads["snli_ve"](out.pooled).float()
 
-    def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
-        logits, out = self._logits(model, heads, batch)
-        return cross_entropy_loss(logits, batch["label"], "snli_ve", out.aux_loss, out.expert_counts)
+    def forward(self, batch: dict[str, Any]) -> LossOutput:
+        loss, terms = cross_entropy_loss(self.logits(batch), batch["label"], "snli_ve")
+        return LossOutput(self.weights["snli_ve"] * loss, terms)
 
     @torch.no_grad()
-    def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:
-        logits, _ = self._logits(model, heads, batch)
+    def eval_outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        logits = self.logits(batch)
         return {"pred": logits.argmax(dim=1), "label": batch["label"].long(), "pair_id": list(batch["pair_id"])}
 
     def metrics(self, outputs: dict[str, Any]) -> dict[str, float]:
@@ -73,3 +77,13 @@ class SNLIVETask(Task):
     def predictions(self, outputs: dict[str, Any]) -> list[dict[str, str]]:
         return [{"pair_id": pair, "prediction": self.classes[int(p)]}
                 for pair, p in zip(outputs["pair_id"], torch.as_tensor(outputs["pred"]).tolist())]
+
+    def baseline(self, outputs: dict[str, Any], data_dir: Path) -> tuple[str, dict[str, float]]:
+        """Always the majority train label (by label name, mapped to the task's classes)."""
+        records = train_records(data_dir)
+        if records is None:
+            return "majority", {}
+        _, majority = most_frequent_by_type(("", str(r.get("label_name"))) for r in records)
+        labels = [int(y) for y in outputs["label"].tolist()]
+        pred = self.class_index.get(majority, -1)
+        return "majority", class_accuracy([pred] * len(labels), labels, self.classes)

@@ -9,16 +9,21 @@ Shape letters: B batch, L text length, D hidden, A answers.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.metrics.vqa import vqa_accuracy
-from pipeline.tasks.base import LossOutput, SkipSample, Task, TaskContext
+from pipeline.metrics.vqa import baseline_predictions, question_type_baseline, vqa_accuracy
+from pipeline.tasks.base import LossOutput, SkipSample, Task
+from pipeline.tasks.baselines import train_records
 from pipeline.tasks.downstream_common import (blank_image, blank_text, image_tensor, read_json_file,
                                               sample_json, tokenize, warn_if_unscored)
+
+
+HEAD = "vqa"  # the classifier's key in ``heads`` (also GQA's: checkpoints name it heads.vqa.*)
 
 
 def vqa_head(hidden: int, num_answers: int) -> nn.Module:
@@ -42,14 +47,15 @@ class VQATask(Task):
     fields = ("jpg", "txt", "json")
     manifest_tasks = ("vqa",)
     vocab_files = ("answers.json",)
+    objectives = {"vqa": 1.0}
+    headline = "acc"
 
-    def __init__(self, ctx: TaskContext):
-        super().__init__(ctx)
-        self.answers: list[str] = read_json_file(ctx.data_dir, "answers.json", "answers", self.name)
+    def setup(self) -> None:
+        self.answers: list[str] = read_json_file(self.ctx.data_dir, "answers.json", "answers", self.name)
         self.answer_index = {a: i for i, a in enumerate(self.answers)}
 
     def build_heads(self, model: nn.Module) -> nn.ModuleDict:
-        return nn.ModuleDict({"vqa": vqa_head(self.ctx.model_cfg.hidden_size, len(self.answers))})
+        return nn.ModuleDict({HEAD: vqa_head(self.ctx.model_cfg.hidden_size, len(self.answers))})
 
     def question_inputs(self, sample: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """(the sample's json, {pixel_values, input_ids, attention_mask} of image + question)."""
@@ -79,22 +85,22 @@ class VQATask(Task):
         return {**self.blank_inputs(), "targets": torch.zeros(len(self.answers)), "question_id": -1,
                 "answers": [], "answer_type": "padding", "question_type": "padding"}
 
-    def _logits(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]):
-        out = model.fuse(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-        return heads["vqa"](out.pooled).float(), out
+    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """[B, A] answer logits of one fused pass (image + question)."""
+        out = self.model.fuse(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        return self.heads[HEAD](out.pooled).float()
 
-    def training_loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> LossOutput:
-        logits, out = self._logits(model, heads, batch)
+    def forward(self, batch: dict[str, Any]) -> LossOutput:
+        logits = self.logits(batch)
         targets = batch["targets"].float()
         # VLMo: mean BCE over B x A, times A (= sum over answers, mean over questions)
         bce = F.binary_cross_entropy_with_logits(logits, targets) * targets.shape[1]
         score = targets.gather(1, logits.argmax(dim=1, keepdim=True)).mean()
-        return LossOutput(loss=bce, terms={"vqa_bce": bce.detach(), "vqa_score": score.detach()},
-                          aux_loss=out.aux_loss, expert_counts=out.expert_counts)
+        return LossOutput(self.weights["vqa"] * bce, {"vqa_bce": bce.detach(), "vqa_score": score.detach()})
 
     @torch.no_grad()
-    def eval_outputs(self, model: nn.Module, heads: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:
-        logits, _ = self._logits(model, heads, batch)
+    def eval_outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        logits = self.logits(batch)
         return {"pred": logits.argmax(dim=1), "question_id": list(batch["question_id"]),
                 "answers": list(batch["answers"]), "answer_type": list(batch["answer_type"]),
                 "question_type": list(batch["question_type"])}
@@ -109,3 +115,14 @@ class VQATask(Task):
     def predictions(self, outputs: dict[str, Any]) -> list[dict[str, Any]]:
         return [{"question_id": int(q), "answer": a}
                 for q, a in zip(outputs["question_id"], self.answer_strings(outputs))]
+
+    def baseline(self, outputs: dict[str, Any], data_dir: Path) -> tuple[str, dict[str, float]]:
+        """The question-only baseline: the most frequent train answer per question type (train split of the
+        same data folder), scored with the official accuracy on the evaluated questions."""
+        records = train_records(data_dir)
+        if records is None:
+            return "q-type prior", {}
+        table, fallback = question_type_baseline(
+            (str(r.get("question_type", "unknown")), r.get("answers") or []) for r in records)
+        preds = baseline_predictions(outputs["question_type"], table, fallback)
+        return "q-type prior", vqa_accuracy(preds, outputs["answers"], outputs["answer_type"])
