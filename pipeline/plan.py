@@ -9,7 +9,7 @@ Exit status 2 with the reasons on stderr when the settings are impossible or an 
 (``--skip-input-checks`` sizes a config whose data is not on this machine). Memory figures are estimates:
 model states via DeepSpeed's ZeRO-2 estimator formula (dense params partitioned over all ranks, expert
 params over their expert-data-parallel group), activations via 34*N*D + 5*heads*N^2 bytes per layer per
-sample (Korthikanti et al. 2022, half precision, no recomputation).
+sample and model pass (Korthikanti et al. 2022, half precision, no recomputation).
 """
 from __future__ import annotations
 
@@ -22,24 +22,32 @@ from typing import Any
 
 from pipeline.config_utils import ConfigError
 
-TASK_MODES = {"text_mlm": "text", "vl_pretrain": "vl_pretrain"}  # everything else: one fused pass
 GIB = 1024**3
+TRAIN_FLOPS_PER_FORWARD = 3.0  # forward + backward (twice the forward's matmuls)
 
 
-def forward_flops_per_sample(recipe: Any) -> float:
-    """Forward FLOPs of one training sample of ``recipe.task`` (accounting reports forward + backward)."""
-    return size_of(recipe).flops_per_sample / 3.0
+def task_passes(recipe: Any) -> dict[str, int]:
+    """Model passes per training sample of ``recipe``'s task for its objectives and options."""
+    from pipeline.tasks import get_task_class
+
+    task_class = get_task_class(recipe.task)
+    return task_class.passes(task_class.resolve_objectives(recipe.objectives),
+                             task_class.parse_options(recipe.task_options))
+
+
+def train_flops_per_sample(recipe: Any, size: Any = None) -> float:
+    """Forward + backward FLOPs of one training sample (``size``: ``size_of(recipe)`` when known)."""
+    return TRAIN_FLOPS_PER_FORWARD * (size or size_of(recipe)).forward_flops_per_sample
 
 
 def size_of(recipe: Any, model_cfg: Any = None) -> Any:
     """Sizes of ``recipe``'s model (or of ``model_cfg``, e.g. its dense baseline) for its task's samples."""
     model_cfg = model_cfg or recipe.model
-    from pipeline.model.accounting import count_parameters, vl_pretrain_passes
+    from pipeline.model.accounting import count_parameters
 
     image_size = recipe.data.image_size if "image" in model_cfg.modalities else None
-    passes = vl_pretrain_passes(recipe.objectives) if recipe.task == "vl_pretrain" else None
     return count_parameters(model_cfg, image_size=image_size, text_len=recipe.data.text_len,
-                            mode=TASK_MODES.get(recipe.task, "fuse"), passes=passes)
+                            passes=task_passes(recipe))
 
 
 def dense_baseline(model_cfg: Any) -> Any:
@@ -71,15 +79,14 @@ def model_state_bytes(dense: int, experts: int, ep_size: int, world: int, stage:
     return {"dense": per_rank(dense, world), "experts": per_rank(local_experts, world // ep_size)}
 
 
-def activation_bytes(recipe: Any, mode: str) -> float:
+def activation_bytes(recipe: Any, passes: dict[str, int]) -> float:
+    """Activation bytes per rank of one micro-batch through ``passes`` ({"image" | "text" | "fuse": count})."""
     model_cfg = recipe.model
-    tokens = (1 + model_cfg.num_patches if "image" in model_cfg.modalities else 0) + recipe.data.text_len
-    if mode == "text":
-        tokens = recipe.data.text_len
-    passes = 6 if mode == "vl_pretrain" else 1  # ITC image + text, ITM 3 pairs, MLM 1 pair (~fused size)
+    image_tokens = 1 + model_cfg.num_patches if "image" in model_cfg.modalities else 0
+    tokens = {"image": image_tokens, "text": recipe.data.text_len, "fuse": image_tokens + recipe.data.text_len}
     d, heads = model_cfg.hidden_size, model_cfg.num_heads
-    per_layer = 34 * tokens * d + 5 * heads * tokens**2
-    return float(per_layer * model_cfg.num_layers * recipe.batch.micro_batch_size * passes)
+    per_layer = sum(count * (34 * tokens[kind] * d + 5 * heads * tokens[kind] ** 2) for kind, count in passes.items())
+    return float(per_layer * model_cfg.num_layers * recipe.batch.micro_batch_size)
 
 
 def make_plan(recipe: Any, engine: dict[str, Any], world_size: int) -> dict[str, Any]:
@@ -93,7 +100,8 @@ def make_plan(recipe: Any, engine: dict[str, Any], world_size: int) -> dict[str,
     offload = engine.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
     states = model_state_bytes(size.total_params - size.expert_params, size.expert_params,
                                model_cfg.moe.ep_size, world_size, stage, prec, offload)
-    acts = activation_bytes(recipe, TASK_MODES.get(recipe.task, "fuse"))
+    acts = activation_bytes(recipe, task_passes(recipe))
+    train_flops = train_flops_per_sample(recipe, size)
     return {
         "task": recipe.task, "world_size": world_size, "ep_size": model_cfg.moe.ep_size, "zero_stage": stage,
         "precision": prec, "cpu_offload": offload, "moe_layers": model_cfg.moe_layers,
@@ -104,8 +112,8 @@ def make_plan(recipe: Any, engine: dict[str, Any], world_size: int) -> dict[str,
         "dense_baseline_active_params_per_token": dense.active_params_per_token,
         "active_vs_dense": size.active_params_per_token / dense.active_params_per_token,
         "total_vs_dense": size.total_params / dense.total_params,
-        "train_flops_per_sample": size.flops_per_sample,
-        "train_flops_per_step": size.flops_per_sample * ds_config["train_batch_size"],
+        "train_flops_per_sample": train_flops,
+        "train_flops_per_step": train_flops * ds_config["train_batch_size"],
         "params_per_rank": (size.total_params - size.expert_params) + size.expert_params / model_cfg.moe.ep_size,
         "model_states_gib_per_rank": (states["dense"] + states["experts"]) / GIB,
         "activations_gib_per_rank_est": acts / GIB,

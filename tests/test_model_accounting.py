@@ -1,14 +1,15 @@
-"""Size accounting on the meta device and the pre-launch parallelism checks."""
+"""Size accounting on the meta device: parameters and forward FLOPs of given model passes."""
 import dataclasses
 import time
 
 import pytest
 
 from pipeline.model import ModelConfig, MoEConfig, VLMoE
-from pipeline.model.accounting import build_meta_model, check_parallelism, count_parameters
+from pipeline.model.accounting import build_meta_model, count_parameters
 
 BASE = dict(hidden_size=768, num_layers=12, num_heads=12, image_size=224, patch_size=16, vocab_size=30522,
             max_text_len=40, num_fusion_layers=2)
+IMAGE = {"image": 1}  # one image-only pass
 
 
 def test_base_moe_vs_dense_baseline():
@@ -19,7 +20,7 @@ def test_base_moe_vs_dense_baseline():
     assert abs(sparse.active_params_per_token / dense.active_params_per_token - 1) < 0.05
     assert sparse.total_params > 5 * dense.total_params
     assert sparse.expert_params > 0.8 * sparse.total_params and dense.expert_params == 0
-    assert abs(sparse.flops_per_sample / dense.flops_per_sample - 1) < 0.05
+    assert abs(sparse.forward_flops_per_sample / dense.forward_flops_per_sample - 1) < 0.05
 
 
 def test_total_matches_real_model_and_ep_is_ignored():
@@ -35,38 +36,28 @@ def test_dense_flops_by_hand():
                       vocab_size=50, max_text_len=8, num_fusion_layers=0, moe=MoEConfig(every=0))
     d, f, n = 32, 128, 5  # image pass: 4 patches + CLS
     per_block = 2 * n * d * 4 * d + 4 * n * n * d + 2 * n * 2 * d * f
-    expected = 3 * (2 * 4 * 3 * 8 * 8 * d + 2 * per_block)
-    assert count_parameters(cfg, mode="image").flops_per_sample == expected
-    more = count_parameters(cfg, image_size=32, mode="image")  # bigger images cost more
-    assert more.flops_per_sample > expected
-
-
-@pytest.mark.parametrize("moe,zero,world,match", [
-    (dict(num_experts=4), 3, 2, "ZeRO-3"),
-    (dict(num_experts=4, ep_size=4), 2, 6, "not divisible by moe.ep_size"),
-])
-def test_check_parallelism_rejects(moe, zero, world, match):
-    with pytest.raises(ValueError, match=match):
-        check_parallelism(ModelConfig(moe=MoEConfig(**moe)), zero, world)
-
-
-def test_check_parallelism_accepts():
-    check_parallelism(ModelConfig(moe=MoEConfig(num_experts=4, ep_size=2)), 2, 4)
-    check_parallelism(ModelConfig(moe=MoEConfig(every=0)), 3, 3)  # dense model: ZeRO-3 fine
-    cfg = ModelConfig(moe=MoEConfig(num_experts=4, ep_size=2))
-    with pytest.raises(ValueError, match="num_experts"):
-        check_parallelism(dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=3)), 2, 2)
+    expected = 2 * 4 * 3 * 8 * 8 * d + 2 * per_block  # the forward pass only (training's 3x is the plan's)
+    assert count_parameters(cfg, passes=IMAGE).forward_flops_per_sample == expected
+    assert count_parameters(cfg, passes={"image": 2}).forward_flops_per_sample == 2 * expected
+    more = count_parameters(cfg, image_size=32, passes=IMAGE)  # bigger images cost more
+    assert more.forward_flops_per_sample > expected
+    with pytest.raises(ValueError, match=r"unknown pass kind\(s\) \['vl_pretrain'\]"):
+        count_parameters(cfg, passes={"vl_pretrain": 1})
 
 
 def test_vl_pretrain_flops_follow_the_objectives():
-    from pipeline.model.accounting import PASSES, vl_pretrain_passes
+    from pipeline.tasks.pretrain import VLPretrainTask
     cfg = ModelConfig(moe=MoEConfig(every=0))
-    assert vl_pretrain_passes({"itc": 1, "itm": 1, "mlm": 1}) == PASSES["vl_pretrain"]
-    assert vl_pretrain_passes({"itc": 1, "itm": 0, "mlm": 1}) == {"image": 1, "text": 1, "fuse": 1}
-    assert vl_pretrain_passes({"mlm": 1}) == {"fuse": 1}
-    full = count_parameters(cfg, mode="vl_pretrain").flops_per_sample
-    no_itm = count_parameters(cfg, passes=vl_pretrain_passes({"itc": 1, "mlm": 1})).flops_per_sample
-    fuse = count_parameters(cfg, mode="fuse").flops_per_sample
+
+    def passes(objectives):
+        return VLPretrainTask.passes(VLPretrainTask.resolve_objectives(objectives), VLPretrainTask.Options())
+
+    assert passes({}) == {"image": 1, "text": 1, "fuse": 4}  # ITC image + text, ITM 3 fused pairs, MLM 1
+    assert passes({"itc": 1, "itm": 0, "mlm": 1}) == {"image": 1, "text": 1, "fuse": 1}
+    assert passes({"mlm": 1}) == {"fuse": 1}
+    full = count_parameters(cfg, passes=passes({})).forward_flops_per_sample
+    no_itm = count_parameters(cfg, passes=passes({"itc": 1, "mlm": 1})).forward_flops_per_sample
+    fuse = count_parameters(cfg).forward_flops_per_sample  # default: one fused pass
     assert full - no_itm == pytest.approx(3 * fuse)
 
 
@@ -77,14 +68,14 @@ def test_conv_stem_flops_by_hand():
     # 16x16 -> 3x3 stride-2 convs 3->32 (8x8), 32->32 (4x4, capped at D), then 1x1 32->32 on 16 patches
     stem_flops = 2 * 8 * 8 * 3 * 32 * 9 + 2 * 4 * 4 * 32 * 32 * 9 + 2 * 16 * 32 * 32
     linear_flops = 2 * 16 * 3 * 4 * 4 * 32
-    diff = count_parameters(stem, mode="image").flops_per_sample \
-        - count_parameters(linear, mode="image").flops_per_sample
-    assert diff == 3 * (stem_flops - linear_flops)
+    diff = count_parameters(stem, passes=IMAGE).forward_flops_per_sample \
+        - count_parameters(linear, passes=IMAGE).forward_flops_per_sample
+    assert diff == stem_flops - linear_flops
     # coordinate planes: 2 more input channels in the first conv of either embedding
     coords = ModelConfig(**kw, coord_channels=True)
     stem_coords = ModelConfig(**kw, patch_embed="conv_stem", coord_channels=True)
-    assert count_parameters(coords, mode="image").flops_per_sample \
-        - count_parameters(linear, mode="image").flops_per_sample == 3 * 2 * 16 * 2 * 4 * 4 * 32
-    assert count_parameters(stem_coords, mode="image").flops_per_sample \
-        - count_parameters(stem, mode="image").flops_per_sample == 3 * 2 * 8 * 8 * 2 * 32 * 9
+    assert count_parameters(coords, passes=IMAGE).forward_flops_per_sample \
+        - count_parameters(linear, passes=IMAGE).forward_flops_per_sample == 2 * 16 * 2 * 4 * 4 * 32
+    assert count_parameters(stem_coords, passes=IMAGE).forward_flops_per_sample \
+        - count_parameters(stem, passes=IMAGE).forward_flops_per_sample == 2 * 8 * 8 * 2 * 32 * 9
     assert count_parameters(coords).total_params - count_parameters(linear).total_params == 2 * 4 * 4 * 32

@@ -1,10 +1,10 @@
-"""Model size accounting for the planner and MFU: parameters (total, active per token), FLOPs per sample,
-and the parallelism checks DeepSpeed-MoE needs. Nothing here allocates real weights.
+"""Model size accounting for the planner and MFU: parameters (total, active per token) and forward FLOPs
+per sample for given model passes. Nothing here allocates real weights.
 
 Shapes: N tokens in one pass, P image patches, L text length, D hidden, F FFN width, E experts, k top-k.
 
-    acc = count_parameters(cfg, image_size=224, text_len=40)          # meta-device model, instant
-    acc.total_params, acc.active_params_per_token, acc.flops_per_sample
+    acc = count_parameters(cfg, image_size=224, text_len=40, passes={"image": 1, "text": 1, "fuse": 4})
+    acc.total_params, acc.active_params_per_token, acc.forward_flops_per_sample   # meta-device model, instant
 
 Definitions
 - total_params: every parameter of the model with all E experts of every MoE FFN (global, not per rank).
@@ -12,8 +12,9 @@ Definitions
 - active_params_per_token: parameters a token of one modality touches in its own pass (that modality's
   embedding, shared attention and norms, its FFN per block: dense MLP, or router + k experts (+ the
   residual MLP)), averaged over modalities. Heads are not part of the model and not counted.
-- flops_per_sample: forward + backward (3x forward) matmul FLOPs (2 per multiply-add) of the passes of one
-  training sample; MoE FFNs cost k expert MLPs per token (capacity padding and dropping ignored).
+- forward_flops_per_sample: forward matmul FLOPs (2 per multiply-add) of the passes of one sample
+  (``passes``: {"image" | "text" | "fuse": count}, what the task runs per sample); MoE FFNs cost k expert
+  MLPs per token (capacity padding and dropping ignored).
 """
 from __future__ import annotations
 
@@ -26,21 +27,7 @@ from torch import nn
 from pipeline.model.config import ModelConfig
 from pipeline.model.embeddings import patch_embed_flops
 
-#: model passes per sample for each mode. vl_pretrain = pipeline.objectives.pretrain.vl_pretrain_losses
-#: with ITC+ITM+MLM: encode_image + encode_text (ITC), 3 fused pairs (ITM), 1 fused masked pair (MLM).
-PASSES: dict[str, dict[str, int]] = {
-    "vl_pretrain": {"image": 1, "text": 1, "fuse": 4},
-    "image": {"image": 1}, "text": {"text": 1}, "fuse": {"fuse": 1},
-}
-
-
-def vl_pretrain_passes(objectives: dict[str, float]) -> dict[str, int]:
-    """Passes of one vl_pretrain sample for the objectives with a non-zero weight (ITC: image + text;
-    ITM: image + text for its negatives' similarities, then 3 fused pairs; MLM: 1 fused masked pair)."""
-    on = {name for name, weight in objectives.items() if weight}
-    passes = {"image": 1, "text": 1} if on & {"itc", "itm"} else {}
-    fuse = (3 if "itm" in on else 0) + (1 if "mlm" in on else 0)
-    return {**passes, "fuse": fuse} if fuse else passes
+ONE_FUSED_PASS = {"fuse": 1}
 
 
 @dataclasses.dataclass
@@ -48,7 +35,7 @@ class ModelSize:
     total_params: int
     expert_params: int
     active_params_per_token: int
-    flops_per_sample: float
+    forward_flops_per_sample: float
     active_params_by_modality: dict[str, int]
 
 
@@ -126,13 +113,14 @@ def _ffn_weight_params(ffn: nn.Module) -> list[torch.Tensor]:
 
 
 def count_parameters(cfg: ModelConfig, image_size: int | None = None, text_len: int | None = None,
-                     mode: str = "vl_pretrain", model: nn.Module | None = None,
-                     passes: dict[str, int] | None = None) -> ModelSize:
-    """Sizes of ``cfg`` (built on the meta device unless ``model`` is given) for samples of
-    ``image_size`` x ``image_size`` images (positions interpolated when it differs from cfg.image_size) and ``text_len`` tokens (defaults: cfg.image_size,
-    cfg.max_text_len) in ``mode`` (a key of PASSES), or with explicit ``passes`` ({kind: count})."""
-    if passes is None and mode not in PASSES:
-        raise ValueError(f"mode {mode!r}: valid modes are {sorted(PASSES)}")
+                     passes: dict[str, int] | None = None, model: nn.Module | None = None) -> ModelSize:
+    """Sizes of ``cfg`` (built on the meta device unless ``model`` is given) for samples of ``image_size`` x
+    ``image_size`` images (positions interpolated when it differs from cfg.image_size) and ``text_len`` tokens
+    (defaults: cfg.image_size, cfg.max_text_len) run through ``passes`` ({kind: count}; default one fused pass)."""
+    passes = ONE_FUSED_PASS if passes is None else passes
+    unknown = sorted(set(passes) - {"image", "text", "fuse"})
+    if unknown:
+        raise ValueError(f"passes: unknown pass kind(s) {unknown}; valid kinds are ['fuse', 'image', 'text']")
     image_size = image_size or cfg.image_size
     if image_size % cfg.patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {cfg.patch_size}")
@@ -143,23 +131,9 @@ def count_parameters(cfg: ModelConfig, image_size: int | None = None, text_len: 
     active = _active_by_modality(model)
     tokens = {"image": 1 + (image_size // cfg.patch_size) ** 2, "text": text_len or cfg.max_text_len}
     forward = 0.0
-    for kind, count in (passes if passes is not None else PASSES[mode]).items():
+    for kind, count in passes.items():
         present = [m for m in cfg.modalities if m in tokens] if kind == "fuse" else [kind]
         forward += count * _pass_flops(model, {m: tokens[m] for m in present})
     return ModelSize(total_params=total, expert_params=experts,
                      active_params_per_token=round(sum(active.values()) / len(active)),
-                     flops_per_sample=3.0 * forward, active_params_by_modality=active)
-
-
-def check_parallelism(model_cfg: ModelConfig, zero_stage: int, world_size: int) -> None:
-    """Reject settings DeepSpeed-MoE cannot run (before launch, with the reason)."""
-    moe = model_cfg.moe
-    has_moe = bool(model_cfg.moe_layers)
-    if has_moe and zero_stage >= 3:
-        raise ValueError(f"ZeRO stage {zero_stage} with MoE layers {model_cfg.moe_layers}: DeepSpeed's native "
-                         "MoE does not support ZeRO-3; use zero_optimization.stage 0, 1 or 2")
-    if moe.num_experts % moe.ep_size:
-        raise ValueError(f"moe.num_experts={moe.num_experts} is not divisible by moe.ep_size={moe.ep_size}")
-    if world_size % moe.ep_size:
-        raise ValueError(f"world size {world_size} is not divisible by moe.ep_size={moe.ep_size} "
-                         "(expert-parallel groups are consecutive ranks)")
+                     forward_flops_per_sample=forward, active_params_by_modality=active)
