@@ -2,8 +2,8 @@
 
     python -m launch.demo_report --demo-dir runs/demo
 
-Reads the JSON files ``pipeline.evaluate`` wrote (``DEMO/eval/vqa.json``, ``DEMO/eval/retrieval.json``)
-and writes ``DEMO/metrics.json``:
+Reads the JSON files ``pipeline.evaluate`` wrote (``DEMO/eval/vqa.json``, ``DEMO/eval/retrieval.json``),
+leads each task's entry with its task class's ``headline`` metric and writes ``DEMO/metrics.json``:
 ``{"vqa": {"accuracy", "baseline", ...}, "retrieval": {"t2i_r1", "t2i_r5", ..., "baseline_t2i_r5"}, ...}``.
 Exits non-zero if an evaluation file is missing.
 """
@@ -14,11 +14,18 @@ import json
 import sys
 from pathlib import Path
 
-# task -> (eval file stem, metric shown as the headline, its key in metrics.json)
-HEADLINES = {
-    "vqa": ("vqa", "acc", "accuracy"),
-    "retrieval": ("retrieval", "t2i_r5", "t2i_r5"),
-}
+DEMO_EVALS = ("vqa", "retrieval")  # the files launch/demo.sh has pipeline.evaluate write (DEMO/eval/<stem>.json)
+ALIASES = {"acc": "accuracy"}  # a headline metric's key in metrics.json when it differs from the metric's
+
+
+def headline_of(eval_result: dict, path: Path) -> str:
+    """The headline metric of the task that ``path`` (a ``pipeline.evaluate`` result) evaluated."""
+    from pipeline.tasks import get_task_class
+
+    headline = get_task_class(eval_result["task"]).headline
+    if headline is None:
+        raise ValueError(f"{path}: task {eval_result['task']!r} has no headline metric (no evaluation of its own)")
+    return headline
 
 
 def summarize(eval_result: dict, headline: str, alias: str) -> dict[str, float]:
@@ -37,11 +44,13 @@ def summarize(eval_result: dict, headline: str, alias: str) -> dict[str, float]:
 
 def build_report(demo_dir: Path) -> dict[str, dict]:
     report = {}
-    for task, (stem, headline, alias) in HEADLINES.items():
+    for stem in DEMO_EVALS:
         path = demo_dir / "eval" / f"{stem}.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; run `make demo` (or pipeline.evaluate) first")
-        report[task] = summarize(json.loads(path.read_text()), headline, alias)
+        result = json.loads(path.read_text())
+        headline = headline_of(result, path)
+        report[result["task"]] = summarize(result, headline, ALIASES.get(headline, headline))
     return report
 
 
