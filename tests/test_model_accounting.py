@@ -1,5 +1,4 @@
 """Size accounting on the meta device: parameters and forward FLOPs of given model passes."""
-import dataclasses
 import time
 
 import pytest
