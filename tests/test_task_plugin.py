@@ -133,3 +133,18 @@ def test_a_task_defined_in_a_test_trains_evaluates_and_reports_its_baseline(tmp_
     assert 0 < result["metrics"]["mae"] < 10 and set(result["baseline"]["metrics"]) == {"mae", "mse"}
     assert result["baseline"]["name"] == "constant" and result["baseline"]["metrics"]["mae"] > 0
     assert "constant" in proc.stdout and "mae" in proc.stdout
+
+
+def test_evaluate_accepts_tasks_with_a_headline_only(capsys):
+    from pipeline.evaluate import parse_args
+
+    base = ["--checkpoint", "run", "--data", "data"]
+    assert parse_args([*base, "--task", TASK]).task == TASK
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--task", "vl_pretrain"])
+    err = capsys.readouterr().err
+    listed = err[err.index("choose a task that evaluates: "):]
+    assert "'vqa'" in listed and "'retrieval'" in listed and "pretrain" not in listed and "text_mlm" not in listed
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--task", TASK, "--set", "model.hidden_size=8"])
+    assert "expected task_options.KEY=VALUE" in capsys.readouterr().err
