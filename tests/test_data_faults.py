@@ -190,7 +190,7 @@ def test_source_with_empty_shards_is_an_error_not_an_idle_loop(tmp_path):
 
 # ---------------------------------------------------------------------------------- evaluation
 class EchoModule(torch.nn.Module):
-    def forward(self, batch, mode):
+    def eval_outputs(self, batch):
         return {"idx": batch["idx"]}
 
 

@@ -27,20 +27,26 @@ def test_modes_shapes_and_counts():
     torch.manual_seed(0)
     model = VLMoE(tiny())
     pixels, ids, mask = inputs()
-    img, txt, joint = model.encode_image(pixels), model.encode_text(ids, mask), model.fuse(pixels, ids, mask)
+    stats = model.moe_stats
+    img, img_aux = model.encode_image(pixels), stats.aux_loss()
+    stats.reset()
+    txt = model.encode_text(ids, mask)
+    txt_counts, txt_aux = dict(stats.routed), stats.aux_loss()
+    stats.reset()
+    joint = model.fuse(pixels, ids, mask)
+    joint_counts, joint_aux = dict(stats.routed), stats.aux_loss()
     assert isinstance(img, EncoderOutput)
     assert img.hidden.shape == (3, 5, 32) and img.num_image_tokens == 5 and img.cls.shape == (3, 32)
     assert txt.hidden.shape == (3, 8, 32) and txt.num_image_tokens == 0
     assert joint.hidden.shape == (3, 13, 32) and joint.spans == {"image": (0, 5), "text": (5, 13)}
     # MoE blocks 1 and 3; block 3 is the fusion block: the joint pass uses the shared VL-FFN there.
-    assert set(joint.expert_counts) == {"layer1/image", "layer1/text", "layer3/vl",
-                                        "layer1/image/kept", "layer1/text/kept", "layer3/vl/kept"}
-    assert set(txt.expert_counts) == {"layer1/text", "layer3/text", "layer1/text/kept", "layer3/text/kept"}
+    assert set(joint_counts) == set(stats.kept) == {"layer1/image", "layer1/text", "layer3/vl"}
+    assert set(txt_counts) == {"layer1/text", "layer3/text"}
     # top-1 with used_token: padding is never routed
-    assert int(txt.expert_counts["layer1/text"].sum()) == int(mask.sum())
-    assert int(joint.expert_counts["layer3/vl"].sum()) == 3 * 5 + int(mask.sum())
-    for out in (img, txt, joint):
-        assert torch.isfinite(out.hidden).all() and out.aux_loss.dim() == 0 and out.aux_loss > 0
+    assert int(txt_counts["layer1/text"].sum()) == int(mask.sum())
+    assert int(joint_counts["layer3/vl"].sum()) == 3 * 5 + int(mask.sum())
+    for out, aux in ((img, img_aux), (txt, txt_aux), (joint, joint_aux)):
+        assert torch.isfinite(out.hidden).all() and aux.dim() == 0 and aux > 0
 
 
 def test_padding_does_not_change_real_tokens():
@@ -70,15 +76,15 @@ def test_causal_text_ignores_future_tokens():
 def test_shared_routing_uses_one_pool():
     model = VLMoE(tiny(routing="shared"))
     pixels, ids, mask = inputs()
-    joint = model.fuse(pixels, ids, mask)
-    assert set(joint.expert_counts) == {"layer1/shared", "layer3/shared", "layer1/shared/kept", "layer3/shared/kept"}
+    model.fuse(pixels, ids, mask)
+    assert set(model.moe_stats.routed) == set(model.moe_stats.kept) == {"layer1/shared", "layer3/shared"}
     assert "shared" in dict(model.blocks[1].ffn.named_children())
 
 
 def test_dense_baseline_has_no_moe():
     model = VLMoE(tiny(every=0))
-    out = model.fuse(*inputs())
-    assert out.expert_counts == {} and float(out.aux_loss) == 0.0
+    model.fuse(*inputs())
+    assert model.moe_stats.routed == {} and float(model.moe_stats.aux_loss()) == 0.0
     assert not model.sparse_ffns()
 
 
@@ -101,9 +107,9 @@ def test_config_validation_and_from_dict():
 def test_kept_counts_show_capacity_drops():
     torch.manual_seed(0)
     model = VLMoE(tiny(capacity_factor=0.25, min_capacity=1))
-    out = model.encode_image(torch.randn(4, 3, 16, 16))
+    model.encode_image(torch.randn(4, 3, 16, 16))
     for key in ("layer1/image", "layer3/image"):
-        routed, kept = out.expert_counts[key], out.expert_counts[f"{key}/kept"]
+        routed, kept = model.moe_stats.routed[key], model.moe_stats.kept[key]
         assert (kept <= routed).all() and kept.sum() < routed.sum()
 
 
@@ -132,10 +138,11 @@ def test_other_image_sizes_interpolate_positions():
 
 def test_dense_vl_ffn_option():
     model = VLMoE(tiny(sparse_vl_ffn=False))
-    joint = model.fuse(*inputs())
-    assert set(joint.expert_counts) == {"layer1/image", "layer1/text", "layer1/image/kept", "layer1/text/kept"}
+    model.fuse(*inputs())
+    assert set(model.moe_stats.routed) == {"layer1/image", "layer1/text"}
     # layer 3 fuses through a dense VL-FFN
-    assert "layer3/text" in model.encode_text(*inputs()[1:]).expert_counts
+    model.encode_text(*inputs()[1:])
+    assert "layer3/text" in model.moe_stats.routed
 
 
 def test_mean_pooling_averages_valid_tokens_only():

@@ -10,6 +10,7 @@ def make_checkpoint(run, step, complete=True):
     folder = run / "checkpoints" / RunDir.tag_for(step)
     folder.mkdir(parents=True)
     (folder / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (folder / "resolved_recipe.yaml").write_text("task: vqa\n")  # every checkpoint holds the recipe's copy
     if complete:
         (folder / "COMPLETE").write_text(f"{step}\n")
     return folder

@@ -35,15 +35,6 @@ class MoEStats:
             count = count.detach().long()
             store[key] = store[key] + count if key in store else count
 
-    def merge(self, other: "MoEStats") -> None:
-        """Add ``other``'s records (one model pass) to these."""
-        if other._aux is not None:
-            self._aux = other._aux if self._aux is None else self._aux + other._aux
-        self.calls += other.calls
-        for mine, theirs in ((self.routed, other.routed), (self.kept, other.kept)):
-            for key, count in theirs.items():
-                mine[key] = mine[key] + count if key in mine else count
-
     def aux_loss(self, device: torch.device | None = None) -> torch.Tensor:
         """Sum of the aux losses recorded since the reset (a 0 scalar when no MoE call was made)."""
         if self._aux is None:

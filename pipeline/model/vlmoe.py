@@ -6,7 +6,7 @@ Shapes: B batch, N joint tokens, D hidden, E experts, C/H/W image, L text length
     out = model.encode_image(pixels_bchw)        # image tower only
     out = model.encode_text(ids_bl, mask_bl)     # text tower only (causal=True for generation)
     out = model.fuse(pixels_bchw, ids_bl, mask_bl)  # joint sequence: image tokens, then text tokens
-    loss = task_loss + cfg.moe.aux_loss_coef * out.aux_loss
+    model.moe_stats.reset(); ...passes...; aux = model.moe_stats.aux_loss()   # MoE aux loss, routed/kept counts
 
 The generic entry is ``encode({modality: inputs})``; modalities are encoded in ``cfg.modalities`` order.
 """
@@ -54,10 +54,6 @@ class EncoderOutput:
     hidden: torch.Tensor  # [B, N, D] final (normed) hidden states, modalities in cfg order
     cls: torch.Tensor  # [B, D] first token of the sequence (image CLS, or text [CLS] without image)
     num_image_tokens: int  # image tokens at the start of ``hidden`` (0 without image)
-    aux_loss: torch.Tensor  # scalar: sum of l_aux over every MoE call (0 without MoE)
-    expert_counts: dict[str, torch.Tensor]  # "layer{L}/{ffn key}" -> [E] tokens routed per expert
-    #   (router choices of this rank's tokens, padding excluded for top-1, before capacity dropping) and
-    #   "layer{L}/{ffn key}/kept" -> [E] routes kept within capacity (same tokens)
     token_mask: torch.Tensor  # [B, N] bool, False for padding
     spans: dict[str, tuple[int, int]]  # modality -> [start, end) in ``hidden``
     pooled: torch.Tensor  # [B, D] what heads read: ``cls``, or the mean of valid tokens (cfg.pooling)
@@ -126,19 +122,15 @@ class VLMoE(nn.Module):
         batch = x_bnd.shape[0]
         valid_bn = valid_tokens(segments, batch, x_bnd.device)  # once per pass: attention, MoE, pooling
         mask_b1nn = attention_mask(segments, valid_bn, batch, causal, x_bnd.device)
-        call = MoEStats()
         for block in self.blocks:
-            x_bnd = block(x_bnd, segments, valid_bn, mask_b1nn, call)
-        self.moe_stats.merge(call)
+            x_bnd = block(x_bnd, segments, valid_bn, mask_b1nn, self.moe_stats)
         hidden = self.norm(x_bnd)
-        aux = call.aux_loss(hidden.device)
-        counts = {**call.routed, **{f"{key}/kept": kept for key, kept in call.kept.items()}}
         token_mask = valid_bn if valid_bn is not None else \
             torch.ones(batch, x_bnd.shape[1], dtype=torch.bool, device=hidden.device)
         spans = {s.modality: (s.start, s.end) for s in segments}
         num_image = spans["image"][1] - spans["image"][0] if "image" in spans else 0
         pooled = hidden[:, 0] if self.cfg.pooling == "cls" else masked_mean(hidden, token_mask)
-        return EncoderOutput(hidden, hidden[:, 0], num_image, aux, counts, token_mask, spans, pooled)
+        return EncoderOutput(hidden, hidden[:, 0], num_image, token_mask, spans, pooled)
 
     def encode_image(self, pixel_values: torch.Tensor) -> EncoderOutput:
         return self.encode({"image": (pixel_values,)})

@@ -27,7 +27,7 @@ from pipeline.run.run_dir import RunDir
 log = logging.getLogger(__name__)
 
 RUN_STATE = "run_state.json"
-HEADS_PREFIX = "heads."  # TaskModel's task heads: the only tensors init_from may lack or leave unused
+HEADS_PREFIX = "heads."  # a Task's heads (pipeline.tasks.base): the only tensors init_from may lack or leave unused
 
 
 def rng_file(folder: Path, rank: int) -> Path:

@@ -148,9 +148,10 @@ class RunDir:
 
     @classmethod
     def _split(cls, path: Path) -> tuple[RunDir, str | None]:
-        """(run, tag named in ``path`` or None). A folder that holds a run's files is a run, whatever its name."""
+        """(run, tag named in ``path`` or None). ``RUN/checkpoints/TAG`` is a checkpoint (it holds a copy of
+        the recipe); elsewhere a folder that holds a run's files is a run, whatever its name."""
         holds_a_run = (path / CHECKPOINTS).is_dir() or (path / RECIPE).is_file()
-        if TAG_RE.match(path.name) and not holds_a_run:
+        if TAG_RE.match(path.name) and (not holds_a_run or path.parent.name == CHECKPOINTS):
             parent = path.parent
             return cls(parent.parent if parent.name == CHECKPOINTS else parent), path.name
         if path.name == CHECKPOINTS and not holds_a_run:

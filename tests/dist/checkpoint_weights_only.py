@@ -25,7 +25,7 @@ D = 16
 
 
 class Tasked(nn.Module):
-    """Model + heads, named as TaskModel names them."""
+    """Model + heads, named as a Task (pipeline.tasks.base) names them."""
 
     def __init__(self, head: str, extra_body: bool = False):
         super().__init__()

@@ -38,8 +38,9 @@ class Pretrainer(nn.Module):
         self.aux_coef = cfg.moe.aux_loss_coef
 
     def forward(self, data):
+        self.model.moe_stats.reset()
         out = vl_pretrain_losses(self.model, self.heads, data, WEIGHTS)
-        return out["loss"] + self.aux_coef * out["aux_loss"], out
+        return out["loss"] + self.aux_coef * self.model.moe_stats.aux_loss(), out
 
 
 def engine_for(variant: dict):
