@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from pipeline.run.build import build_task, build_task_model, load_tokenizer
+from pipeline.run.build import build_model, build_task, load_tokenizer
 from pipeline.run.checkpoint import rng_state, set_rng_state
 from pipeline.run.checkpoint_merge import EXPERT_KEY, check_keys, expert_key, merge_moe_checkpoint, safe_load
 from pipeline.config_utils import ConfigError
@@ -68,8 +68,8 @@ def vqa_run(tmp_path, synth_data):
             f"data.eval={{path: {synth_data.vqa}, split: val}}", f"data.tokenizer={synth_data.tokenizer}",
             *TINY_MODEL_SETS, "model.moe.ep_size=1"]
     recipe = load_recipe(REPO / "launch/recipes/vqa.yaml", sets)
-    task = build_task(recipe, load_tokenizer(recipe.data.tokenizer), DistInfo(0, 1))
-    state = build_task_model(recipe, task, 0).state_dict()
+    task = build_task(recipe, load_tokenizer(recipe.data.tokenizer), DistInfo(0, 1), build_model(recipe, 0))
+    state = task.state_dict()
     run = tmp_path / "run"
     folder = run / "checkpoints" / "step_000001"
     folder.mkdir(parents=True)

@@ -69,7 +69,8 @@ def test_shipped_ds_configs_hold_engine_settings_only():
 
 
 @pytest.mark.parametrize("engine,message", [
-    ({"zero_optimization": {"stage": "two"}}, r"zero_optimization\.stage must be one of the integers 0, 1, 2, 3, got 'two'"),
+    ({"zero_optimization": {"stage": "two"}},
+     r"zero_optimization\.stage must be one of the integers 0, 1, 2, 3, got 'two'"),
     ({"zero_optimization": {"stage": 4}}, r"zero_optimization\.stage .* got 4"),
     ({"zero_optimization": {"stage": True}}, r"zero_optimization\.stage .* got True"),
     ({"zero_optimization": 2}, r"zero_optimization must be an object, got 2"),

@@ -1,5 +1,5 @@
 """The recipe's ``init:`` section: parsed and checked with the recipe (not with init_from), every folder /
-type / size mismatch named before launch by pipeline.run.preflight, applied by build_task_model, and a
+type / size mismatch named before launch by pipeline.run.preflight, applied by build_model, and a
 2-rank EP=2 run through the real launcher whose experts all start as copies of the ViT FFN."""
 import pytest
 import torch
@@ -7,13 +7,12 @@ import yaml
 from safetensors.torch import load_file
 from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
-from pipeline.run.build import build_task, build_task_model, load_tokenizer
+from pipeline.run.build import build_model
 from pipeline.run.checkpoint_merge import merge_moe_checkpoint
 from pipeline.config_utils import ConfigError
 from pipeline.model.init_recipe import check_init
 from pipeline.run.preflight import check_run_inputs
 from pipeline.recipe import recipe_from_dict
-from pipeline.tasks import DistInfo
 from tests.launcher import REPO
 from tests.train_helpers import log_lines, run, train_cmd
 
@@ -103,14 +102,13 @@ def test_preflight_reports_init_and_build_applies_it(synth_data, tmp_path, vit_d
     assert [p for p in check_run_inputs(bad) if p.startswith("init.vit=")], check_run_inputs(bad)
     good = recipe({"vit": str(vit_dir)}, {**MODEL, "moe": {"num_experts": 2}}, data)
     assert check_run_inputs(good) == []
-    task = build_task(good, load_tokenizer(good.data.tokenizer), DistInfo(0, 1))
-    model = build_task_model(good, task, seed=0).model
+    model = build_model(good, seed=0)
     vit = load_file(vit_dir / "model.safetensors")
     assert torch.equal(model.embeddings["image"].patch.weight, vit["embeddings.patch_embeddings.projection.weight"])
     experts = model.blocks[1].ffn["text"].experts
     assert all(torch.equal(e.fc2.weight, vit["encoder.layer.1.output.dense.weight"]) for e in experts)
     with pytest.raises(ConfigError, match=r"init.vit=.*vit: ViT .* num_hidden_layers=2"):
-        build_task_model(bad, build_task(bad, load_tokenizer(bad.data.tokenizer), DistInfo(0, 1)), seed=0)
+        build_model(bad, seed=0)
 
 
 @pytest.mark.slow

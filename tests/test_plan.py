@@ -11,8 +11,9 @@ import pytest
 from pipeline.plan import main as plan_main
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = ["--recipe", str(REPO / "launch/recipes/vl_pretrain.yaml"), "--skip-input-checks", "--set", "model.num_layers=12",
-        "--set", "model.hidden_size=768", "--set", "model.num_heads=12", "--set", "model.moe.num_experts=32",
+BASE = ["--recipe", str(REPO / "launch/recipes/vl_pretrain.yaml"), "--skip-input-checks",
+        "--set", "model.num_layers=12", "--set", "model.hidden_size=768", "--set", "model.num_heads=12",
+        "--set", "model.moe.num_experts=32",
         "--set", "model.moe.every=2", "--set", "model.image_size=224", "--set", "model.patch_size=16",
         "--set", "data.image_size=224", "--set", "model.max_text_len=40", "--set", "data.text_len=40",
         "--set", "model.vocab_size=30522", "--set", "model.num_fusion_layers=2"]
@@ -90,7 +91,8 @@ def test_input_problems_and_an_impossible_engine_are_listed_together(tmp_path, c
     problem in one message, so a launch is fixed in one go rather than one error per attempt."""
     code = plan_main(["--recipe", str(REPO / "launch/recipes/vl_pretrain.yaml"),
                       "--ds-config", str(REPO / "ds_configs/zero3_bf16.json"), "--world-size", "2",
-                      "--set", f"data.train=[{{path: {tmp_path / 'missing'}, split: train}}]", "--set", "data.eval=null",
+                      "--set", f"data.train=[{{path: {tmp_path / 'missing'}, split: train}}]",
+                      "--set", "data.eval=null",
                       "--set", f"data.tokenizer={tmp_path / 'no_tokenizer'}"])
     err = capsys.readouterr().err
     assert code == 2 and "vl_pretrain.yaml: 3 problem(s)" in err, err

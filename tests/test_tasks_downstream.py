@@ -26,7 +26,8 @@ def tokenizer(tmp_path_factory):
 def model():
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, image_size=SIZE, patch_size=8, vocab_size=32,
-                      max_text_len=L, num_fusion_layers=1, moe=MoEConfig(num_experts=2, every=2, min_capacity=1, use_rts=False))
+                      max_text_len=L, num_fusion_layers=1,
+                      moe=MoEConfig(num_experts=2, every=2, min_capacity=1, use_rts=False))
     return VLMoE(cfg)
 
 

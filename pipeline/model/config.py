@@ -87,7 +87,8 @@ class ModelConfig:
         "help": "top blocks using one shared VL-FFN when image and text are fused (VLMo: 2 of 12)"})
     modalities: list[str] = field(default_factory=lambda: list(KNOWN_MODALITIES), metadata={
         "help": "modalities with their own embedding and FFNs, in MoE call order"})
-    image_size: int = field(default=64, metadata={"help": "image side the position embeddings are learned for (other sizes interpolate them)"})
+    image_size: int = field(default=64, metadata={
+        "help": "image side the position embeddings are learned for (other sizes interpolate them)"})
     patch_size: int = field(default=8, metadata={"help": "image patch side"})
     patch_embed: Literal["linear", "conv_stem"] = field(default="linear", metadata={
         "help": "linear = one patch_size x patch_size conv (ViT); conv_stem = log2(patch_size) 3x3 stride-2 "

@@ -6,7 +6,7 @@
       upcycle: true                       # MoE experts start as copies of the ViT FFN (routers fresh)
 
     problems = check_init(recipe)   # before launch (pipeline.run.preflight): folders, types, sizes
-    apply_init(model, recipe.init)             # at build (pipeline.run.build.build_task_model), every rank
+    apply_init(model, recipe.init)             # at build (pipeline.run.build.build_model), every rank
 
 Only reads files: the same weights on every rank, and each EP rank fills its own local experts.
 """

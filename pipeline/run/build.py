@@ -26,8 +26,9 @@ def load_tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def build_task(recipe: Any, tokenizer: Any, dist: DistInfo) -> Task:
-    """The recipe's task without a model: it prepares samples (loaders); ``build_task_model`` adds the model."""
+def build_task(recipe: Any, tokenizer: Any, dist: DistInfo, model: nn.Module | None = None) -> Task:
+    """The recipe's task holding ``model`` (``build_model``) and its heads: what DeepSpeed wraps. Without a
+    model it only prepares samples (data loaders, benchmarks)."""
     if len(tokenizer) > recipe.model.vocab_size:
         raise ConfigError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's "
                           f"{len(tokenizer)} tokens: set model.vocab_size >= {len(tokenizer)}")
@@ -45,12 +46,12 @@ def build_task(recipe: Any, tokenizer: Any, dist: DistInfo) -> Task:
                       image_size=recipe.data.image_size, data_dir=data_dir,
                       objectives=task_class.resolve_objectives(recipe.objectives), dist=dist,
                       options=task_class.parse_options(recipe.task_options))
-    return task_class(ctx)
+    return task_class(ctx, model)
 
 
-def build_task_model(recipe: Any, task: Task, seed: int) -> Task:
-    """``task`` with a model (from-scratch init, then ``recipe.init``'s pretrained weights when set) and its
-    heads. Identical dense weights on every rank; each EP rank draws (or upcycles) its own experts."""
+def build_model(recipe: Any, seed: int) -> nn.Module:
+    """The recipe's model: from-scratch init, then ``recipe.init``'s pretrained weights when set. Identical
+    dense weights on every rank; each EP rank draws (or upcycles) its own experts."""
     from pipeline.model import VLMoE
     from pipeline.model.init_recipe import apply_init
 
@@ -58,7 +59,7 @@ def build_task_model(recipe: Any, task: Task, seed: int) -> Task:
     model = VLMoE(recipe.model)
     if recipe.init.active:
         apply_init(model, recipe.init)
-    return type(task)(task.ctx, model)
+    return model
 
 
 def apply_freeze(module: nn.Module, patterns: list[str]) -> list[str]:

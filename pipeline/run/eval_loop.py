@@ -183,7 +183,7 @@ def load_for_eval(run_dir_or_tag: str | Path, dist: Dist | None = None, override
     DeepSpeed: dense weights from ``mp_rank_00_model_states.pt`` and every expert from its per-expert
     file, so any world size (including 1 process) can evaluate. ``overrides`` are ``--set`` items
     applied to the saved recipe (e.g. ``data.eval.path=...``). Expert parallelism is set to 1."""
-    from pipeline.run.build import build_task, build_task_model, load_tokenizer
+    from pipeline.run.build import build_model, build_task, load_tokenizer
     from pipeline.run.checkpoint_merge import check_keys, merge_moe_checkpoint
     from pipeline.run.distributed import single_process
     from pipeline.recipe import load_recipe
@@ -193,10 +193,9 @@ def load_for_eval(run_dir_or_tag: str | Path, dist: Dist | None = None, override
     run, tag = RunDir.resolve(run_dir_or_tag)
     folder = run.checkpoint(tag)
     recipe = load_recipe(run.saved_recipe(f"checkpoint {run_dir_or_tag}"),
-                                    ["init_from=null", "init={}", "model.moe.ep_size=1", *(overrides or [])])
-    tokenizer = load_tokenizer(recipe.data.tokenizer)
-    task = build_task_model(recipe, build_task(recipe, tokenizer, DistInfo(dist.rank, dist.world_size)),
-                            recipe.train.seed)
+                         ["init_from=null", "init={}", "model.moe.ep_size=1", *(overrides or [])])
+    task = build_task(recipe, load_tokenizer(recipe.data.tokenizer), DistInfo(dist.rank, dist.world_size),
+                      build_model(recipe, recipe.train.seed))
     state = merge_moe_checkpoint(folder)
     missing, unexpected = task.load_state_dict(state, strict=False)
     check_keys(folder, missing, unexpected)  # a model scored on fresh weights is no result

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from pipeline.run import checkpoint
-from pipeline.run.build import apply_freeze, build_engine, build_task, build_task_model, load_tokenizer
+from pipeline.run.build import apply_freeze, build_engine, build_model, build_task, load_tokenizer
 from pipeline.data.loader import build_eval_loader, build_train_loader, strip_meta
 from pipeline.run.distributed import Dist, all_reduce_max, all_reduce_sum, barrier, watch_launcher
 from pipeline.run.ds_config import build_ds_config, load_engine_json, precision, zero_stage
@@ -78,11 +78,11 @@ class Trainer:
             run.ds_config_path.write_text(json.dumps(ds_config, indent=2))
         torch.manual_seed(recipe.train.seed)
         tokenizer = load_tokenizer(recipe.data.tokenizer)
-        task = build_task(recipe, tokenizer, DistInfo(dist.rank, dist.world_size))
         resuming = resume and run.latest() is not None
         # a resumed run's weights come from its checkpoint: no need for the init.vit/bert folders again
         build_recipe = dataclasses.replace(recipe, init=InitConfig()) if resuming else recipe
-        task = build_task_model(build_recipe, task, recipe.train.seed)  # model + heads: what DeepSpeed wraps
+        task = build_task(recipe, tokenizer, DistInfo(dist.rank, dist.world_size),
+                          build_model(build_recipe, recipe.train.seed))  # model + heads: what DeepSpeed wraps
         frozen = apply_freeze(task, recipe.freeze)
         if frozen:
             log.info("frozen %d parameters (%s)", len(frozen), ", ".join(recipe.freeze))

@@ -175,9 +175,10 @@ class RetrievalTask(Task):
     def itm_rerank(self, outputs: dict[str, Any], top_k: int, batch_size: int,
                    progress: Any = None) -> dict[str, float]:
         """Re-rank each query's top-k dual-encoder candidates by ITM (match logit margin + similarity),
-        VLMo/ALBEF style. Needs the eval inputs in ``outputs`` (kept when ``itm_rerank`` > 0). Every rank scores its share of the (identical) pair list
-        in batches of exactly ``batch_size`` (the MoE fixed-shape invariant) and all ranks gather all
-        scores; candidates outside a query's top-k keep their rank order below every re-ranked one."""
+        VLMo/ALBEF style. Needs the eval inputs in ``outputs`` (kept when ``itm_rerank`` > 0). Every rank
+        scores its share of the (identical) pair list in batches of exactly ``batch_size`` (the MoE
+        fixed-shape invariant) and all ranks gather all scores; candidates outside a query's top-k keep
+        their rank order below every re-ranked one."""
         sim, text_image = self.similarity(outputs)
         n_img, n_txt = sim.shape
         k_i2t, k_t2i = min(top_k, n_txt), min(top_k, n_img)
