@@ -4,8 +4,8 @@ Unit tests (one process tree of small Python stand-ins, seconds): pipeline.launc
 signals for the launcher, asks the ranks, kills what outlives the grace period, orphans included;
 pipeline.run.distributed.watch_launcher stops a rank whose launcher died; DataLoader workers survive them.
 Launcher tests (real deepspeed, 2 CPU ranks): a group-wide SIGUSR1 during a checkpoint save, SLURM's SIGTERM
-to every process of the job step (launch/slurm.sbatch under a fake srun/scontrol: requeue, then resume at the same data position), and
-SIGTERM to a bare `deepspeed` runner. Each run must end with every process gone.
+to every process of the job step (launch/slurm.sbatch under a fake srun/scontrol: requeue, then resume at
+the same data position), and SIGTERM to a bare `deepspeed` runner. Each run must end with every process gone.
 """
 import json
 import os
