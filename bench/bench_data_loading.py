@@ -108,7 +108,7 @@ def loader_rate(folder: Path, tokenizer: Path, image_size: int, workers: int, ba
 
     torch.set_num_threads(1)
     recipe, task = build(folder, tokenizer, image_size, workers, ["data.shuffle_buffer=100"])
-    iterator = iter(build_train_loader(recipe.data, task, MICRO_BATCH, 0, 1, seed=0))
+    iterator = iter(build_train_loader(recipe.data, task, MICRO_BATCH, 0, seed=0))
     first = time.perf_counter()
     next(iterator)
     start = time.perf_counter()

@@ -151,7 +151,7 @@ def test_verify_checksums_refuses_a_changed_shard_before_reading_it(tmp_path):
 def test_training_source_whose_only_shard_is_lost_stops_within_seconds(tmp_path, damage):
     src = with_sizes(make_source(tmp_path / "s", "s", shards=1, per_shard=8))
     cfg = data_cfg(SourceConfig(str(src)), workers=1)
-    loader = build_train_loader(cfg, IdTask(None), 4, rank=0, world_size=1, seed=0)  # plan checks passed
+    loader = build_train_loader(cfg, IdTask(None), 4, rank=0, seed=0)  # plan checks passed
     shard = src / "train-000000.tar"
     if damage == "deleted":
         shard.unlink()
@@ -174,7 +174,7 @@ def test_a_process_whose_loader_failed_exits_instead_of_waiting_for_its_workers(
     (src / "train-000000.tar").unlink()
     script = (f"from tests.test_data_loading import IdTask, data_cfg\nfrom pipeline.recipe import SourceConfig\n"
               f"from pipeline.data.loader import build_train_loader\nbatches = iter(build_train_loader(data_cfg("
-              f"SourceConfig({str(src)!r}), workers=1), IdTask(None), 4, rank=0, world_size=1, seed=0))\n"
+              f"SourceConfig({str(src)!r}), workers=1), IdTask(None), 4, rank=0, seed=0))\n"
               "next(batches)\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=launcher_env(), capture_output=True,
                           text=True, timeout=120)
@@ -185,7 +185,7 @@ def test_source_with_empty_shards_is_an_error_not_an_idle_loop(tmp_path):
     src = make_source(tmp_path / "s", "s", shards=1, per_shard=0)  # a valid tar holding nothing
     cfg = data_cfg(SourceConfig(str(src)))
     with deadline(60), pytest.raises(DataFailure, match="shard_empty x 1000"):
-        next(iter(build_train_loader(cfg, IdTask(None), 4, rank=0, world_size=1, seed=0)))
+        next(iter(build_train_loader(cfg, IdTask(None), 4, rank=0, seed=0)))
 
 
 # ---------------------------------------------------------------------------------- evaluation

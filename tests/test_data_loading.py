@@ -84,10 +84,10 @@ def test_train_batches_fixed_shape_seeded_and_distinct_per_rank(tmp_path):
     src = make_source(tmp_path / "a", "a", shards=3, per_shard=10)
     cfg = data_cfg(SourceConfig(str(src)), workers=2)
     task = IdTask(None)
-    run1 = take(build_train_loader(cfg, task, 4, rank=0, world_size=2, seed=7), 6)
-    run2 = take(build_train_loader(cfg, task, 4, rank=0, world_size=2, seed=7), 6)
-    other_rank = take(build_train_loader(cfg, task, 4, rank=1, world_size=2, seed=7), 6)
-    other_seed = take(build_train_loader(cfg, task, 4, rank=0, world_size=2, seed=8), 6)
+    run1 = take(build_train_loader(cfg, task, 4, rank=0, seed=7), 6)
+    run2 = take(build_train_loader(cfg, task, 4, rank=0, seed=7), 6)
+    other_rank = take(build_train_loader(cfg, task, 4, rank=1, seed=7), 6)
+    other_seed = take(build_train_loader(cfg, task, 4, rank=0, seed=8), 6)
     assert all(b["image"].shape == (4, 16, 3) and b["idx"].shape == (4,) for b in run1)
     ids = lambda batches: [b["idx"].tolist() for b in batches]  # noqa: E731
     assert ids(run1) == ids(run2)
@@ -99,7 +99,7 @@ def test_weighted_mixing_follows_weights(tmp_path):
     a = make_source(tmp_path / "a", "a", shards=2, per_shard=20)
     b = make_source(tmp_path / "b", "b", shards=2, per_shard=20)
     cfg = data_cfg(SourceConfig(str(a), weight=3.0), SourceConfig(str(b), weight=1.0))
-    batches = take(build_train_loader(cfg, IdTask(None), 8, rank=0, world_size=1, seed=0), 50)
+    batches = take(build_train_loader(cfg, IdTask(None), 8, rank=0, seed=0), 50)
     counts = Counter(s for batch in batches for s in batch["source"])
     assert 0.68 < counts["a"] / 400 < 0.82
 
@@ -125,7 +125,7 @@ def test_corrupt_samples_and_shards_are_skipped_and_counted(tmp_path, caplog):
     (src / "manifest.json").write_text(json.dumps(manifest))
     cfg = data_cfg(SourceConfig(str(src)))
     start = time.perf_counter()
-    batches = take(build_train_loader(cfg, IdTask(None), 4, rank=0, world_size=1, seed=1), 40)
+    batches = take(build_train_loader(cfg, IdTask(None), 4, rank=0, seed=1), 40)
     assert time.perf_counter() - start < 20  # the handler never sleeps
     ids = {i for b in batches for i in b["idx"].tolist()}
     assert not ids & {3, 11} and len(ids) == 18

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.metrics.classification import class_accuracy, topk_accuracy
-from pipeline.metrics.nlvr2 import majority_baseline, nlvr2_metrics, sentence_key
+from pipeline.metrics.nlvr2 import nlvr2_metrics, sentence_key
 
 
 def test_sentence_key_drops_the_pair_id():
@@ -22,10 +22,6 @@ def test_a_sentence_wrong_on_one_of_its_pairs_is_inconsistent():
     res = nlvr2_metrics(preds, labels, ids)
     assert res["acc"] == pytest.approx(6 / 7)
     assert res["consistency"] == pytest.approx(2 / 3)
-
-
-def test_majority_baseline():
-    assert majority_baseline([True, True, False]) == pytest.approx(2 / 3)
 
 
 def test_topk_accuracy():

@@ -6,6 +6,7 @@ import torch
 
 from pipeline.model import VLMoE
 from pipeline.model.config import ModelConfig, MoEConfig
+from pipeline.run.run_dir import RunDir
 from pipeline.run.tb_logging import MetricsSink, expert_load_scalars
 from tests.train_helpers import scalars
 
@@ -76,7 +77,7 @@ def test_tensorboard_kept_and_dropped_fractions_match_the_dispatch(tmp_path, cap
     pixels, (ids, mask) = torch.randn(3, 3, 16, 16), text_inputs()
     model.encode_image(pixels)
     model.fuse(pixels, ids, mask)
-    sink = MetricsSink(tmp_path, enabled=True)
+    sink = MetricsSink(RunDir(tmp_path), enabled=True)
     sink.scalars(expert_load_scalars(model.moe_stats.routed, model.moe_stats.kept), step=1)
     sink.close()
     tb = scalars(tmp_path)

@@ -253,9 +253,10 @@ def _loader(pipeline: Any, num_workers: int) -> torch.utils.data.DataLoader:
 
 
 # ----------------------------------------------------------------------------------------- loaders
-def build_train_loader(data_cfg: Any, task: Task, micro_batch_size: int, rank: int, world_size: int,
+def build_train_loader(data_cfg: Any, task: Task, micro_batch_size: int, rank: int,
                        seed: int) -> torch.utils.data.DataLoader:
-    """Infinite loader of fixed-shape training batches (dicts of tensors + ``__worker__`` stats)."""
+    """Infinite loader of fixed-shape training batches (dicts of tensors + ``__worker__`` stats). Every rank
+    resamples the shards with its own seed (``rank``), so the world size plays no part."""
     budgets, sources = [], []
     for index, source in enumerate(data_cfg.train):
         urls = shard_urls(source.path, source.split, data_cfg.allow_pipe_urls)

@@ -31,10 +31,3 @@ def nlvr2_metrics(predictions: Sequence[bool], labels: Sequence[bool],
         "consistency": sum(all(v) for v in by_sentence.values()) / len(by_sentence),
     }
 
-
-def majority_baseline(labels: Sequence[bool]) -> float:
-    """Accuracy of always answering the most frequent label."""
-    if not labels:
-        return 0.0
-    trues = sum(bool(y) for y in labels)
-    return max(trues, len(labels) - trues) / len(labels)

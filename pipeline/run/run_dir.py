@@ -6,6 +6,7 @@
     RUN/checkpoints/step_000100/    DeepSpeed files + run_state.json + rng/ + COMPLETE (written last)
     RUN/eval/step_000100.json       a training-time evaluation (+ step_000100_predictions.*)
     RUN/resumes.jsonl               one line per resume
+    RUN/tensorboard/, RUN/train_log.jsonl   scalars (TensorBoard; one JSON line per log interval)
     RUN/FINISHED                    the final checkpoint's tag, after the final save and evaluation
 
 A checkpoint folder without ``COMPLETE`` is never picked: "latest" is the newest complete one by step number
@@ -54,6 +55,14 @@ class RunDir:
     @property
     def resumes_path(self) -> Path:
         return self.path / "resumes.jsonl"
+
+    @property
+    def tensorboard_path(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def train_log_path(self) -> Path:
+        return self.path / "train_log.jsonl"
 
     def eval_path(self, name: str) -> Path:
         """``RUN/eval/NAME.json``: NAME is a checkpoint tag (training) or ``TASK_SPLIT_TAG`` (pipeline.evaluate)."""

@@ -6,9 +6,10 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
+
+from pipeline.run.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -19,15 +20,15 @@ PEAK_MATMUL_REPEATS = 8
 class MetricsSink:
     """Writes scalars on rank 0 only; other ranks get a no-op sink (``enabled=False``)."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run: RunDir, enabled: bool):
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            self.jsonl = (run_dir / "train_log.jsonl").open("a")
+            self.writer = SummaryWriter(str(run.tensorboard_path))
+            self.jsonl = run.train_log_path.open("a")
 
     def scalars(self, values: dict[str, float], step: int, record: bool = True) -> None:
         if not self.enabled:

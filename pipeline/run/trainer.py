@@ -52,7 +52,8 @@ class Trainer:
                  engine: Any, task: Any, state: RunState):
         self.recipe, self.model_cfg, self.ds_config = recipe, recipe.model, ds_config
         self.run_dir, self.dist, self.engine, self.task, self.state = run_dir, dist, engine, task, state
-        self.sink = MetricsSink(run_dir, dist.is_main)
+        self.run = RunDir(run_dir)
+        self.sink = MetricsSink(self.run, dist.is_main)
         self.stop_signal: int | None = None
         self.flops_per_sample = _train_flops_per_sample(recipe)
         # best of a few trials: a trial slowed by a busy host under-states the peak and inflates MFU
@@ -107,7 +108,7 @@ class Trainer:
         steps = self.recipe.train.steps
         if self.state.step >= steps:
             log.info("already trained %d/%d steps: nothing to do", self.state.step, steps)
-            if not RunDir(self.run_dir).eval_path(RunDir.tag_for(self.state.step)).is_file():  # final eval failed
+            if not self.run.eval_path(RunDir.tag_for(self.state.step)).is_file():  # final eval failed
                 self.evaluate()
             self._mark_finished()
             return
@@ -139,7 +140,7 @@ class Trainer:
 
     def _mark_finished(self) -> None:
         if self.dist.is_main:  # what launch/pipeline.sh waits for before starting the next stage
-            RunDir(self.run_dir).mark_finished(self.state.step)
+            self.run.mark_finished(self.state.step)
 
     def train_step(self) -> None:
         """One optimizer step (``grad_accum`` micro-batches). A micro-batch whose loss is not finite on any
@@ -257,14 +258,14 @@ class Trainer:
         """Collective. Refuses to write non-finite weights (the last good checkpoint stays newest)."""
         if not self.guard.weights_finite():
             raise NonFiniteTraining(f"step {self.state.step}: non-finite weights; not saving a checkpoint "
-                                    f"(the newest complete one in {self.run_dir / 'checkpoints'} is kept)")
+                                    f"(the newest complete one in {self.run.checkpoints} is kept)")
         checkpoint.save_checkpoint(self.engine, self.run_dir, self.state.step, dataclasses.asdict(self.state),
                                    self.recipe.train.keep_last, self.dist)
 
     def _restart_data(self) -> None:
         self.state.data_seed = self.recipe.train.seed + DATA_SEED_STRIDE * self.state.step
         loader = build_train_loader(self.recipe.data, self.task, self.recipe.batch.micro_batch_size,
-                                    self.dist.rank, self.dist.world_size, self.state.data_seed)
+                                    self.dist.rank, self.state.data_seed)
         self.loader_iter = iter(loader)
 
     # ----------------------------------------------------------------------------------- signals
