@@ -79,3 +79,8 @@ def test_resolved_recipe_round_trips(tmp_path):
     path.write_text(dump_recipe(recipe))
     again = load_recipe(path)
     assert again == recipe and isinstance(again.model, ModelConfig)
+
+
+def test_task_options_of_a_task_without_options_are_refused():
+    with pytest.raises(ConfigError, match=r"task_options: task vqa takes no options, got \['answer_count'\]"):
+        load_recipe(REPO / "launch/recipes/vqa.yaml", ["init_from=null", "task_options.answer_count=3"])

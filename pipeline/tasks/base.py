@@ -111,6 +111,8 @@ class Task(nn.Module, ABC):
     @classmethod
     def parse_options(cls, options: dict[str, Any]) -> Any:
         """The recipe's ``task_options`` as ``cls.Options`` (ConfigError naming unknown keys and valid ones)."""
+        if options and not dataclasses.fields(cls.Options):
+            raise ConfigError(f"task_options: task {cls.name} takes no options, got {sorted(options)}")
         return from_dict(cls.Options, dict(options or {}), "task_options")
 
     @classmethod
