@@ -1,6 +1,6 @@
 """VL-MoE model package: configs, the multiway MoE transformer, heads, init and size accounting.
 
-    from pipeline.model import ModelConfig, MoEConfig, VLMoE, EncoderOutput, PIXEL_MEAN, PIXEL_STD
+    from pipeline.model import ModelConfig, MoEConfig, AudioConfig, VLMoE, EncoderOutput, PIXEL_MEAN, PIXEL_STD
 
 Names are imported on first use, so ``pipeline.model.config`` (the recipe's typed model section) loads
 without torch or DeepSpeed.
@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_WHERE = {"ModelConfig": "config", "MoEConfig": "config", "PIXEL_MEAN": "embeddings", "PIXEL_STD": "embeddings",
+_WHERE = {"ModelConfig": "config", "MoEConfig": "config", "AudioConfig": "config",
+          "PIXEL_MEAN": "embeddings", "PIXEL_STD": "embeddings",
           "VLMoE": "vlmoe", "EncoderOutput": "vlmoe"}
 
 __all__ = sorted(_WHERE)

@@ -2,6 +2,7 @@
 
 Defaults are the demo size: hidden 192, 6 layers, 6 heads, mlp_ratio 4, image 64 with patch 8 (64 patches
 + CLS), text up to 32 tokens, 2 fusion layers, and 4 experts in every other layer (layers 1, 3, 5), top-1.
+``AudioConfig`` (log-mel features and their patches) matters only with ``audio`` in ``modalities``.
 Load from recipes with ``pipeline.config_utils.from_dict(ModelConfig, data)``.
 """
 from __future__ import annotations
@@ -10,7 +11,57 @@ import dataclasses
 from dataclasses import field
 from typing import Literal
 
-KNOWN_MODALITIES = ("image", "text")  # modalities with an embedding implemented (audio comes next)
+KNOWN_MODALITIES = ("image", "text", "audio")  # modalities with an embedding implemented
+DEFAULT_MODALITIES = ("image", "text")
+
+
+@dataclasses.dataclass
+class AudioConfig:
+    """Log-mel features (pipeline.model.audio_features) and their AST-style time x frequency patches."""
+
+    sample_rate: int = field(default=16000, metadata={
+        "help": "sample rate (Hz) of the waveforms features are computed from (the shards' rate)"})
+    num_mel_bins: int = field(default=64, metadata={"help": "mel bands F of the log-mel features"})
+    max_frames: int = field(default=400, metadata={
+        "help": "log-mel frames T (25 ms windows, 10 ms hop) per clip: longer clips are cut, shorter padded "
+                "and masked; the positions are learned for this length (other lengths interpolate them)"})
+    patch_time: int = field(default=16, metadata={"help": "patch extent in frames"})
+    patch_freq: int = field(default=16, metadata={"help": "patch extent in mel bands"})
+    stride_time: int = field(default=16, metadata={
+        "help": "patch step in frames (< patch_time: overlapping patches, as AST's 10 with patch 16)"})
+    stride_freq: int = field(default=16, metadata={"help": "patch step in mel bands"})
+    mean: float = field(default=-4.2677393, metadata={
+        "help": "log-mel normalisation (x - mean) / (2 std), AST's AudioSet statistics by default"})
+    std: float = field(default=4.5689974, metadata={"help": "see mean; > 0"})
+
+    def __post_init__(self) -> None:
+        for name in ("sample_rate", "num_mel_bins", "max_frames", "patch_time", "patch_freq", "stride_time",
+                     "stride_freq"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"audio.{name} must be >= 1, got {getattr(self, name)}")
+        if self.patch_freq > self.num_mel_bins:
+            raise ValueError(f"audio.patch_freq ({self.patch_freq}) must be <= audio.num_mel_bins "
+                             f"({self.num_mel_bins})")
+        if self.patch_time > self.max_frames:
+            raise ValueError(f"audio.patch_time ({self.patch_time}) must be <= audio.max_frames ({self.max_frames})")
+        for axis in ("time", "freq"):
+            stride, patch = getattr(self, f"stride_{axis}"), getattr(self, f"patch_{axis}")
+            if stride > patch:
+                raise ValueError(f"audio.stride_{axis} ({stride}) must be <= audio.patch_{axis} ({patch}): a "
+                                 "larger step skips frames / bands between patches")
+        if self.std <= 0:
+            raise ValueError(f"audio.std must be > 0, got {self.std}")
+
+    def grid(self, frames: int | None = None) -> tuple[int, int]:
+        """(frequency patches, time patches) of a [frames, num_mel_bins] log-mel (default max_frames)."""
+        frames = self.max_frames if frames is None else frames
+        return ((self.num_mel_bins - self.patch_freq) // self.stride_freq + 1,
+                (frames - self.patch_time) // self.stride_time + 1)
+
+    @property
+    def num_patches(self) -> int:
+        freq, time = self.grid()
+        return freq * time
 
 
 @dataclasses.dataclass
@@ -85,8 +136,9 @@ class ModelConfig:
     mlp_ratio: float = field(default=4.0, metadata={"help": "FFN inner width / hidden_size"})
     num_fusion_layers: int = field(default=2, metadata={
         "help": "top blocks using one shared VL-FFN when image and text are fused (VLMo: 2 of 12)"})
-    modalities: list[str] = field(default_factory=lambda: list(KNOWN_MODALITIES), metadata={
-        "help": "modalities with their own embedding and FFNs, in MoE call order"})
+    modalities: list[str] = field(default_factory=lambda: list(DEFAULT_MODALITIES), metadata={
+        "help": f"modalities with their own embedding and FFNs, in sequence and MoE call order; any of "
+                f"{list(KNOWN_MODALITIES)}"})
     image_size: int = field(default=64, metadata={
         "help": "image side the position embeddings are learned for (other sizes interpolate them)"})
     patch_size: int = field(default=8, metadata={"help": "image patch side"})
@@ -112,10 +164,14 @@ class ModelConfig:
     layer_norm_eps: float = field(default=1e-6, metadata={"help": "LayerNorm epsilon"})
     init_std: float = field(default=0.02, metadata={"help": "std of the truncated-normal weight init"})
     moe: MoEConfig = field(default_factory=MoEConfig, metadata={"help": "sparse FFN settings"})
+    audio: AudioConfig = field(default_factory=AudioConfig, metadata={
+        "help": "log-mel features and audio patches (used with 'audio' in modalities)"})
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
+        if isinstance(self.audio, dict):
+            self.audio = AudioConfig(**self.audio)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads "
                              f"({self.num_heads})")

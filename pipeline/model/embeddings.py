@@ -1,8 +1,8 @@
 """Per-modality embeddings: each turns raw inputs into tokens [B, N, D] plus a validity mask.
 
 Shapes: B batch, C channels, H/W image side, P patches, L text length, N tokens, D hidden, V vocab.
-A new modality (audio) adds one class here with the same ``forward(...) -> (tokens, mask)`` contract and
-one entry in ``EMBEDDINGS``; nothing else in the model counts modalities.
+A modality adds one class with the same ``forward(...) -> (tokens, mask)`` contract and one entry in
+``EMBEDDINGS``; nothing else in the model counts modalities (audio: ``pipeline.model.audio``).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.model.audio import AudioEmbedding
 from pipeline.model.config import ModelConfig
 
 PIXEL_MEAN = (0.5, 0.5, 0.5)
@@ -150,4 +151,4 @@ class TextEmbedding(nn.Module):
         return tokens_bld, attention_mask.bool()
 
 
-EMBEDDINGS: dict[str, type[nn.Module]] = {"image": ImageEmbedding, "text": TextEmbedding}
+EMBEDDINGS: dict[str, type[nn.Module]] = {"image": ImageEmbedding, "text": TextEmbedding, "audio": AudioEmbedding}

@@ -1,11 +1,12 @@
 """VL-MoE: the multiway transformer (VLMo) with sparse per-modality MoE FFNs (arXiv 2303.07226).
 
-Shapes: B batch, N joint tokens, D hidden, E experts, C/H/W image, L text length.
+Shapes: B batch, N joint tokens, D hidden, E experts, C/H/W image, L text length, T/F log-mel frames/bands.
 
     model = VLMoE(ModelConfig())                 # demo size: 192 wide, 6 blocks, 4 experts every 2nd
     out = model.encode_image(pixels_bchw)        # image tower only
     out = model.encode_text(ids_bl, mask_bl)     # text tower only (causal=True for generation)
     out = model.fuse(pixels_bchw, ids_bl, mask_bl)  # joint sequence: image tokens, then text tokens
+    out = model.encode_audio(logmel_btf, lengths_b)  # with "audio" in cfg.modalities (features: audio_features)
     model.moe_stats.reset(); ...passes...; aux = model.moe_stats.aux_loss()   # MoE aux loss, routed/kept counts
 
 The generic entry is ``encode({modality: inputs})``; modalities are encoded in ``cfg.modalities`` order.
@@ -52,7 +53,7 @@ def masked_mean(hidden_bnd: torch.Tensor, mask_bn: torch.Tensor) -> torch.Tensor
 @dataclasses.dataclass
 class EncoderOutput:
     hidden: torch.Tensor  # [B, N, D] final (normed) hidden states, modalities in cfg order
-    cls: torch.Tensor  # [B, D] first token of the sequence (image CLS, or text [CLS] without image)
+    cls: torch.Tensor  # [B, D] first token: the CLS of the first modality present (cfg.modalities order)
     num_image_tokens: int  # image tokens at the start of ``hidden`` (0 without image)
     token_mask: torch.Tensor  # [B, N] bool, False for padding
     spans: dict[str, tuple[int, int]]  # modality -> [start, end) in ``hidden``
@@ -103,7 +104,8 @@ class VLMoE(nn.Module):
         return {name: m for name, m in self.named_modules() if isinstance(m, SparseFFN)}
 
     def encode(self, inputs: dict[str, tuple[Any, ...]], causal: bool = False) -> EncoderOutput:
-        """``inputs``: modality -> positional args of its embedding (image: (pixels,), text: (ids, mask))."""
+        """``inputs``: modality -> positional args of its embedding (image: (pixels,), text: (ids, mask),
+        audio: (log-mel [B, T, F], real frames [B] or None))."""
         unknown = sorted(set(inputs) - set(self.cfg.modalities))
         if unknown or not inputs:
             raise ValueError(f"inputs for {unknown or 'no modality'}; model modalities: {self.cfg.modalities}")
@@ -139,16 +141,24 @@ class VLMoE(nn.Module):
                     causal: bool = False) -> EncoderOutput:
         return self.encode({"text": (input_ids, attention_mask)}, causal=causal)
 
+    def encode_audio(self, features: torch.Tensor, lengths: torch.Tensor | None = None) -> EncoderOutput:
+        """Log-mel [B, T, F] (``pipeline.model.audio_features.log_mel``) and real frame counts [B] (None: all)."""
+        return self.encode({"audio": (features, lengths)})
+
     def fuse(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
              attention_mask: torch.Tensor | None = None, causal: bool = False) -> EncoderOutput:
         return self.encode({"image": (pixel_values,), "text": (input_ids, attention_mask)}, causal=causal)
 
     def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, causal: bool = False) -> EncoderOutput:
+                attention_mask: torch.Tensor | None = None, causal: bool = False,
+                audio_features: torch.Tensor | None = None, audio_lengths: torch.Tensor | None = None
+                ) -> EncoderOutput:
         """Dispatch on what is given (so a DeepSpeed engine wrapping the model can be called directly)."""
         inputs: dict[str, tuple[Any, ...]] = {}
         if pixel_values is not None:
             inputs["image"] = (pixel_values,)
         if input_ids is not None:
             inputs["text"] = (input_ids, attention_mask)
+        if audio_features is not None:
+            inputs["audio"] = (audio_features, audio_lengths)
         return self.encode(inputs, causal=causal)
