@@ -1,9 +1,11 @@
 """Model size accounting for the planner and MFU: parameters (total, active per token) and forward FLOPs
 per sample for given model passes. Nothing here allocates real weights.
 
-Shapes: N tokens in one pass, P image patches, L text length, D hidden, F FFN width, E experts, k top-k.
+Shapes: N tokens in one pass, P image patches, L text length, T log-mel frames, D hidden, F FFN width,
+E experts, k top-k.
 
     acc = count_parameters(cfg, image_size=224, text_len=40, passes={"image": 1, "text": 1, "fuse": 4})
+    acc = count_parameters(cfg, passes={"audio": 1, "text": 1, "audio+text": 2})   # with audio in modalities
     acc.total_params, acc.active_params_per_token, acc.forward_flops_per_sample   # meta-device model, instant
 
 Definitions
@@ -13,8 +15,10 @@ Definitions
   embedding, shared attention and norms, its FFN per block: dense MLP, or router + k experts (+ the
   residual MLP)), averaged over modalities. Heads are not part of the model and not counted.
 - forward_flops_per_sample: forward matmul FLOPs (2 per multiply-add) of the passes of one sample
-  (``passes``: {"image" | "text" | "fuse": count}, what the task runs per sample); MoE FFNs cost k expert
-  MLPs per token (capacity padding and dropping ignored).
+  (``passes``: {kind: count}, what the task runs per sample; a kind is one modality, "+"-joined modalities
+  fused in one sequence (e.g. "audio+text"), or "fuse" = every modality of the model); MoE FFNs cost k
+  expert MLPs per token (capacity padding and dropping ignored). Audio tokens: CLS + the patches of
+  ``audio_frames`` log-mel frames (default ``cfg.audio.max_frames``).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import math
 import torch
 from torch import nn
 
+from pipeline.model.audio import audio_patch_flops
 from pipeline.model.config import ModelConfig
 from pipeline.model.embeddings import patch_embed_flops
 
@@ -76,13 +81,15 @@ def _active_by_modality(model: nn.Module) -> dict[str, int]:
     return result
 
 
-def _pass_flops(model: nn.Module, segments: dict[str, int]) -> float:
+def _pass_flops(model: nn.Module, segments: dict[str, int], audio_frames: int) -> float:
     """Forward FLOPs of one pass over one sample; ``segments``: modality -> tokens."""
     cfg = model.cfg
     d, n = cfg.hidden_size, sum(segments.values())
     flops = 0.0
     if "image" in segments:
         flops += patch_embed_flops(cfg, math.isqrt(segments["image"] - 1) * cfg.patch_size)
+    if "audio" in segments:
+        flops += audio_patch_flops(cfg, audio_frames)
     for block in model.blocks:
         flops += 2 * n * d * 4 * d + 4 * n * n * d  # qkv + proj, QK^T + AV
         if "shared" in block.ffn:
@@ -112,28 +119,44 @@ def _ffn_weight_params(ffn: nn.Module) -> list[torch.Tensor]:
     return weights
 
 
-def count_parameters(cfg: ModelConfig, image_size: int | None = None, text_len: int | None = None,
-                     passes: dict[str, int] | None = None, model: nn.Module | None = None) -> ModelSize:
-    """Sizes of ``cfg`` (built on the meta device unless ``model`` is given) for samples of ``image_size`` x
-    ``image_size`` images (positions interpolated when it differs from cfg.image_size) and ``text_len`` tokens
-    (defaults: cfg.image_size, cfg.max_text_len) run through ``passes`` ({kind: count}; default one fused pass)."""
-    passes = ONE_FUSED_PASS if passes is None else passes
-    unknown = sorted(set(passes) - {"image", "text", "fuse"})
+def pass_modalities(cfg: ModelConfig, kinds: list[str]) -> dict[str, list[str]]:
+    """Pass kind -> its modalities in sequence order; ValueError naming the unknown kinds and the valid ones."""
+    names = {kind: list(cfg.modalities) if kind == "fuse" else kind.split("+") for kind in kinds}
+    unknown = sorted(kind for kind, mods in names.items()
+                     if any(m not in cfg.modalities for m in mods) or len(set(mods)) != len(mods))
     if unknown:
-        raise ValueError(f"passes: unknown pass kind(s) {unknown}; valid kinds are ['fuse', 'image', 'text']")
+        raise ValueError(f"passes: unknown pass kind(s) {unknown}; valid kinds are 'fuse', one of "
+                         f"{cfg.modalities} or several joined by '+' (e.g. {'+'.join(cfg.modalities[-2:])!r})")
+    return {kind: [m for m in cfg.modalities if m in mods] for kind, mods in names.items()}
+
+
+def count_parameters(cfg: ModelConfig, image_size: int | None = None, text_len: int | None = None,
+                     passes: dict[str, int] | None = None, model: nn.Module | None = None,
+                     audio_frames: int | None = None) -> ModelSize:
+    """Sizes of ``cfg`` (built on the meta device unless ``model`` is given) for samples of ``image_size`` x
+    ``image_size`` images (positions interpolated when it differs from cfg.image_size), ``text_len`` tokens
+    and ``audio_frames`` log-mel frames (defaults: cfg.image_size, cfg.max_text_len, cfg.audio.max_frames)
+    run through ``passes`` ({kind: count}; default one fused pass)."""
+    passes = ONE_FUSED_PASS if passes is None else passes
+    kinds = pass_modalities(cfg, list(passes))
     image_size = image_size or cfg.image_size
     if image_size % cfg.patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {cfg.patch_size}")
+    audio_frames = audio_frames or cfg.audio.max_frames
+    if audio_frames < cfg.audio.patch_time:
+        raise ValueError(f"audio_frames {audio_frames} is shorter than one patch (audio.patch_time "
+                         f"{cfg.audio.patch_time})")
     model = model or build_meta_model(cfg)
     from pipeline.model.moe import SparseFFN
     total = _numel(model)
     experts = sum(_numel(m.experts) for m in model.modules() if isinstance(m, SparseFFN))
     active = _active_by_modality(model)
-    tokens = {"image": 1 + (image_size // cfg.patch_size) ** 2, "text": text_len or cfg.max_text_len}
+    freq, time = cfg.audio.grid(audio_frames)
+    tokens = {"image": 1 + (image_size // cfg.patch_size) ** 2, "text": text_len or cfg.max_text_len,
+              "audio": 1 + freq * time}
     forward = 0.0
     for kind, count in passes.items():
-        present = [m for m in cfg.modalities if m in tokens] if kind == "fuse" else [kind]
-        forward += count * _pass_flops(model, {m: tokens[m] for m in present})
+        forward += count * _pass_flops(model, {m: tokens[m] for m in kinds[kind]}, audio_frames)
     return ModelSize(total_params=total, expert_params=experts,
                      active_params_per_token=round(sum(active.values()) / len(active)),
                      forward_flops_per_sample=forward, active_params_by_modality=active)
