@@ -147,6 +147,9 @@ class InitConfig:
                                      "position embeddings (BERT blocks are post-LN, ours pre-LN: not copied)")
     upcycle: bool = _f(True, help="with vit: every MoE expert starts as a copy of the ViT FFN it replaces, "
                                   "routers fresh (sparse upcycling); false = experts keep their from-scratch init")
+    ast: str | None = _f(None, help="Hugging Face AST folder (ASTModel / ASTForAudioClassification, config.json + "
+                                    "weights): audio patch embedding, CLS and positions (model.audio must match "
+                                    "its patches, strides and mel bands)")
 
     def __post_init__(self) -> None:
         if not self.upcycle and self.vit is None:
@@ -154,7 +157,7 @@ class InitConfig:
 
     @property
     def active(self) -> bool:
-        return self.vit is not None or self.bert is not None
+        return self.vit is not None or self.bert is not None or self.ast is not None
 
 
 @dataclasses.dataclass

@@ -4,6 +4,7 @@
       vit: /models/vit-base-patch16-224   # transformers ViT folder: image tower, attention, FFNs
       bert: /models/bert-base-uncased     # BERT folder: text token/position embeddings (same vocabulary)
       upcycle: true                       # MoE experts start as copies of the ViT FFN (routers fresh)
+      ast: /models/ast-finetuned-audioset # transformers AST folder: audio patches, CLS, positions
 
     problems = check_init(recipe)   # before launch (pipeline.run.preflight): folders, types, sizes
     apply_init(model, recipe.init)             # at build (pipeline.run.build.build_model), every rank
@@ -21,19 +22,23 @@ from torch import nn
 from pipeline.config_utils import ConfigError
 from pipeline.model.pretrained import (PretrainedMismatch, init_from_vit, init_text_embeddings,
                                        vit_config_problems, vit_model_problems)
+from pipeline.model.pretrained_ast import ast_config_problems, init_from_ast
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 VIT_TYPES = ("vit",)
 BERT_TYPES = ("bert",)  # RoBERTa-likes offset their positions by padding_idx + 1: not mapped
+AST_TYPES = ("audio-spectrogram-transformer",)
 
 
 def apply_init(model: nn.Module, init: Any) -> None:
     """Initialise ``model`` (fresh from-scratch init) from ``init`` (a recipe InitConfig): ViT first, then
-    BERT; ConfigError naming the field when the weights do not fit."""
+    BERT, then AST; ConfigError naming the field when the weights do not fit."""
     if init.vit is not None:
         _named(f"init.vit={init.vit}", lambda: init_from_vit(model, init.vit, upcycle=init.upcycle))
     if init.bert is not None:
         _named(f"init.bert={init.bert}", lambda: init_text_embeddings(model, init.bert, model.cfg.vocab_size))
+    if init.ast is not None:
+        _named(f"init.ast={init.ast}", lambda: init_from_ast(model, init.ast))
 
 
 def _named(where: str, load: Callable[[], Any]) -> None:
@@ -50,6 +55,8 @@ def check_init(recipe: Any) -> list[str]:
         problems += vit_problems(init.vit, model_cfg)
     if init.bert is not None:
         problems += bert_problems(init.bert, model_cfg)
+    if init.ast is not None:
+        problems += ast_problems(init.ast, model_cfg)
     return problems
 
 
@@ -63,6 +70,14 @@ def vit_problems(folder: str, model_cfg: Any) -> list[str]:
     if isinstance(side, int) and isinstance(patch, int) and side % patch:
         problems.append(f"{where}: image_size={side} is not a multiple of patch_size={patch}")
     return problems
+
+
+def ast_problems(folder: str, model_cfg: Any) -> list[str]:
+    where = f"init.ast={folder}"
+    config, problems = _read_config(where, folder, AST_TYPES)
+    if config is None:
+        return problems
+    return problems + [f"{where}: {p}" for p in ast_config_problems(model_cfg, config)]
 
 
 def bert_problems(folder: str, model_cfg: Any) -> list[str]:

@@ -176,10 +176,10 @@ def vit_model_problems(cfg) -> list[str]:
 @torch.no_grad()
 def init_from_vit(model: nn.Module, folder: str | Path, upcycle: bool = True) -> list[str]:
     """VLMo-style init from a ``transformers.ViTModel`` folder: image embeddings, shared attention, norms and
-    image FFNs; text/VL FFNs start as copies of the image FFNs; MoE FFNs are sparse-upcycled (or keep
+    image FFNs; text/audio/VL FFNs start as copies of the image FFNs; MoE FFNs are sparse-upcycled (or keep
     their init with ``upcycle=False``). The modality-type embeddings are zeroed (ViT has none), so
     image-only outputs of a dense or upcycled model match ViT exactly.
-    Returns the keys left at fresh init (text embeddings, routers)."""
+    Returns the keys left at fresh init (text and audio embeddings, routers)."""
     folder = Path(folder)
     problems = vit_model_problems(model.cfg)
     if (folder / "config.json").exists():
@@ -191,8 +191,8 @@ def init_from_vit(model: nn.Module, folder: str | Path, upcycle: bool = True) ->
     if problems:
         raise PretrainedMismatch(f"ViT {folder} does not fit the model: " + "; ".join(problems))
     dense, unused = vit_to_dense_state(read_state_dict(folder))
-    fresh = load_upcycled(model, dense, keep_fresh=("embeddings.text.", "modality_type."), unexpected=unused,
-                          upcycle=upcycle)
+    fresh = load_upcycled(model, dense, keep_fresh=("embeddings.text.", "embeddings.audio.", "modality_type."),
+                          unexpected=unused, upcycle=upcycle)
     model.modality_type.weight.zero_()
     logger.info("initialised from ViT %s (upcycle=%s); fresh: %d tensors", folder, upcycle, len(fresh))
     return fresh
