@@ -5,4 +5,5 @@ r"""data_prep: turn multimodal corpora into webdataset shards with a manifest (s
         --output runs/demo/tokenizer
     python -m data_prep verify runs/demo/data/captions
     python -m data_prep pairs --input pairs.jsonl --image-root images/ --output out/pairs --workers 2
+    python -m data_prep clotho --captions clotho_captions_evaluation.csv --audio-root evaluation --output out/clotho
 """

@@ -9,8 +9,8 @@ import sys
 from data_prep.cli_common import command_line
 from data_prep.records import InputFormatError
 
-COMMAND_MODULES = ("pairs", "vqa", "retrieval", "nlvr2", "classify", "gqa", "snli_ve", "synth", "tokenizer",
-                   "verify")
+COMMAND_MODULES = ("pairs", "vqa", "retrieval", "nlvr2", "classify", "gqa", "snli_ve", "clotho", "audiocaps",
+                   "wavcaps", "audio_pairs", "esc50", "synth", "tokenizer", "verify")
 
 
 def build_parser() -> argparse.ArgumentParser:

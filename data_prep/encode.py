@@ -1,4 +1,4 @@
-"""Turning records into tar samples: image encoding (in workers), input fingerprints and fixed-header tars."""
+"""Turning records into tar samples: image and audio encoding (in workers), input fingerprints and fixed-header tars."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +10,7 @@ import tarfile
 from typing import Iterable
 
 from data_prep import manifest as mf
+from data_prep.audio import AudioOptions, process_audio
 from data_prep.images import ImageOptions, process_image
 from data_prep.records import Record, Skip, SkipSample
 
@@ -26,12 +27,20 @@ class ShardJob:
         return mf.shard_name(self.split, self.index)
 
 
-def encode_record(record: Record, key: str, opts: ImageOptions) -> dict[str, bytes] | Skip:
-    """One record -> {extension: bytes} ready for the tar, or the Skip saying why not (runs in workers)."""
+def encode_record(record: Record, key: str, opts: ImageOptions,
+                  audio_opts: AudioOptions | None = None) -> dict[str, bytes] | Skip:
+    """One record -> {extension: bytes} ready for the tar, or the Skip saying why not (runs in workers).
+
+    Audio fields add {field: {sample_rate, seconds, source_sample_rate, source_channels, source_seconds}}
+    under "audio" in the json.
+    """
     sample: dict[str, bytes] = {}
+    audio_info: dict[str, dict] = {}
     try:
         for field, source in record.images.items():
             sample[field] = process_image(source, opts)
+        for field, source in record.audio.items():
+            sample[field], audio_info[field] = process_audio(source, audio_opts or AudioOptions())
     except SkipSample as exc:
         where = record.meta.get("source") or record.meta.get("identifier") or f"record {key}"
         name = f" {field}={source}" if isinstance(source, str) else f" {field}"
@@ -41,6 +50,8 @@ def encode_record(record: Record, key: str, opts: ImageOptions) -> dict[str, byt
     for field, value in record.extra.items():
         sample[field] = value.encode("utf-8")
     meta = {"key": key, **record.meta}
+    if audio_info:
+        meta["audio"] = audio_info
     sample["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return sample
 
@@ -48,7 +59,7 @@ def encode_record(record: Record, key: str, opts: ImageOptions) -> dict[str, byt
 def record_digest(record: Record, h: "hashlib._Hash") -> None:
     """Feed what identifies a record's input into `h`: files by path, existence, size and mtime_ns
     (one cheap `os.stat`, no content hashing), bytes by content."""
-    for field, source in sorted(record.images.items()):
+    for field, source in sorted(record.images.items()) + sorted(record.audio.items()):
         h.update(field.encode())
         if isinstance(source, str):
             h.update(b"path:" + source.encode("utf-8", "surrogateescape"))
@@ -86,5 +97,6 @@ def write_tar(path: str, keys: list[str], samples: Iterable[dict[str, bytes] | S
     return count
 
 
-def encode_pair(pair: tuple[Record, str], opts: ImageOptions) -> dict[str, bytes] | Skip:
-    return encode_record(pair[0], pair[1], opts)
+def encode_pair(pair: tuple[Record, str], opts: ImageOptions,
+                audio_opts: AudioOptions | None = None) -> dict[str, bytes] | Skip:
+    return encode_record(pair[0], pair[1], opts, audio_opts)

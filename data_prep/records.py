@@ -1,7 +1,7 @@
 """What readers hand to the writer: records to encode, skips to count, and input-format errors.
 
 A reader yields, in a deterministic order, either a ``Record`` (one output sample before image
-encoding) or a ``Skip`` (a bad input record, counted by reason). A malformed input file raises
+and audio encoding) or a ``Skip`` (a bad input record, counted by reason). A malformed input file raises
 ``InputFormatError`` naming the file, the line and what was expected.
 """
 from __future__ import annotations
@@ -21,6 +21,12 @@ BAD_LABEL = "bad_label"
 TOO_SMALL = "too_small"
 BAD_ASPECT_RATIO = "bad_aspect_ratio"
 DUPLICATE_KEY = "duplicate_key"
+UNREADABLE_AUDIO = "unreadable_audio"
+EMPTY_AUDIO = "empty_audio"
+AUDIO_TOO_SHORT = "audio_too_short"
+AUDIO_NOT_FINITE = "audio_not_finite"
+SILENT_AUDIO = "silent_audio"
+AUDIO_EXTENSION_MISMATCH = "audio_extension_mismatch"
 
 
 class InputFormatError(ValueError):
@@ -33,7 +39,7 @@ class InputFormatError(ValueError):
 
 
 class SkipSample(Exception):
-    """Raised inside image encoding when a record must be skipped; carries the reason."""
+    """Raised inside image or audio encoding when a record must be skipped; carries the reason."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -50,6 +56,9 @@ class Skip:
 
 # An image source: a file path, the raw file bytes, or an object with `render() -> PIL.Image` (synth).
 ImageSource = Union[str, bytes, Any]
+# An audio source: a file path, the raw file bytes, or an object with
+# `render() -> (float32 mono samples, sample rate)` (synth sounds).
+AudioSource = Union[str, bytes, Any]
 
 
 @dataclasses.dataclass
@@ -57,12 +66,15 @@ class Record:
     """One sample before encoding.
 
     images: {field: source}, e.g. {"jpg": "/data/a.jpg"} or {"img0.jpg": b"...", "img1.jpg": ...}.
+    audio:  {field: source}, e.g. {"flac": "/data/a.wav"}; encoded as FLAC, and the clip's rates and
+            durations added to the `json` field under "audio" (see data_prep/audio.py).
     text:   the `txt` field (caption, question, sentence), already validated.
     meta:   the `json` field without "key" (the writer adds the key).
     extra:  other text fields, e.g. {"cls": "3"}.
     """
 
-    images: dict[str, ImageSource]
+    images: dict[str, ImageSource] = dataclasses.field(default_factory=dict)
+    audio: dict[str, AudioSource] = dataclasses.field(default_factory=dict)
     text: str | None = None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
     extra: dict[str, str] = dataclasses.field(default_factory=dict)

@@ -2,8 +2,10 @@
 
     python -m data_prep synth --output runs/demo/data --num-samples 4000 --seed 0
 
-writes OUTPUT/captions (pairs: train, val), OUTPUT/vqa (vqa: train, val, answers.json) and
-OUTPUT/retrieval (retrieval: train, test with --num-retrieval-test images x 5 captions).
+writes OUTPUT/captions (pairs: train, val), OUTPUT/vqa (vqa: train, val, answers.json),
+OUTPUT/retrieval (retrieval: train, test with --num-retrieval-test images x 5 captions) and the sound
+world OUTPUT/sounds (audio_retrieval: train with --num-sounds clips, test with --num-sound-test clips,
+5 captions each; 2-4 s clips of 1-3 events: pitch low/mid/high, timbre tone/buzz/noise, short/long).
 """
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ import random
 from collections import Counter
 from typing import Iterator
 
-from data_prep.cli_common import add_output_options, make_writer, recorded_options
+from data_prep.cli_common import add_audio_options, add_output_options, make_writer, recorded_options
 from data_prep.folder_files import TRAIN_SPLIT
 from data_prep.records import Record
+from data_prep.synth_sounds import make_sound_captions, random_clip
 from data_prep.synth_text import AnswerCycle, answer_vocabulary, make_captions, make_qa
 from data_prep.synth_world import random_scene
 from data_prep.vqa_answers import build_vocabulary, soft_targets
@@ -67,6 +70,22 @@ def retrieval_records(seed: int, split: str, count: int, canvas: int) -> Iterato
         i += 1
 
 
+def sound_records(seed: int, split: str, count: int, canvas: int) -> Iterator[Record]:
+    """Clips with 5 captions each; clips are unique within the split (by what a caption can say)."""
+    rng = part_rng(seed, "sounds", split)
+    seen: set = set()
+    i = 0
+    while i < count:
+        clip = random_clip(rng)
+        if clip.signature() in seen:
+            continue
+        seen.add(clip.signature())
+        captions = make_sound_captions(rng, clip, CAPTIONS_PER_IMAGE)
+        yield Record(audio={"flac": clip}, text=captions[0],
+                     meta={"audio_id": i, "captions": captions, "events": clip.describe()})
+        i += 1
+
+
 def counting(records: Iterator[Record], counter: Counter) -> Iterator[Record]:
     for record in records:
         counter.update(record.meta["targets"].keys())
@@ -76,7 +95,7 @@ def counting(records: Iterator[Record], counter: Counter) -> Iterator[Record]:
 def run(args: argparse.Namespace) -> int:
     if args.canvas < 16:
         raise ValueError(f"--canvas must be >= 16, got {args.canvas}")
-    for name in ("num_samples", "num_val", "num_retrieval_test"):
+    for name in ("num_samples", "num_val", "num_retrieval_test", "num_sounds", "num_sound_test"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.image_size is None:
@@ -89,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         "vqa": ("vqa", ["jpg", "txt", "json"], vqa_records, {"train": args.num_samples, "val": num_val}),
         "retrieval": ("retrieval", ["jpg", "txt", "json"], retrieval_records,
                       {"train": args.num_samples, "test": args.num_retrieval_test}),
+        "sounds": ("audio_retrieval", ["flac", "txt", "json"], sound_records,
+                   {"train": args.num_sounds or args.num_samples, "test": args.num_sound_test}),
     }
     for part, (task, fields, make_records, splits) in parts.items():
         counter: Counter = Counter()
@@ -118,9 +139,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-retrieval-test", type=int, default=200,
                    help="retrieval test images, 5 captions each (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="everything is deterministic from it (default %(default)s)")
+    p.add_argument("--num-sounds", type=int, default=None,
+                   help="sound-world training clips (default: --num-samples)")
+    p.add_argument("--num-sound-test", type=int, default=200,
+                   help="sound-world test clips, 5 captions each (default %(default)s)")
     p.add_argument("--canvas", type=int, default=64, help="image side in pixels (default %(default)s)")
     p.add_argument("--min-answer-count", type=int, default=0,
                    help="answers.json keeps answers seen this often; 0 keeps every possible synth answer "
                         "(default %(default)s)")
     add_output_options(p, image_size=None, quality=95, shard_size=1000, resize_mode="none")
+    add_audio_options(p)
     p.set_defaults(func=run)

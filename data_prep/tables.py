@@ -63,14 +63,18 @@ def iter_csv(path: str, required: Sequence[str], delimiter: str = ",") -> Iterat
         missing = [c for c in required if c not in header]
         if missing:
             raise InputFormatError(path, 1, f"header {header} lacks column(s) {missing}; expected columns "
-                                            f"{list(required)} (set them with --image-column/--caption-column)")
+                                            f"{list(required)} (set them with the command's --*-column options, "
+                                            f"where it has them)")
+        start = reader.line_num + 1
         for values in reader:
-            if not values:
-                continue
-            if len(values) != len(header):
-                raise InputFormatError(path, reader.line_num, f"{len(values)} fields, expected {len(header)} "
-                                                              f"as in the header {header}")
-            yield reader.line_num, dict(zip(header, values))
+            if values and len(values) != len(header):
+                runs = (f" (its quoted text runs on to line {reader.line_num}: an unclosed quote?)"
+                        if reader.line_num > start else "")
+                raise InputFormatError(path, start, f"{len(values)} fields, expected {len(header)} as in the "
+                                                    f"header {header}{runs}")
+            if values:
+                yield reader.line_num, dict(zip(header, values))
+            start = reader.line_num + 1
 
 
 def iter_parquet(path: str, required: Sequence[str]) -> Iterator[Row]:

@@ -3,7 +3,8 @@
     python -m data_prep verify runs/demo/data/vqa
 
 Checks: every listed shard exists and has the recorded sha256; every sample has exactly the manifest
-fields, a dot-free key equal to its json "key", UTF-8 text and fully decodable images; per-shard counts
+fields, a dot-free key equal to its json "key", UTF-8 text, fully decodable images and mono FLAC audio
+with the rate and length its json "audio" states; per-shard counts
 match sizes.json and split totals match the manifest; no split is empty; extra files (answers.json, classes.json) load.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import re
 import tarfile
 
+import soundfile as sf
 from PIL import Image
 
 from data_prep import manifest as mf
@@ -30,7 +32,11 @@ JSON_KEYS = {
     "classification": ("key", "label", "label_name"),
     "gqa": ("key", "question", "question_id", "image_id", "full_answer", "question_type"),
     "snli_ve": ("key", "pair_id", "image_id", "hypothesis", "premise", "label", "label_name"),
+    "audio_retrieval": ("key", "audio_id", "captions", "audio"),
+    "audio_pairs": ("key", "caption", "audio"),
+    "audio_classification": ("key", "label", "label_name", "audio"),
 }
+AUDIO_EXTS = ("flac",)
 MAX_REPORTED = 20
 
 
@@ -48,6 +54,8 @@ def check_sample(key: str, fields: dict[str, bytes], expected: set[str], json_ke
                     img.load()
             except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad image
                 problems.append(f"{key}.{ext}: image does not decode ({exc})")
+        elif ext in AUDIO_EXTS:
+            problems += _check_audio(key, ext, data, fields.get("json", b""))
         elif ext in ("txt", "cls", "json"):
             try:
                 text = data.decode("utf-8")
@@ -56,6 +64,22 @@ def check_sample(key: str, fields: dict[str, bytes], expected: set[str], json_ke
                 continue
             if ext == "json":
                 problems += _check_json(key, text, json_keys)
+    return problems
+
+
+def _check_audio(key: str, ext: str, data: bytes, meta_bytes: bytes) -> list[str]:
+    """The clip decodes, is mono, and has the sample rate and length its json "audio" entry states."""
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="int16", always_2d=True)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is bad audio
+        return [f"{key}.{ext}: audio does not decode ({exc.__class__.__name__}: {getattr(exc, 'error_string', exc)})"]
+    try:
+        stated = json.loads(meta_bytes)["audio"][ext]
+    except (ValueError, KeyError, TypeError):
+        return [f"{key}.json: no audio.{ext} entry"]
+    problems = [] if samples.shape[1] == 1 else [f"{key}.{ext}: {samples.shape[1]} channels, expected mono"]
+    if rate != stated.get("sample_rate") or abs(len(samples) / rate - stated.get("seconds", -1)) > 1e-5:
+        problems.append(f"{key}.{ext}: {len(samples)} samples at {rate} Hz, json says {stated}")
     return problems
 
 

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator
 import tqdm
 
 from data_prep import manifest as mf
+from data_prep.audio import AudioOptions
 from data_prep.encode import ShardJob, encode_pair, record_digest, write_tar
 from data_prep.folder_state import FolderState
 from data_prep.images import ImageOptions
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 MAX_LOGGED_SKIPS = 10  # per reason; the rest are only counted
 SHARDS_IN_FLIGHT = 2  # shards queued to the pool ahead of the one being written
 ENCODER_VERSION = 2  # bump when the same input and options give other bytes (2: EXIF orientation applied)
+AUDIO_ENCODER_VERSION = 1  # the same for audio fields
 
 
 class ConversionError(ValueError):
@@ -66,7 +68,7 @@ class DatasetWriter:
 
     def __init__(self, out_dir: str, *, task: str, fields: list[str], image_opts: ImageOptions,
                  shard_size: int, workers: int, command: str, options: dict[str, Any],
-                 progress: bool = True, min_written: float = 0.0):
+                 progress: bool = True, min_written: float = 0.0, audio_opts: AudioOptions | None = None):
         if shard_size < 1 or workers < 1:
             raise ValueError(f"shard_size and workers must be >= 1, got {shard_size}, {workers}")
         if not 0.0 <= min_written <= 1.0:
@@ -74,6 +76,7 @@ class DatasetWriter:
                              f"got {min_written}")
         self.out_dir, self.task, self.fields = out_dir, task, fields
         self.image_opts, self.shard_size, self.workers = image_opts, shard_size, workers
+        self.audio_opts = audio_opts
         self.command, self.options, self.progress = command, options, progress
         self.min_written = min_written
         os.makedirs(out_dir, exist_ok=True)
@@ -89,6 +92,8 @@ class DatasetWriter:
             os.remove(manifest_path)
         base = {"task": task, "fields": fields, "image": dataclasses.asdict(image_opts), "shard_size": shard_size,
                 "encoder_version": ENCODER_VERSION}
+        if audio_opts is not None:  # absent for image folders, so their fingerprints stay as they were
+            base["audio"] = {**dataclasses.asdict(audio_opts), "encoder_version": AUDIO_ENCODER_VERSION}
         self.fingerprint_base = json.dumps(base, sort_keys=True).encode()
         self.options_fingerprint = hashlib.sha256(self.fingerprint_base).hexdigest()
 
@@ -158,7 +163,7 @@ class DatasetWriter:
 
     # ---- encoding -------------------------------------------------------------------------------
     def _encode_iter(self, job: ShardJob) -> Iterator[dict[str, bytes] | Skip]:
-        fn = functools.partial(encode_pair, opts=self.image_opts)
+        fn = functools.partial(encode_pair, opts=self.image_opts, audio_opts=self.audio_opts)
         pairs = list(zip(job.records, job.keys))
         if self.pool is None:
             return map(fn, pairs)
@@ -216,8 +221,8 @@ class DatasetWriter:
         raise ConversionError(
             f"split {split!r}: wrote {tally.written} of the {tally.read} records read (--min-written "
             f"{self.min_written} needs {max(needed, 1)}); top skip reasons: {tally.top_reasons()}. Check "
-            f"the input file and --image-root (finished shards are kept and reused by the next run, which also "
-            f"writes manifest.json again with the folder's other splits)")
+            f"the input file and --image-root / --audio-root (finished shards are kept and reused by the next run, "
+            f"which also writes manifest.json again with the folder's other splits)")
 
     def _write_shard(self, job: ShardJob, fingerprint: str, results, bar) -> dict:
         final = os.path.join(self.out_dir, job.name)

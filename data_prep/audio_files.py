@@ -1,0 +1,53 @@
+"""Finding clips on disk and turning table cells into audio sources, for the audio readers."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from data_prep.audio import AUDIO_EXTENSIONS
+from data_prep.records import MISSING_FIELD, Skip, check_text
+
+
+class AudioFolder:
+    """The audio files directly in `root`, found by file name or by name without extension (one listing).
+
+    Two files with the same stem (``a.wav``, ``a.flac``): the first in sorted order wins.
+    """
+
+    def __init__(self, root: str):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"--audio-root {root}: not a folder")
+        self.root = root
+        self.names = {n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n))}
+        self.by_stem: dict[str, str] = {}
+        for name in sorted(self.names):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in AUDIO_EXTENSIONS:
+                self.by_stem.setdefault(stem, name)
+
+    def find(self, *names: str) -> str | None:
+        """Path of the first of `names` that is a file name in the folder, else the first that is a stem."""
+        for name in names:
+            if name in self.names:
+                return os.path.join(self.root, name)
+        for name in names:
+            if name in self.by_stem:
+                return os.path.join(self.root, self.by_stem[name])
+        return None
+
+
+def audio_source(value: Any, audio_root: str) -> str | bytes | Skip:
+    """A table cell as an audio source: a path (joined to audio_root), bytes, or an HF Audio(decode=False)
+    struct {"bytes", "path"}."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value) if value else Skip(MISSING_FIELD, "empty audio bytes")
+    if isinstance(value, str) and value.strip():
+        return os.path.join(audio_root, value.strip())
+    return Skip(MISSING_FIELD, f"no usable audio value ({type(value).__name__})")
+
+
+def usable_captions(values: list, field: str) -> list[str]:
+    """The non-empty, valid captions of `values` in order (check_text rules), duplicates kept."""
+    return [c for c in (check_text(v, field) for v in values) if not isinstance(c, Skip)]
