@@ -80,10 +80,15 @@ def model_state_bytes(dense: int, experts: int, ep_size: int, world: int, stage:
 
 
 def activation_bytes(recipe: Any, passes: dict[str, int]) -> float:
-    """Activation bytes per rank of one micro-batch through ``passes`` ({"image" | "text" | "fuse": count})."""
+    """Activation bytes per rank of one micro-batch through ``passes`` ({kind: count}; a kind is a modality,
+    modalities joined by '+', or "fuse": pipeline.model.accounting.pass_modalities)."""
+    from pipeline.model.accounting import pass_modalities
+
     model_cfg = recipe.model
-    image_tokens = 1 + model_cfg.num_patches if "image" in model_cfg.modalities else 0
-    tokens = {"image": image_tokens, "text": recipe.data.text_len, "fuse": image_tokens + recipe.data.text_len}
+    per_modality = {"image": 1 + model_cfg.num_patches, "text": recipe.data.text_len,
+                    "audio": 1 + model_cfg.audio.num_patches}
+    tokens = {kind: sum(per_modality[m] for m in modalities)
+              for kind, modalities in pass_modalities(model_cfg, list(passes)).items()}
     d, heads = model_cfg.hidden_size, model_cfg.num_heads
     per_layer = sum(count * (34 * tokens[kind] * d + 5 * heads * tokens[kind] ** 2) for kind, count in passes.items())
     return float(per_layer * model_cfg.num_layers * recipe.batch.micro_batch_size)

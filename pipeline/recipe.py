@@ -167,7 +167,7 @@ class Recipe:
     model: ModelConfig = _f(default_factory=ModelConfig, help="the model (pipeline.model.config.ModelConfig); "
                             "with init_from, merged over that run's model")
     init_from: str | None = _f(None, help="RUN_DIR or RUN_DIR/TAG of an earlier stage: weights only")
-    init: InitConfig = _f(default_factory=InitConfig, help="pretrained ViT / BERT weights for a fresh model "
+    init: InitConfig = _f(default_factory=InitConfig, help="pretrained ViT / BERT / AST weights for a fresh model "
                                                              "(first stage; `--set init={}` turns it off)")
     objectives: dict[str, float] = _f({}, help="objective name -> loss weight, only the task's objectives "
                                       "(Task.objectives); empty = the task's defaults, one not named weighs 0")
@@ -190,8 +190,8 @@ class Recipe:
         self.objectives = task_class.resolve_objectives(self.objectives)
         task_class.parse_options(self.task_options)  # checked here, typed again where the task is built
         if self.init.active and self.init_from:
-            raise ConfigError(f"init (init.vit / init.bert) and init_from={self.init_from} are both set: init_from "
-                              "already gives every weight (the earlier stage's); drop the init section")
+            raise ConfigError(f"init (init.vit / init.bert / init.ast) and init_from={self.init_from} are both set: "
+                              "init_from already gives every weight (the earlier stage's); drop the init section")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

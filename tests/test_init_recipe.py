@@ -60,7 +60,7 @@ def test_init_section_is_checked_with_the_recipe(tmp_path, vit_dir):
         recipe({"bert": "b", "upcycle": False})
     (tmp_path / "stage1").mkdir()
     (tmp_path / "stage1" / "resolved_recipe.yaml").write_text(yaml.safe_dump({"model": MODEL}))
-    with pytest.raises(ConfigError, match=r"init \(init.vit / init.bert\) and init_from=.*stage1"):
+    with pytest.raises(ConfigError, match=r"init \(init.vit / init.bert / init.ast\) and init_from=.*stage1"):
         recipe({"vit": str(vit_dir)}, init_from=str(tmp_path / "stage1"))
     with pytest.raises(ConfigError, match="init: unknown key"):
         recipe({"vit_path": str(vit_dir)})

@@ -124,3 +124,16 @@ def test_train_flops_are_three_forwards_of_the_task_passes():
     assert size_of(recipe).forward_flops_per_sample == forward.forward_flops_per_sample
     assert train_flops_per_sample(recipe) == 3 * forward.forward_flops_per_sample
     assert activation_bytes(recipe, {"text": 2}) == 2 * activation_bytes(recipe, {"text": 1})
+
+
+def test_activations_count_the_tokens_of_every_modality_of_a_pass():
+    """A pass kind names its modalities (``audio+text``; ``fuse`` = all of the model's): each adds its tokens."""
+    from pipeline.plan import activation_bytes
+    from pipeline.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "launch/recipes/text_mlm.yaml", ["model.modalities=[image, text, audio]"])
+    text, audio = activation_bytes(recipe, {"text": 1}), activation_bytes(recipe, {"audio": 1})
+    assert activation_bytes(recipe, {"audio+text": 1}) > text + audio  # attention is quadratic in the tokens
+    assert activation_bytes(recipe, {"fuse": 1}) > activation_bytes(recipe, {"audio+text": 1}) > audio > 0
+    with pytest.raises(ValueError, match="unknown pass kind"):
+        activation_bytes(load_recipe(REPO / "launch/recipes/text_mlm.yaml"), {"audio": 1})
