@@ -3,9 +3,9 @@
 Policy: every channel is averaged to mono; the clip is resampled to one rate with soxr (libsoxr, "HQ");
 a clip longer than ``max_seconds`` keeps its first ``max_seconds`` (cropped from the start); nothing is
 padded (the loader pads). The stored FLAC is 16-bit PCM. Bad audio raises ``SkipSample`` with its reason:
-unreadable, empty (no frames or a 0-byte file), shorter than ``min_seconds``, NaN/inf samples, silent
-(peak of the stored mono clip below ``silence_peak``), or content whose format is not the one its
-file extension says.
+unreadable, empty (no frames or a 0-byte file), shorter than ``min_seconds``, NaN/inf samples in the
+stored part, silent (peak of the stored mono clip below ``silence_peak``), or content whose format is not
+the one its file extension says. Only the first ``max_seconds`` of a file are decoded.
 """
 from __future__ import annotations
 
@@ -53,45 +53,57 @@ def _check_extension(path: str, file_format: str) -> None:
                                                    f"{'/'.join(sorted(expected))}")
 
 
-def decode_audio(source: AudioSource) -> tuple[np.ndarray, int]:
-    """(float32 samples [frames, channels], sample rate) of a path / bytes / renderable source, or SkipSample."""
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    samples: np.ndarray  # float32 [frames, channels]: the first max_seconds of the clip
+    rate: int
+    frames: int  # of the whole clip
+
+
+def _read(f: sf.SoundFile, max_seconds: float) -> Decoded:
+    wanted = min(f.frames, int(np.ceil(max_seconds * f.samplerate)))
+    samples = f.read(wanted, dtype="float32", always_2d=True)
+    frames = len(samples) if len(samples) < wanted else f.frames  # a truncated file holds less than it says
+    return Decoded(samples, f.samplerate, frames)
+
+
+def decode_audio(source: AudioSource, max_seconds: float) -> Decoded:
+    """The first `max_seconds` of a path / bytes / renderable source, or SkipSample."""
     if hasattr(source, "render"):
         samples, rate = source.render()
-        return np.asarray(samples, dtype=np.float32).reshape(len(samples), -1), rate
+        samples = np.asarray(samples, dtype=np.float32).reshape(len(samples), -1)
+        return Decoded(samples[: int(np.ceil(max_seconds * rate))], rate, len(samples))
     if isinstance(source, str):
         if not os.path.isfile(source):
             raise SkipSample(MISSING_FILE, "no such file")
-        with open(source, "rb") as f:
-            data = f.read()
+        empty = os.path.getsize(source) == 0
     else:
-        data = bytes(source)
-    if not data:
+        empty = len(source) == 0
+        source = io.BytesIO(bytes(source))
+    if empty:
         raise SkipSample(EMPTY_AUDIO, "0-byte file")
     try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
+        with sf.SoundFile(source) as f:
             if isinstance(source, str):
                 _check_extension(source, f.format)
-            samples = f.read(dtype="float32", always_2d=True)
-            rate = f.samplerate
-    except sf.LibsndfileError as exc:  # its str() names the BytesIO object (an address): not reproducible
+            return _read(f, max_seconds)
+    except sf.LibsndfileError as exc:  # its str() may name a BytesIO object (an address): not reproducible
         raise SkipSample(UNREADABLE_AUDIO, exc.error_string) from None
     except (RuntimeError, ValueError, TypeError) as exc:
         raise SkipSample(UNREADABLE_AUDIO, str(exc).strip() or type(exc).__name__) from None
-    return samples, rate
 
 
-def to_mono_clip(samples: np.ndarray, rate: int, opts: AudioOptions) -> np.ndarray:
+def to_mono_clip(clip: Decoded, opts: AudioOptions) -> np.ndarray:
     """Checked, mono, cropped, resampled float32 clip at opts.sample_rate (raises SkipSample)."""
-    frames = samples.shape[0]
-    if frames == 0:
+    if clip.frames == 0:
         raise SkipSample(EMPTY_AUDIO, "no audio frames")
-    if frames < opts.min_seconds * rate:
-        raise SkipSample(AUDIO_TOO_SHORT, f"{frames / rate:.3f} s < --min-seconds {opts.min_seconds}")
-    if not np.isfinite(samples).all():
+    if clip.frames < opts.min_seconds * clip.rate:
+        raise SkipSample(AUDIO_TOO_SHORT, f"{clip.frames / clip.rate:.3f} s < --min-seconds {opts.min_seconds}")
+    mono = clip.samples.mean(axis=1, dtype=np.float32)
+    if not np.isfinite(mono).all():  # a NaN/inf in any channel makes the mean non-finite
         raise SkipSample(AUDIO_NOT_FINITE, "NaN or infinite samples")
-    mono = samples.mean(axis=1, dtype=np.float32)[: int(np.ceil(opts.max_seconds * rate))]
-    if rate != opts.sample_rate:
-        mono = soxr.resample(mono, rate, opts.sample_rate, quality=RESAMPLE_QUALITY)
+    if clip.rate != opts.sample_rate:
+        mono = soxr.resample(mono, clip.rate, opts.sample_rate, quality=RESAMPLE_QUALITY)
     mono = mono[: int(round(opts.max_seconds * opts.sample_rate))]
     peak = float(np.abs(mono).max()) if mono.size else 0.0
     if peak < opts.silence_peak:
@@ -107,9 +119,9 @@ def encode_flac(mono: np.ndarray, rate: int) -> bytes:
 
 def process_audio(source: AudioSource, opts: AudioOptions) -> tuple[bytes, dict]:
     """Source -> (FLAC bytes, facts for the sample's json) (deterministic for the same input)."""
-    samples, rate = decode_audio(source)
-    mono = to_mono_clip(samples, rate, opts)
+    clip = decode_audio(source, opts.max_seconds)
+    mono = to_mono_clip(clip, opts)
     info = {"sample_rate": opts.sample_rate, "seconds": round(len(mono) / opts.sample_rate, 6),
-            "source_sample_rate": rate, "source_channels": int(samples.shape[1]),
-            "source_seconds": round(samples.shape[0] / rate, 6)}
+            "source_sample_rate": clip.rate, "source_channels": int(clip.samples.shape[1]),
+            "source_seconds": round(clip.frames / clip.rate, 6)}
     return encode_flac(mono, opts.sample_rate), info
