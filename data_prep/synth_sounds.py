@@ -25,7 +25,7 @@ MIN_CLIP_SECONDS, MAX_CLIP_SECONDS = 2.0, 4.0
 BACKGROUND_RMS = 0.003
 RAMP_SECONDS = 0.01  # attack and release of every event
 NOISE_BAND = 0.25  # a noise burst is white noise band-passed to pitch +-25%
-NOISE_RMS = 0.35
+NOISE_RMS = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,23 +67,23 @@ class SoundClip:
 
 
 def _event_wave(event: Event, rng: np.random.Generator) -> np.ndarray:
-    t = np.arange(round(event.seconds * SAMPLE_RATE), dtype=np.float64) / SAMPLE_RATE
-    phase = event.frequency * t
+    t = np.arange(round(event.seconds * SAMPLE_RATE), dtype=np.float32) / np.float32(SAMPLE_RATE)
+    phase = np.float32(event.frequency) * t
     if event.wave == "sine":
-        wave = np.sin(2 * np.pi * phase)
+        wave = np.sin(np.float32(2 * np.pi) * phase)
     elif event.wave == "square":
-        wave = 0.6 * np.sign(np.sin(2 * np.pi * phase))
+        wave = np.float32(0.6) * np.sign(np.sin(np.float32(2 * np.pi) * phase))
     elif event.wave == "saw":
-        wave = 0.7 * (2.0 * (phase % 1.0) - 1.0)
+        wave = np.float32(0.7) * (2 * (phase % 1) - 1)
     else:
         n_fft = 1 << (len(t) - 1).bit_length()  # a power of two: pocketfft is slow on odd lengths
         spectrum = np.fft.rfft(rng.standard_normal(n_fft))
         freqs = np.fft.rfftfreq(n_fft, 1.0 / SAMPLE_RATE)
         spectrum[np.abs(freqs - event.frequency) > NOISE_BAND * event.frequency] = 0.0
-        wave = np.fft.irfft(spectrum, n_fft)[: len(t)]
+        wave = np.fft.irfft(spectrum, n_fft)[: len(t)].astype(np.float32)
         wave *= NOISE_RMS / max(float(wave.std()), 1e-9)
-    ramp = np.minimum(1.0, np.minimum(t, t[-1] - t) / RAMP_SECONDS)
-    return (event.amplitude * wave * ramp).astype(np.float32)
+    ramp = np.minimum(1, np.minimum(t, t[-1] - t) / np.float32(RAMP_SECONDS))
+    return (np.float32(event.amplitude) * wave * ramp).astype(np.float32)
 
 
 def random_clip(rng: random.Random) -> SoundClip:
