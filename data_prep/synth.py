@@ -95,7 +95,9 @@ def counting(records: Iterator[Record], counter: Counter) -> Iterator[Record]:
 def run(args: argparse.Namespace) -> int:
     if args.canvas < 16:
         raise ValueError(f"--canvas must be >= 16, got {args.canvas}")
-    for name in ("num_samples", "num_val", "num_retrieval_test", "num_sounds", "num_sound_test"):
+    if args.num_sounds is not None and args.num_sounds < 0:
+        raise ValueError(f"--num-sounds must be >= 0, got {args.num_sounds}")
+    for name in ("num_samples", "num_val", "num_retrieval_test", "num_sound_test"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.image_size is None:
@@ -109,8 +111,11 @@ def run(args: argparse.Namespace) -> int:
         "retrieval": ("retrieval", ["jpg", "txt", "json"], retrieval_records,
                       {"train": args.num_samples, "test": args.num_retrieval_test}),
         "sounds": ("audio_retrieval", ["flac", "txt", "json"], sound_records,
-                   {"train": args.num_sounds or args.num_samples, "test": args.num_sound_test}),
+                   {"train": args.num_samples if args.num_sounds is None else args.num_sounds,
+                    "test": args.num_sound_test}),
     }
+    if args.num_sounds == 0:  # no sound world
+        del parts["sounds"]
     for part, (task, fields, make_records, splits) in parts.items():
         counter: Counter = Counter()
         with make_writer(args, task=task, fields=fields, out_dir=os.path.join(args.output, part),
@@ -140,7 +145,7 @@ def add_parser(subparsers) -> None:
                    help="retrieval test images, 5 captions each (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="everything is deterministic from it (default %(default)s)")
     p.add_argument("--num-sounds", type=int, default=None,
-                   help="sound-world training clips (default: --num-samples)")
+                   help="sound-world training clips (default: --num-samples; 0 = no sound world)")
     p.add_argument("--num-sound-test", type=int, default=200,
                    help="sound-world test clips, 5 captions each (default %(default)s)")
     p.add_argument("--canvas", type=int, default=64, help="image side in pixels (default %(default)s)")

@@ -52,7 +52,7 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> SynthData:
     root = tmp_path_factory.mktemp("synth") / "data"
     tokenizer = root.parent / "tokenizer"
     _data_prep("synth", "--output", root, "--num-samples", SYNTH_SAMPLES, "--num-val", SYNTH_VAL,
-               "--num-retrieval-test", SYNTH_RETRIEVAL_TEST, "--no-progress")
+               "--num-retrieval-test", SYNTH_RETRIEVAL_TEST, "--num-sounds", 0, "--no-progress")
     _data_prep("tokenizer", "--shards", root / "captions", root / "vqa", root / "retrieval",
                "--vocab-size", TOKENIZER_VOCAB, "--output", tokenizer)
     return SynthData(root, root / "captions", root / "vqa", root / "retrieval", tokenizer)

@@ -231,6 +231,9 @@ def test_synth_sound_world_is_deterministic_with_stated_sizes(tmp_path):
                        "--num-sounds", 30, "--seed", 3, "--workers", workers, "--shard-size", 100) == 0
     sounds = runs[0] / "sounds"
     assert tar_digests(sounds) == tar_digests(runs[1] / "sounds") and len(tar_digests(sounds)) == 3
+    assert run_cli("synth", "--output", tmp_path / "none", "--num-samples", 10, "--num-val", 2,
+                   "--num-retrieval-test", 2, "--num-sounds", 0) == 0
+    assert not (tmp_path / "none" / "sounds").exists() and (tmp_path / "none" / "captions").is_dir()
     m = manifest(sounds)
     assert m["task"] == "audio_retrieval" and {s: i["num_samples"] for s, i in m["splits"].items()} == \
         {"train": 30, "test": 200}
