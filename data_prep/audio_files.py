@@ -5,7 +5,7 @@ import os
 from typing import Any
 
 from data_prep.audio import AUDIO_EXTENSIONS
-from data_prep.records import MISSING_FIELD, Skip, check_text
+from data_prep.records import Skip, check_text, media_source
 
 
 class AudioFolder:
@@ -39,13 +39,7 @@ class AudioFolder:
 def audio_source(value: Any, audio_root: str) -> str | bytes | Skip:
     """A table cell as an audio source: a path (joined to audio_root), bytes, or an HF Audio(decode=False)
     struct {"bytes", "path"}."""
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value) if value else Skip(MISSING_FIELD, "empty audio bytes")
-    if isinstance(value, str) and value.strip():
-        return os.path.join(audio_root, value.strip())
-    return Skip(MISSING_FIELD, f"no usable audio value ({type(value).__name__})")
+    return media_source(value, audio_root, "audio")
 
 
 def usable_captions(values: list, field: str) -> list[str]:

@@ -20,7 +20,8 @@ import tarfile
 from typing import Any, Iterator
 
 from data_prep.cli_common import add_output_options, make_writer
-from data_prep.records import DUPLICATE_KEY, MISSING_FIELD, InputFormatError, ReaderItem, Record, Skip, check_text
+from data_prep.records import (DUPLICATE_KEY, MISSING_FIELD, InputFormatError, ReaderItem, Record, Skip, check_text,
+                               media_source)
 from data_prep.shards import iter_tar_samples
 from data_prep.tables import iter_rows
 
@@ -31,13 +32,7 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 
 def image_source(value: Any, image_root: str) -> str | bytes | Skip:
     """A table cell as an image source: a path (joined to image_root), bytes, or an HF image struct."""
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value) if value else Skip(MISSING_FIELD, "empty image bytes")
-    if isinstance(value, str) and value.strip():
-        return os.path.join(image_root, value.strip())
-    return Skip(MISSING_FIELD, f"no usable image value ({type(value).__name__})")
+    return media_source(value, image_root, "image")
 
 
 def pair_record(row: dict, *, image_column: str, caption_column: str, image_root: str,

@@ -7,6 +7,7 @@ and audio encoding) or a ``Skip`` (a bad input record, counted by reason). A mal
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Union
 
 # Skip reasons (manifest "skipped" keys).
@@ -106,3 +107,15 @@ def check_text(value: Any, field: str) -> str | Skip:
     if not value:
         return Skip(EMPTY_CAPTION, f"{field!r} is empty")
     return value
+
+
+def media_source(value: Any, root: str, kind: str) -> str | bytes | Skip:
+    """A table cell as an image or audio source (``kind`` names it in the skip detail): a path (joined to
+    ``root``), bytes, or a Hugging Face Image/Audio(decode=False) struct ``{"bytes", "path"}``."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value) if value else Skip(MISSING_FIELD, f"empty {kind} bytes")
+    if isinstance(value, str) and value.strip():
+        return os.path.join(root, value.strip())
+    return Skip(MISSING_FIELD, f"no usable {kind} value ({type(value).__name__})")
