@@ -29,7 +29,7 @@ import soxr
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_data_prep import cpu_seconds  # noqa: E402
+from bench.bench_data_prep import best_of_interleaved, timed  # noqa: E402
 from data_prep.cli import main as data_prep_main  # noqa: E402
 
 SOURCE_RATE = 44100
@@ -54,12 +54,6 @@ def bare_loop(files: list[str], rate: int) -> None:
         mono = soxr.resample(samples.mean(axis=1), source_rate, rate)
         buf = io.BytesIO()
         sf.write(buf, mono, rate, format="FLAC", subtype="PCM_16")
-
-
-def timed(fn, *args) -> tuple[float, float]:
-    wall, cpu = time.perf_counter(), cpu_seconds()
-    fn(*args)
-    return time.perf_counter() - wall, cpu_seconds() - cpu
 
 
 def prep_run(table: Path, out: Path, workers: int, rate: int, shard_size: int) -> None:
@@ -97,13 +91,7 @@ def main(argv=None) -> int:
         for w in args.workers:
             runs[f"prep_w{w}"] = (lambda w=w: timed(prep_run, table, tmp / "out", w, args.sample_rate,
                                                     args.shard_size))
-        results = {name: [] for name in runs}
-        for _ in range(args.repeats):  # interleaved, so load changes hit every method alike
-            for name, run in runs.items():
-                results[name].append(run())
-    timings = {k: min(wall for wall, _ in v) for k, v in results.items()}
-    cpu_ms = {k: 1000 * min(cpu for _, cpu in v) / n for k, v in results.items()}
-    rates = {k: n / v for k, v in timings.items()}
+        timings, rates, cpu_ms = best_of_interleaved(runs, args.repeats, n)
     base = rates[f"prep_w{args.workers[0]}"]
     load = os.getloadavg()[0]
     print(f"{n} stereo WAV clips of {args.seconds:g} s at {SOURCE_RATE} Hz -> mono FLAC at {args.sample_rate} Hz; "

@@ -64,6 +64,18 @@ def timed(fn, *args) -> tuple[float, float]:
     return time.perf_counter() - wall, cpu_seconds() - cpu
 
 
+def best_of_interleaved(runs: dict, repeats: int, n: int) -> tuple[dict, dict, dict]:
+    """Run every ``runs[name]()`` (each returns ``timed``'s pair) ``repeats`` times, interleaved so that load
+    changes hit every method alike; (best wall seconds, items/s, CPU ms per item) per name for ``n`` items."""
+    results = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            results[name].append(run())
+    timings = {k: min(wall for wall, _ in v) for k, v in results.items()}
+    cpu_ms = {k: 1000 * min(cpu for _, cpu in v) / n for k, v in results.items()}
+    return timings, {k: n / v for k, v in timings.items()}, cpu_ms
+
+
 def bare_loop(files: list[str], size: int, quality: int) -> None:
     """The reference: open, decode, resize the shorter side, encode."""
     for path in files:
@@ -115,13 +127,7 @@ def main(argv=None) -> int:
         for w in args.workers:
             runs[f"pairs_w{w}"] = (lambda w=w: timed(pairs_run, table, tmp / "out", w, args.image_size,
                                                      args.quality, args.shard_size))
-        results = {name: [] for name in runs}
-        for _ in range(args.repeats):  # interleaved, so load changes hit every method alike
-            for name, run in runs.items():
-                results[name].append(run())
-    timings = {k: min(wall for wall, _ in v) for k, v in results.items()}
-    cpu_ms = {k: 1000 * min(cpu for _, cpu in v) / n for k, v in results.items()}
-    rates = {k: n / v for k, v in timings.items()}
+        timings, rates, cpu_ms = best_of_interleaved(runs, args.repeats, n)
     base = rates[f"pairs_w{args.workers[0]}"]
     rows = [("bare PIL loop", 1, rates["bare_pil"], 1.0, None, cpu_ms["bare_pil"])]
     for w in args.workers:
