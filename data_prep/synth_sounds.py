@@ -15,6 +15,8 @@ import random
 
 import numpy as np
 
+from data_prep.synth_text import distinct_captions
+
 SAMPLE_RATE = 16000
 PITCHES = {"low": (140.0, 220.0), "mid": (380.0, 620.0), "high": (1000.0, 1600.0)}  # Hz ranges
 TIMBRES = ("tone", "buzz", "noise")
@@ -139,13 +141,6 @@ def make_caption(rng: random.Random, clip: SoundClip) -> str:
     return rng.choice(PREFIXES) + text
 
 
-def make_sound_captions(rng: random.Random, clip: SoundClip, count: int, max_tries: int = 200) -> list[str]:
+def make_sound_captions(rng: random.Random, clip: SoundClip, count: int) -> list[str]:
     """`count` different captions of the same clip."""
-    captions: list[str] = []
-    for _ in range(max_tries):
-        caption = make_caption(rng, clip)
-        if caption not in captions:
-            captions.append(caption)
-            if len(captions) == count:
-                return captions
-    raise RuntimeError(f"could not make {count} distinct captions for {clip.signature()}")
+    return distinct_captions(make_caption, rng, clip, count)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import Any, Callable
 
 from data_prep.synth_world import (COLORS, MAX_OBJECTS, QUADRANTS, SHAPES, Obj, Scene, free_quadrants,
                                    make_scene, sample_object)
@@ -49,16 +50,22 @@ def make_caption(rng: random.Random, scene: Scene) -> str:
     return rng.choice(PREFIXES).format(count=count) + _join(parts)
 
 
-def make_captions(rng: random.Random, scene: Scene, count: int, max_tries: int = 200) -> list[str]:
-    """`count` different captions of the same scene."""
+def distinct_captions(make: Callable[[random.Random, Any], str], rng: random.Random, thing: Any, count: int,
+                      max_tries: int = 200) -> list[str]:
+    """`count` different captions of the same `thing` (a scene, a sound clip), drawn with `make(rng, thing)`."""
     captions: list[str] = []
     for _ in range(max_tries):
-        caption = make_caption(rng, scene)
+        caption = make(rng, thing)
         if caption not in captions:
             captions.append(caption)
             if len(captions) == count:
                 return captions
-    raise RuntimeError(f"could not make {count} distinct captions for {scene.signature()}")
+    raise RuntimeError(f"could not make {count} distinct captions for {thing.signature()}")
+
+
+def make_captions(rng: random.Random, scene: Scene, count: int) -> list[str]:
+    """`count` different captions of the same scene."""
+    return distinct_captions(make_caption, rng, scene, count)
 
 
 # ---- questions -------------------------------------------------------------------------------------
