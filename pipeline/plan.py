@@ -31,8 +31,7 @@ def task_passes(recipe: Any) -> dict[str, int]:
     from pipeline.tasks import get_task_class
 
     task_class = get_task_class(recipe.task)
-    return task_class.passes(task_class.resolve_objectives(recipe.objectives),
-                             task_class.parse_options(recipe.task_options))
+    return task_class.passes(recipe.objectives, task_class.parse_options(recipe.task_options))  # resolved by Recipe
 
 
 def train_flops_per_sample(recipe: Any, size: Any = None) -> float:

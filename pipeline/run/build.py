@@ -44,7 +44,7 @@ def build_task(recipe: Any, tokenizer: Any, dist: DistInfo, model: nn.Module | N
                           "heads, also when evaluating on other data)")
     ctx = TaskContext(model_cfg=recipe.model, tokenizer=tokenizer, text_len=recipe.data.text_len,
                       image_size=recipe.data.image_size, data_dir=data_dir,
-                      objectives=task_class.resolve_objectives(recipe.objectives), dist=dist,
+                      objectives=recipe.objectives, dist=dist,  # resolved by Recipe
                       options=task_class.parse_options(recipe.task_options))
     return task_class(ctx, model)
 
