@@ -102,8 +102,6 @@ class Task(nn.Module, ABC):
     def __init__(self, ctx: TaskContext, model: nn.Module | None = None):
         super().__init__()
         self.ctx = ctx
-        #: loss weight of every objective of the task (``resolve_objectives`` of the context's), resolved once
-        self.weights: dict[str, float] = self.resolve_objectives(ctx.objectives)
         self.setup()
         self.model = model
         self.heads = self.build_heads(model) if model is not None else nn.ModuleDict()
@@ -144,6 +142,11 @@ class Task(nn.Module, ABC):
     @property
     def options(self) -> Any:
         return self.ctx.options
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Loss weight of every objective of the task (``resolve_objectives`` of the context's)."""
+        return self.resolve_objectives(self.ctx.objectives)
 
     @abstractmethod
     def build_heads(self, model: nn.Module) -> nn.ModuleDict:
