@@ -100,6 +100,7 @@ def main() -> None:
         assert "model.extra.weight" in str(exc), exc
 
     marker = run / f"pwned_{rank}"
+    barrier()  # every rank has finished reading the real checkpoint before rank 0 overwrites it
     if rank == 0:
         class RunsShell:
             def __reduce__(self):
