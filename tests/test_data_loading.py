@@ -137,7 +137,7 @@ def test_decode_never_unpickles_and_only_decodes_task_fields():
     sample = {"__key__": "k", "jpg": _jpeg(1), "txt": b"hi", "pyd": b"\x80\x04not really", "cls": b" 3\n"}
     out = decode_sample(sample, ["jpg", "txt", "cls"])
     assert set(out) == {"__key__", "jpg", "txt", "cls"} and out["cls"] == 3 and out["jpg"].mode == "RGB"
-    with pytest.raises(ConfigError, match="only images, txt, json and cls"):
+    with pytest.raises(ConfigError, match="only images, audio \(flac, wav\), txt, json and cls"):
         decode_sample(sample, ["pyd"])
     with pytest.raises(SkipSample):
         decode_sample(sample, ["json"])

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 from urllib.parse import urlparse
 
+import numpy as np
+import soundfile as sf
 import torch
 import webdataset as wds
 from PIL import Image
@@ -37,6 +39,7 @@ from pipeline.tasks.base import SkipSample, Task
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+AUDIO_EXTS = ("flac", "wav")
 PREFETCH_FACTOR = 2
 WORKER_SEED_STRIDE = 1000  # seed = base + rank * stride + worker
 
@@ -88,7 +91,8 @@ def num_samples(path: str, split: str) -> int | None:
 
 # ------------------------------------------------------------------------------------------- decoding
 def decode_sample(sample: dict[str, Any], fields: Iterable[str]) -> dict[str, Any]:
-    """Decode only the task's fields: images -> PIL RGB, txt -> str, json -> obj, cls -> int."""
+    """Decode only the task's fields: images -> PIL RGB, audio -> (float32 waveform [S] mono, sample rate),
+    txt -> str, json -> obj, cls -> int."""
     out: dict[str, Any] = {"__key__": sample.get("__key__")}
     for name in fields:
         if name not in sample:
@@ -98,6 +102,8 @@ def decode_sample(sample: dict[str, Any], fields: Iterable[str]) -> dict[str, An
         if ext in IMAGE_EXTS:
             with Image.open(io.BytesIO(data)) as image:
                 out[name] = image.convert("RGB")
+        elif ext in AUDIO_EXTS:
+            out[name] = decode_audio(data)
         elif ext == "txt":
             out[name] = data.decode("utf-8")
         elif ext == "json":
@@ -105,8 +111,14 @@ def decode_sample(sample: dict[str, Any], fields: Iterable[str]) -> dict[str, An
         elif ext == "cls":
             out[name] = int(data.decode("utf-8").strip())
         else:
-            raise ConfigError(f"field {name!r}: only images, txt, json and cls are decoded")
+            raise ConfigError(f"field {name!r}: only images, audio (flac, wav), txt, json and cls are decoded")
     return out
+
+
+def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
+    """FLAC/WAV bytes -> (float32 waveform [S], sample rate); channels are averaged (data_prep writes mono)."""
+    waveform, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    return waveform.mean(axis=1) if waveform.shape[1] > 1 else waveform[:, 0], int(rate)
 
 
 # ---------------------------------------------------------------------------- checked shard reading

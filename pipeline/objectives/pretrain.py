@@ -1,4 +1,5 @@
-"""VLMo/VL-MoE pretraining objectives: ITC, ITM with hard negatives, MLM.
+"""VLMo/VL-MoE pretraining objectives: ITC, ITM with hard negatives, MLM; the same three for audio-text
+pairs (ATC, ATM, MLM with audio context): "image" below stands for the batch's media modality.
 
 Shapes: B local batch, W data-parallel world size, G = B*W global batch, P projection dim, L text length,
 D hidden, V vocab, M masked tokens.
@@ -89,21 +90,44 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, rank: in
     return picks[0], picks[1]
 
 
-def itm_batch(pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+#: the batch keys of each media modality's model inputs, in ``VLMoE.encode`` argument order
+MEDIA_KEYS = {"image": ("pixel_values",), "audio": ("audio_values", "audio_lengths")}
+#: the objective (and head) names of the media-text pair objectives, per media modality: contrastive,
+#: matching, MLM with the media as context. Image: VLMo's ITC / ITM / MLM; audio: ATC / ATM / audio MLM
+#: (the MLM head, tied to the token embeddings, is shared: "mlm").
+PAIR_OBJECTIVES = {"image": ("itc", "itm", "mlm"), "audio": ("atc", "atm", "audio_mlm")}
+
+
+def batch_media(batch: dict[str, Any]) -> str:
+    """The media modality of a media-text batch: "audio" when it holds ``audio_values``, else "image"."""
+    return "audio" if "audio_values" in batch else "image"
+
+
+def media_inputs(batch: dict[str, Any], media: str) -> tuple[torch.Tensor, ...]:
+    return tuple(batch[key] for key in MEDIA_KEYS[media])
+
+
+def encode_pair(model: torch.nn.Module, media: str, inputs: tuple[torch.Tensor, ...], input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> Any:
+    """One fused pass over a media modality and text (``model.fuse`` for images)."""
+    return model.encode({media: inputs, "text": (input_ids, attention_mask)})
+
+
+def itm_batch(media: tuple[torch.Tensor, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor,
               itc: ITCResult, group: Any = None, generator: torch.Generator | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pixels [3B,...], ids [3B,L], mask [3B,L], labels [3B]): positives, (image, hard negative text),
-    (hard negative image, text). Shapes are fixed (3B) on every rank."""
+              ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(media inputs [3B,...], ids [3B,L], mask [3B,L], labels [3B]): positives, (media, hard negative text),
+    (hard negative media, text). ``media``: the media modality's inputs (images: (pixels,); audio:
+    (log-mel, lengths)). Shapes are fixed (3B) on every rank."""
     rank, _ = _world(group)
-    neg_text_idx, neg_image_idx = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, rank, generator)
-    all_pixels = gather_no_grad(pixel_values, group)
+    neg_text_idx, neg_media_idx = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, rank, generator)
     all_ids, all_mask = gather_no_grad(input_ids, group), gather_no_grad(attention_mask, group)
-    pixels = torch.cat([pixel_values, pixel_values, all_pixels[neg_image_idx]])
+    mixed = tuple(torch.cat([x, x, gather_no_grad(x, group)[neg_media_idx]]) for x in media)
     ids = torch.cat([input_ids, all_ids[neg_text_idx], input_ids])
     mask = torch.cat([attention_mask, all_mask[neg_text_idx], attention_mask])
-    b = pixel_values.shape[0]
+    b = input_ids.shape[0]
     labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)])
-    return pixels, ids, mask, labels.to(pixel_values.device)
+    return mixed, ids, mask, labels.to(input_ids.device)
 
 
 def itm_loss(logits_b2: torch.Tensor, labels_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,33 +179,39 @@ def mlm_loss(mlm_head: torch.nn.Module, text_hidden_bld: torch.Tensor, labels_bl
 def vl_pretrain_losses(model: torch.nn.Module, heads: torch.nn.ModuleDict, batch: dict[str, torch.Tensor],
                        weights: dict[str, float], group: Any = None,
                        generator: torch.Generator | None = None) -> dict[str, Any]:
-    """One VLMo pretraining micro-step. ``batch``: pixel_values, input_ids, attention_mask and, for MLM,
-    mlm_input_ids / mlm_labels (from ``mask_tokens``). ``heads``: itc, itm, mlm as needed by ``weights``.
+    """One VLMo pretraining micro-step on a media-text batch (images or audio: ``batch_media``).
+
+    ``batch``: the media inputs (``MEDIA_KEYS``), input_ids, attention_mask and, for MLM, mlm_input_ids /
+    mlm_labels (from ``mask_tokens``). ``weights`` and ``heads`` use the media's ``PAIR_OBJECTIVES`` names
+    (image: itc, itm, mlm; audio: atc, atm, audio_mlm, with heads atc, atm and the shared mlm head); weights of
+    the other media's objectives are ignored.
 
     Returns {"loss": weighted sum (the MoE aux loss is the model's own record), "terms": {name: detached}}.
-    Model calls per step (same on every rank): encode_image(B), encode_text(B) for ITC;
-    fuse(3B) for ITM; fuse(B) for MLM."""
-    pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+    Model calls per step (same on every rank for the same media): encode the media (B) and the text (B) for
+    the contrastive loss; fuse(3B) for matching; fuse(B) for MLM."""
+    media = batch_media(batch)
+    c_name, m_name, mlm_name = PAIR_OBJECTIVES[media]
+    inputs, ids, mask = media_inputs(batch, media), batch["input_ids"], batch["attention_mask"]
     terms: dict[str, torch.Tensor] = {}
-    loss = pixels.new_zeros((), dtype=torch.float32)
+    loss = ids.new_zeros((), dtype=torch.float32)
     itc = None
-    if weights.get("itc", 0) or weights.get("itm", 0):
-        image_out, text_out = model.encode_image(pixels), model.encode_text(ids, mask)
-        itc = itc_loss(*heads["itc"](image_out.pooled, text_out.pooled), group=group)
-        terms.update(itc=itc.loss.detach(), itc_acc=itc.accuracy)
-        if weights.get("itc", 0):
-            loss = loss + weights["itc"] * itc.loss
-    if weights.get("itm", 0):
+    if weights.get(c_name, 0) or weights.get(m_name, 0):
+        media_out, text_out = model.encode({media: inputs}), model.encode_text(ids, mask)
+        itc = itc_loss(*heads[c_name](media_out.pooled, text_out.pooled), group=group)
+        terms.update({c_name: itc.loss.detach(), f"{c_name}_acc": itc.accuracy})
+        if weights.get(c_name, 0):
+            loss = loss + weights[c_name] * itc.loss
+    if weights.get(m_name, 0):
         assert itc is not None
-        pairs = itm_batch(pixels, ids, mask, itc, group, generator)
-        fused = model.fuse(*pairs[:3])
-        term, acc = itm_loss(heads["itm"](fused.pooled), pairs[3])
-        loss = loss + weights["itm"] * term
-        terms.update(itm=term.detach(), itm_acc=acc)
-    if weights.get("mlm", 0):
-        fused = model.fuse(pixels, batch["mlm_input_ids"], mask)
+        pair_media, pair_ids, pair_mask, labels = itm_batch(inputs, ids, mask, itc, group, generator)
+        fused = encode_pair(model, media, pair_media, pair_ids, pair_mask)
+        term, acc = itm_loss(heads[m_name](fused.pooled), labels)
+        loss = loss + weights[m_name] * term
+        terms.update({m_name: term.detach(), f"{m_name}_acc": acc})
+    if weights.get(mlm_name, 0):
+        fused = encode_pair(model, media, inputs, batch["mlm_input_ids"], mask)
         start, end = fused.spans["text"]
         term, acc = mlm_loss(heads["mlm"], fused.hidden[:, start:end], batch["mlm_labels"])
-        loss = loss + weights["mlm"] * term
-        terms.update(mlm=term.detach(), mlm_acc=acc)
+        loss = loss + weights[mlm_name] * term
+        terms.update({mlm_name: term.detach(), f"{mlm_name}_acc": acc})
     return {"loss": loss, "terms": terms}

@@ -1,7 +1,7 @@
-"""Pure helpers shared by the downstream tasks: fixed-shape image and text tensors, answer/class files,
-the single-label cross-entropy.
+"""Pure helpers shared by the downstream tasks: fixed-shape image, audio (log-mel) and text tensors,
+answer/class files, the single-label cross-entropy.
 
-Shape letters: N texts, L text length, H=W image size.
+Shape letters: N texts, L text length, H=W image size, T log-mel frames, F mel bands.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from PIL import Image
 
 from pipeline.config_utils import ConfigError
 from pipeline.model import PIXEL_MEAN, PIXEL_STD
+from pipeline.model.audio_features import FRAME_SECONDS, log_mel
 from pipeline.tasks.base import LossOutput, SkipSample
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,34 @@ def image_tensor(image: Any, size: int) -> torch.Tensor:
 
 def blank_image(size: int) -> torch.Tensor:
     return torch.zeros(3, size, size)
+
+
+def audio_tensor(audio: Any, cfg: Any) -> dict[str, torch.Tensor]:
+    """Decoded audio (waveform [S], rate) -> {"audio_values": log-mel [T, F] float (``cfg.max_frames`` frames,
+    padding included), "audio_lengths": real frames, long scalar}, with ``cfg`` the model's AudioConfig. A clip
+    that cannot give features (wrong rate, under one frame, non-finite) is a SkipSample naming why."""
+    if not (isinstance(audio, tuple) and len(audio) == 2):
+        raise SkipSample("audio_not_decoded")
+    waveform, rate = audio
+    if rate != cfg.sample_rate:
+        raise SkipSample(f"audio_rate_{rate}_not_{cfg.sample_rate}")
+    if len(waveform) < num_frames_samples(cfg):
+        raise SkipSample("audio_shorter_than_one_frame")
+    if not np.isfinite(waveform).all():
+        raise SkipSample("audio_not_finite")
+    features, frames = log_mel(waveform, rate, cfg)
+    return {"audio_values": torch.from_numpy(features), "audio_lengths": torch.tensor(frames, dtype=torch.long)}
+
+
+def num_frames_samples(cfg: Any) -> int:
+    """Samples in one log-mel frame at ``cfg.sample_rate`` (a shorter clip has no features)."""
+    return round(FRAME_SECONDS * cfg.sample_rate)
+
+
+def blank_audio(cfg: Any) -> dict[str, torch.Tensor]:
+    """Padding audio: one real (zero) frame so the embedding never sees a fully masked clip."""
+    return {"audio_values": torch.zeros(cfg.max_frames, cfg.num_mel_bins),
+            "audio_lengths": torch.tensor(1, dtype=torch.long)}
 
 
 def tokenize(tokenizer: Any, texts: list[str], text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
