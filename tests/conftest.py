@@ -1,7 +1,7 @@
 """Session-wide fixtures shared by every test file.
 
 ``synth_data``: the built-in synth corpus (``python -m data_prep synth``, small) plus a WordPiece tokenizer
-trained on it, made once per pytest session. ``tiny_train_args``: ``pipeline.train`` arguments for a
+trained on it, made once per pytest session; ``synth_av``: a smaller one with the sound world. ``tiny_train_args``: ``pipeline.train`` arguments for a
 tiny, fast model on that data (2 CPU ranks, EP=2).
 """
 from __future__ import annotations
@@ -56,6 +56,31 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> SynthData:
     _data_prep("tokenizer", "--shards", root / "captions", root / "vqa", root / "retrieval",
                "--vocab-size", TOKENIZER_VOCAB, "--output", tokenizer)
     return SynthData(root, root / "captions", root / "vqa", root / "retrieval", tokenizer)
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthAV:
+    root: Path  # data_prep synth --output folder, with the sound world
+    captions: Path  # image-text pairs; splits train, val
+    sounds: Path  # task audio_retrieval; splits train, test (5 captions per clip)
+    tokenizer: Path  # trained on the image and the sound captions
+
+
+SYNTH_AV_SOUNDS = 160
+SYNTH_AV_SOUND_TEST = 40
+
+
+@pytest.fixture(scope="session")
+def synth_av(tmp_path_factory: pytest.TempPathFactory) -> SynthAV:
+    """A small synth corpus with the sound world (2-4 s FLAC clips at 16 kHz) and a tokenizer that knows
+    both worlds' words, for the audio tasks and image+audio mixing."""
+    root = tmp_path_factory.mktemp("synth_av") / "data"
+    tokenizer = root.parent / "tokenizer"
+    _data_prep("synth", "--output", root, "--num-samples", 160, "--num-val", 32, "--num-retrieval-test", 10,
+               "--num-sounds", SYNTH_AV_SOUNDS, "--num-sound-test", SYNTH_AV_SOUND_TEST, "--no-progress")
+    _data_prep("tokenizer", "--shards", root / "captions", root / "sounds",
+               "--vocab-size", TOKENIZER_VOCAB, "--output", tokenizer)
+    return SynthAV(root, root / "captions", root / "sounds", tokenizer)
 
 
 TINY_MODEL_SETS = [
