@@ -10,6 +10,7 @@ Expected files: `clotho_captions_{split}.csv` with the header `file_name,caption
 The output split follows the CSV name: development -> train, validation -> val, evaluation -> test
 (--split overrides). One sample per clip: flac, txt = caption_1, json = {audio_id, file_name,
 captions: [the 5 captions]}. Empty captions are dropped; a clip without any is skipped (empty_caption).
+A --audio-root holding none of the CSV's clips stops and names the subfolder that holds them (e.g. development/).
 """
 from __future__ import annotations
 
@@ -42,18 +43,33 @@ def clotho_record(row: dict, audio_root: str, where: str) -> ReaderItem:
     return Record(audio={"flac": os.path.join(audio_root, file_name)}, text=captions[0], meta=meta)
 
 
-def clotho_items(captions_csv: str, audio_root: str) -> Iterator[ReaderItem]:
-    name = os.path.basename(captions_csv)
-    for line, row in iter_rows(captions_csv, ("file_name", *CAPTION_COLUMNS)):
+def clotho_items(rows: list[tuple[int, dict]], name: str, audio_root: str) -> Iterator[ReaderItem]:
+    for line, row in rows:
         yield clotho_record(row, audio_root, f"{name}:{line}")
+
+
+def check_audio_root(rows: list[tuple[int, dict]], captions_csv: str, audio_root: str) -> None:
+    """Stop with what to pass when --audio-root holds none of the clips (e.g. the folder above development/)."""
+    names = [row["file_name"].strip() for _, row in rows]
+    if not names or any(os.path.isfile(os.path.join(audio_root, n)) for n in names):
+        return
+    below = sorted(d.path for d in os.scandir(audio_root)
+                   if d.is_dir() and any(os.path.isfile(os.path.join(d.path, n)) for n in names[:100]))
+    hint = f"; they are in {below[0]}: pass --audio-root {below[0]}" if below else (
+        "; pass the folder that clotho_audio_<split>.7z extracts to: development/, validation/ or evaluation/")
+    raise FileNotFoundError(f"--audio-root {audio_root} holds none of the {len(names)} clips named in "
+                            f"{os.path.basename(captions_csv)} (e.g. {names[0]!r}){hint}")
 
 
 def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.audio_root):
         raise FileNotFoundError(f"--audio-root {args.audio_root}: not a folder")
     split = args.split or default_split(args.captions)
+    rows = list(iter_rows(args.captions, ("file_name", *CAPTION_COLUMNS)))
+    check_audio_root(rows, args.captions, args.audio_root)
     with make_writer(args, task="audio_retrieval", fields=AUDIO_TASK_FIELDS) as writer:
-        writer.write_split(split, clotho_items(args.captions, args.audio_root))
+        writer.write_split(split, clotho_items(rows, os.path.basename(args.captions), args.audio_root),
+                           total=len(rows))
         writer.finish()
     return 0
 

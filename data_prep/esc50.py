@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     meta = args.meta or os.path.join(args.input, "meta", "esc50.csv")
     audio_root = args.audio_root or os.path.join(args.input, "audio")
     if not os.path.isdir(audio_root):
-        raise FileNotFoundError(f"{audio_root}: not a folder; expected the clips in INPUT/audio or --audio-root")
+        raise FileNotFoundError(f"{audio_root}: not a folder; pass --input ESC-50-master (the folder holding "
+                                f"meta/esc50.csv and audio/), or --meta and --audio-root")
     rows, classes = read_meta(meta)
     present = {row["fold"] for _, row in rows}
     for split, folds in splits.items():
@@ -92,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
                              f"{sorted(present)} only")
     with make_writer(args, task="audio_classification", fields=["flac", "cls", "json"]) as writer:
         for split, folds in splits.items():
-            writer.write_split(split, fold_items(rows, folds, audio_root, os.path.basename(meta)))
+            writer.write_split(split, fold_items(rows, folds, audio_root, os.path.basename(meta)),
+                               total=sum(row["fold"] in folds for _, row in rows))
         writer.finish({"classes": ("classes.json", {"classes": classes})})
     return 0
 

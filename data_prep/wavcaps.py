@@ -15,7 +15,7 @@ import argparse
 import os
 from typing import Iterator
 
-from data_prep.audio_files import AudioFolder
+from data_prep.audio_files import AudioFolder, not_audio_skip
 from data_prep.cli_common import add_audio_options, add_output_options, make_writer
 from data_prep.clotho import AUDIO_TASK_FIELDS
 from data_prep.jsonio import load_json_file, require_list
@@ -41,6 +41,8 @@ def wavcaps_record(entry, folder: AudioFolder, where: str) -> ReaderItem:
         return Skip(caption.reason, f"{where}: {caption.detail}")
     names = clip_names(entry)
     path = folder.find(*names)
+    if path is None and folder.unreadable(*names):
+        return not_audio_skip(folder.unreadable(*names), where)
     if path is None:
         return Skip(MISSING_FILE, f"{where}: no clip named {' or '.join(dict.fromkeys(names))} in {folder.root}")
     meta = {"id": entry["id"], "caption": caption, "file": os.path.basename(path), "source": where}

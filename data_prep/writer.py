@@ -109,13 +109,14 @@ class DatasetWriter:
             self.pool = None
 
     # ---- planning -------------------------------------------------------------------------------
-    def _plan(self, split: str, items: Iterable[ReaderItem], tally: SplitTally) -> Iterator[ShardJob]:
+    def _plan(self, split: str, items: Iterable[ReaderItem], tally: SplitTally, bar) -> Iterator[ShardJob]:
         keys, records, index, shard = [], [], 0, 0
         for item in items:
             tally.read += 1
             if isinstance(item, Skip):
                 tally.add_skips({item.reason: 1}, {item.reason: item.detail})
                 self._log_skip(item)
+                bar.update(1)  # the bar counts records read, as its total does
                 continue
             keys.append(f"{index:09d}")
             records.append(item)
@@ -197,7 +198,7 @@ class DatasetWriter:
                 tally.written += stats["num_samples"]
 
         with bar:
-            for job in self._plan(split, items, tally):
+            for job in self._plan(split, items, tally, bar):
                 fingerprint = self._fingerprint(job)
                 stats = self._reusable_stats(job, fingerprint, tally)
                 results = None if stats is not None else self._encode_iter(job)

@@ -161,6 +161,66 @@ def test_audiocaps_groups_captions_by_clip(clips, tmp_path):
         assert second["captions"] == ["a bell rings, twice"]
 
 
+def test_audiocaps_missing_clip_says_why(clips, tmp_path, caplog):
+    """Clips named by the other --name-by, or left by yt-dlp as .m4a, are not plain missing_file."""
+    rows = ["audiocap_id,youtube_id,start_time,caption", "100,abc,30,a dog barks", "200,xyz,0,a bell rings",
+            "300,gone,10,a clip nobody fetched"]
+    (tmp_path / "val.csv").write_text("\n".join(rows) + "\n")
+    root = tmp_path / "clips"
+    root.mkdir()
+    write_clip(root / "100.wav")  # named by audiocap_id
+    (root / "200.m4a").write_bytes(b"not decodable by libsndfile")
+    out = tmp_path / "out"
+    argv = ["audiocaps", "--captions", tmp_path / "val.csv", "--audio-root", root, "--output", out]
+    assert run_cli(*argv) == 2  # every clip missing under youtube_id names
+    assert "100.wav is there: pass --name-by audiocap_id" in caplog.text
+    caplog.clear()
+    assert run_cli(*argv, "--name-by", "audiocap_id", "--min-written", 0) == 0
+    assert manifest(out)["splits"]["val"]["skipped"] == {"unreadable_audio": 1, "missing_file": 1}
+    assert "200.m4a: soundfile does not read .m4a files" in caplog.text and "ffmpeg -i '200.m4a'" in caplog.text
+
+
+def test_clotho_audio_root_without_the_clips_names_the_folder(clips, tmp_path, capsys):
+    """--audio-root one level above the clips (the folder holding development/) stops and names the folder."""
+    (tmp_path / "development").mkdir()
+    write_clip(tmp_path / "development" / "a b.wav")
+    csv = tmp_path / "clotho_captions_development.csv"
+    clotho_csv(csv, ["a b.wav", "gone.wav"])
+    argv = ["clotho", "--captions", str(csv), "--output", str(tmp_path / "o"), "--no-progress"]
+    assert main([*argv, "--audio-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"holds none of the 2 clips named in {csv.name}" in err
+    assert f"pass --audio-root {tmp_path / 'development'}" in err
+    assert main([*argv, "--audio-root", str(tmp_path / "development"), "--min-written", "0"]) == 0
+
+
+@pytest.mark.parametrize("command", ["clotho", "audiocaps", "esc50"])
+def test_audio_progress_bar_has_a_total(command, clips, tmp_path, capsys):
+    """The bar says n/N (hours-long AudioCaps/Clotho runs need an ETA)."""
+    if command == "clotho":
+        clotho_csv(tmp_path / "clotho_captions_validation.csv", ["good0.wav", "good1.wav", "gone.wav"])
+        argv = ["--captions", tmp_path / "clotho_captions_validation.csv", "--audio-root", clips]
+    elif command == "audiocaps":
+        rows = ["audiocap_id,youtube_id,start_time,caption", "1,good0,0,a", "2,good0,0,b", "3,good1,0,c",
+                "4,gone,0,d"]
+        (tmp_path / "val.csv").write_text("\n".join(rows) + "\n")
+        argv = ["--captions", tmp_path / "val.csv", "--audio-root", clips]
+    else:
+        (tmp_path / "meta").mkdir()
+        rows = ["filename,fold,target,category", "good0.wav,1,0,dog", "good1.wav,2,0,dog", "good2.wav,3,0,dog"]
+        (tmp_path / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
+        argv = ["--input", tmp_path, "--audio-root", clips, "--folds", "train=1,3", "test=2"]
+    assert main([command, *map(str, argv), "--output", str(tmp_path / "o"), "--min-written", "0"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r" 2/2 \[" if command == "esc50" else r" 3/3 \[", err), err  # skipped records count too
+
+
+def test_esc50_without_input_says_what_to_pass(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["esc50", "--output", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "pass --input ESC-50-master" in capsys.readouterr().err
+
+
 def test_wavcaps_json(clips, tmp_path):
     root = tmp_path / "flac"
     root.mkdir()
