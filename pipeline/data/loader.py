@@ -3,8 +3,15 @@
 Training (one list of stages, open_clip style)::
 
     per source: resampled shards (seeded per rank+worker) -> tar to samples -> seeded shuffle
-    mix sources by weight (seeded) -> decode (images/txt/json/cls only) -> task.prepare_sample
-    -> batch of exactly micro_batch_size (task.collate, partial batches dropped) -> DataLoader workers
+        -> decode (the task's fields + optional fields present) -> task.prepare_sample
+        -> batch of exactly micro_batch_size (task.collate, partial batches dropped)
+    mix WHOLE micro-batches: the source of micro-batch g is the g-th draw of a generator seeded by the
+    data seed only -> DataLoader workers (worker w builds the micro-batches g with g % workers == w)
+
+Guarantee: every rank draws the same source for every micro-batch, whatever its rank and ``num_workers``
+(torch hands out a loader's batches round-robin over its workers), and a micro-batch never mixes
+sources. Ranks that trained on different kinds (images, audio) in the same step would make different MoE
+all-to-all calls and hang. Each source has its own failure budgets (read, prepare), named after it.
 
 Evaluation: every (rank, worker) reads the shard list in order and keeps sample i when
 ``i % (world_size * workers) == its slot``: an exact single pass whatever the shard count; batches
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import json
 import logging
 import random
@@ -40,8 +48,11 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 AUDIO_EXTS = ("flac", "wav")
+DECODED_EXTS = (*IMAGE_EXTS, *AUDIO_EXTS, "txt", "json", "cls")
 PREFETCH_FACTOR = 2
 WORKER_SEED_STRIDE = 1000  # seed = base + rank * stride + worker
+SOURCE_SEED_STRIDE = 104729  # shard resampling / shuffle seed of data.train[i] = seed + stride * (i + 1)
+MIX_SEED_OFFSET = 17  # the micro-batch source sequence is drawn from random.Random(seed + offset)
 
 
 # ----------------------------------------------------------------------------------- manifests, urls
@@ -90,29 +101,38 @@ def num_samples(path: str, split: str) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------- decoding
-def decode_sample(sample: dict[str, Any], fields: Iterable[str]) -> dict[str, Any]:
+def decode_sample(sample: dict[str, Any], fields: Iterable[str],
+                  optional_fields: Iterable[str] = ()) -> dict[str, Any]:
     """Decode only the task's fields: images -> PIL RGB, audio -> (float32 waveform [S] mono, sample rate),
-    txt -> str, json -> obj, cls -> int."""
+    txt -> str, json -> obj, cls -> int. A missing field is ``SkipSample("missing_<field>")``; an optional
+    field is decoded when the sample has it."""
+    fields, optional_fields = tuple(fields), tuple(optional_fields)
+    for name in fields + optional_fields:
+        if name.rsplit(".", 1)[-1] not in DECODED_EXTS:
+            raise ConfigError(f"field {name!r}: only images, audio (flac, wav), txt, json and cls are decoded")
     out: dict[str, Any] = {"__key__": sample.get("__key__")}
     for name in fields:
         if name not in sample:
             raise SkipSample(f"missing_{name}")
-        data = sample[name]
-        ext = name.rsplit(".", 1)[-1]
-        if ext in IMAGE_EXTS:
-            with Image.open(io.BytesIO(data)) as image:
-                out[name] = image.convert("RGB")
-        elif ext in AUDIO_EXTS:
-            out[name] = decode_audio(data)
-        elif ext == "txt":
-            out[name] = data.decode("utf-8")
-        elif ext == "json":
-            out[name] = json.loads(data)
-        elif ext == "cls":
-            out[name] = int(data.decode("utf-8").strip())
-        else:
-            raise ConfigError(f"field {name!r}: only images, audio (flac, wav), txt, json and cls are decoded")
+        out[name] = _decode_field(name, sample[name])
+    for name in optional_fields:
+        if name in sample:
+            out[name] = _decode_field(name, sample[name])
     return out
+
+
+def _decode_field(name: str, data: bytes) -> Any:
+    ext = name.rsplit(".", 1)[-1]
+    if ext in IMAGE_EXTS:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    if ext in AUDIO_EXTS:
+        return decode_audio(data)
+    if ext == "txt":
+        return data.decode("utf-8")
+    if ext == "json":
+        return json.loads(data)
+    return int(data.decode("utf-8").strip())  # cls
 
 
 def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
@@ -145,7 +165,7 @@ def _prepare_samples(src: Iterator[dict[str, Any]], task: Task, train: bool,
     """Decode + ``task.prepare_sample``; an unusable sample is counted (reason, shard and key) and skipped."""
     for sample in src:
         try:
-            prepared = task.prepare_sample(decode_sample(sample, task.fields), train=train)
+            prepared = task.prepare_sample(decode_sample(sample, task.fields, task.optional_fields), train=train)
         except ConfigError:
             raise
         except Exception as exn:  # corrupt image, bad json, SkipSample: never stops a long run by itself
@@ -178,23 +198,33 @@ def _seeded_shuffle(src: Iterator[Any], bufsize: int, base_seed: int, rank: int)
     yield from buf
 
 
-class WeightedMix(torch.utils.data.IterableDataset):
-    """Draw samples from several infinite sources with probabilities proportional to ``weights``."""
+class BatchMix(torch.utils.data.IterableDataset):
+    """Whole micro-batches from several infinite sources, each tagged ``__source__`` (its index). The source
+    of global micro-batch g is the g-th draw, weighted by ``weights``, of ``random.Random(seed +
+    MIX_SEED_OFFSET)``: ``seed`` is the same on every rank (never the rank), and DataLoader worker w of W
+    walks the same draws but builds only the micro-batches with g % W == w (torch delivers them round-robin),
+    so the source sequence is the same on every rank for any number of workers. One source: its stream."""
 
-    def __init__(self, sources: list[Any], weights: list[float], base_seed: int, rank: int):
+    def __init__(self, sources: list[Any], weights: list[float], seed: int):
         super().__init__()
-        self.sources, self.weights = sources, weights
-        self.base_seed, self.rank = base_seed, rank
+        self.sources, self.weights, self.seed = sources, weights, seed
 
-    def __iter__(self) -> Iterator[Any]:
-        iters = [iter(s) for s in self.sources]
-        if len(iters) == 1:
-            yield from iters[0]
-            return
-        rng = random.Random(worker_seed(self.base_seed + 17, self.rank))
-        while True:
-            (it,) = rng.choices(iters, weights=self.weights)
-            yield next(it)
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        iters: dict[int, Iterator[dict[str, Any]]] = {}  # opened on first draw
+        indices, mixing = list(range(len(self.sources))), len(self.sources) > 1
+        rng = random.Random(self.seed + MIX_SEED_OFFSET)
+        worker, num_workers = _worker_slot()
+        for step in itertools.count():
+            index = rng.choices(indices, weights=self.weights)[0] if mixing else 0
+            if mixing and step % num_workers != worker:
+                continue  # another worker builds this one
+            if index not in iters:
+                iters[index] = iter(self.sources[index])
+            batch = next(iters[index], None)
+            if batch is None:
+                raise RuntimeError(f"training source data.train[{index}] ended; training sources are infinite")
+            batch["__source__"] = index
+            yield batch
 
 
 def _select_slot(src: Iterator[Any], rank: int, world_size: int) -> Iterator[Any]:
@@ -267,27 +297,29 @@ def _loader(pipeline: Any, num_workers: int) -> torch.utils.data.DataLoader:
 # ----------------------------------------------------------------------------------------- loaders
 def build_train_loader(data_cfg: Any, task: Task, micro_batch_size: int, rank: int,
                        seed: int) -> torch.utils.data.DataLoader:
-    """Infinite loader of fixed-shape training batches (dicts of tensors + ``__worker__`` stats). Every rank
-    resamples the shards with its own seed (``rank``), so the world size plays no part."""
+    """Infinite loader of fixed-shape training micro-batches (dicts of tensors + ``__source__`` index and
+    ``__worker__`` stats). Every rank resamples the shards with its own seed (``rank``), but the source of each
+    micro-batch depends on ``seed`` alone: pass the same ``seed`` on every rank (``BatchMix``)."""
     budgets, sources = [], []
     for index, source in enumerate(data_cfg.train):
         urls = shard_urls(source.path, source.split, data_cfg.allow_pipe_urls)
         facts = shard_facts(source.path, urls, data_cfg.verify_checksums)
-        budgets.append(FailureBudget.for_training(
-            f"training source data.train[{index}] ({source.path}, split {source.split}) on rank {rank}", data_cfg))
-        source_seed = seed + 104729 * (index + 1)
+        name = f"training source data.train[{index}] ({source.path}, split {source.split})"
+        read_budget = FailureBudget.for_training(f"{name} on rank {rank}", data_cfg)
+        prepare_budget = FailureBudget.for_training(f"{name} samples (decode, {task.name}) on rank {rank}", data_cfg)
+        budgets += [read_budget, prepare_budget]
+        source_seed = seed + SOURCE_SEED_STRIDE * (index + 1)
         sources.append(wds.DataPipeline(
             wds.ResampledShards(urls, seed=source_seed, deterministic=True,
                                 worker_seed=functools.partial(worker_seed, 0, rank)),
-            wds.pipelinefilter(read_shards)(facts, budgets[-1]),
+            wds.pipelinefilter(read_shards)(facts, read_budget),
             wds.pipelinefilter(_seeded_shuffle)(data_cfg.shuffle_buffer, source_seed, rank),
+            wds.pipelinefilter(_prepare_samples)(task, True, prepare_budget),
+            wds.batched(micro_batch_size, collation_fn=task.collate, partial=False),
         ))
-    prepare_budget = FailureBudget.for_training(f"training samples (decode, {task.name}) on rank {rank}", data_cfg)
     pipeline = wds.DataPipeline(
-        WeightedMix(sources, [s.weight for s in data_cfg.train], seed, rank),
-        wds.pipelinefilter(_prepare_samples)(task, True, prepare_budget),
-        wds.batched(micro_batch_size, collation_fn=task.collate, partial=False),
-        wds.pipelinefilter(_tag_worker)([*budgets, prepare_budget]),
+        BatchMix(sources, [s.weight for s in data_cfg.train], seed),
+        wds.pipelinefilter(_tag_worker)(budgets),
     )
     return _loader(pipeline, data_cfg.num_workers)
 

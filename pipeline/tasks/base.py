@@ -88,6 +88,9 @@ class Task(nn.Module, ABC):
     name: ClassVar[str]
     #: shard fields the task reads (webdataset extensions), e.g. ("jpg", "txt", "json")
     fields: ClassVar[tuple[str, ...]]
+    #: fields decoded only when a sample has them, e.g. fields=("txt",), optional_fields=("jpg", "flac") for a
+    #: task that reads images or audio; a missing ``fields`` entry is SkipSample("missing_<field>")
+    optional_fields: ClassVar[tuple[str, ...]] = ()
     #: data_prep manifest ``task`` values whose folders this task can read
     manifest_tasks: ClassVar[tuple[str, ...]]
     #: files the task reads from the training folder (``ctx.data_dir``), e.g. ("answers.json",)
