@@ -11,12 +11,15 @@ from pipeline.tasks.base import DistInfo, LossOutput, SkipSample, Task, TaskCont
 TASKS: dict[str, str] = {
     "text_mlm": "pipeline.tasks.pretrain:TextMLMTask",
     "vl_pretrain": "pipeline.tasks.pretrain:VLPretrainTask",
+    "vla_pretrain": "pipeline.tasks.vla_pretrain:VLAPretrainTask",
     "vqa": "pipeline.tasks.vqa:VQATask",
     "retrieval": "pipeline.tasks.retrieval:RetrievalTask",
     "nlvr2": "pipeline.tasks.nlvr2:NLVR2Task",
     "classification": "pipeline.tasks.classification:ClassificationTask",
     "gqa": "pipeline.tasks.gqa:GQATask",
     "snli_ve": "pipeline.tasks.snli_ve:SNLIVETask",
+    "audio_retrieval": "pipeline.tasks.audio:AudioRetrievalTask",
+    "audio_classification": "pipeline.tasks.audio:AudioClassificationTask",
 }
 
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.heads import ITCHead, ITMHead, MLMHead
-from pipeline.objectives.pretrain import IGNORE, mask_tokens, mlm_loss, vl_pretrain_losses
+from pipeline.objectives.pretrain import (IGNORE, PAIR_OBJECTIVES, batch_media, encode_pair, mask_tokens, media_inputs,
+                                          mlm_loss, vl_pretrain_losses)
 from pipeline.tasks.base import LossOutput, SkipSample, Task, TaskContext
 from pipeline.tasks.downstream_common import image_tensor
 
@@ -31,14 +32,21 @@ class MLMOptions:
             raise ValueError(f"mlm_prob must be in (0, 1), got {self.mlm_prob}")
 
 
-def vl_pretrain_passes(objectives: dict[str, float]) -> dict[str, int]:
-    """Model passes per sample of ``pipeline.objectives.pretrain.vl_pretrain_losses`` for the objectives with
-    a non-zero weight (ITC: image + text; ITM: image + text for its negatives' similarities, then 3 fused
-    pairs; MLM: 1 fused masked pair)."""
+def pair_passes(objectives: dict[str, float], media: str = "image", fused: str | None = None) -> dict[str, int]:
+    """Model passes per sample of ``pipeline.objectives.pretrain.vl_pretrain_losses`` on ``media``-text pairs
+    for the objectives with a non-zero weight (contrastive: media + text; matching: media + text for its
+    negatives' similarities, then 3 fused pairs; MLM: 1 fused masked pair). ``fused``: the fused pass kind
+    (default "{media}+text")."""
+    contrastive, matching, mlm = PAIR_OBJECTIVES[media]
     on = {name for name, weight in objectives.items() if weight}
-    passes = {"image": 1, "text": 1} if on & {"itc", "itm"} else {}
-    fuse = (3 if "itm" in on else 0) + (1 if "mlm" in on else 0)
-    return {**passes, "fuse": fuse} if fuse else passes
+    passes = {media: 1, "text": 1} if on & {contrastive, matching} else {}
+    fuse = (3 if matching in on else 0) + (1 if mlm in on else 0)
+    return {**passes, fused or f"{media}+text": fuse} if fuse else passes
+
+
+def vl_pretrain_passes(objectives: dict[str, float]) -> dict[str, int]:
+    """``pair_passes`` of image-text pairs, the fused pass counted as "fuse" (the image-text models)."""
+    return pair_passes(objectives, "image", "fuse")
 
 
 class _TextMixin:
@@ -70,10 +78,10 @@ def _mlm_per_sample(labels_bl: torch.Tensor, hidden_bld: torch.Tensor,
             "mlm_count": selected.sum(1).float()}
 
 
-def _mlm_metrics(outputs: dict[str, Any]) -> dict[str, float]:
+def _mlm_metrics(outputs: dict[str, Any], name: str = "mlm") -> dict[str, float]:
     count = outputs["mlm_count"].sum().clamp(min=1)
-    return {"mlm_acc": float(outputs["mlm_correct"].sum() / count),
-            "mlm_loss": float(outputs["mlm_loss_sum"].sum() / count)}
+    return {f"{name}_acc": float(outputs["mlm_correct"].sum() / count),
+            f"{name}_loss": float(outputs["mlm_loss_sum"].sum() / count)}
 
 
 class TextMLMTask(_TextMixin, Task):
@@ -143,36 +151,49 @@ class VLPretrainTask(_TextMixin, Task):
 
     def forward(self, batch: dict[str, Any]) -> LossOutput:
         batch, weights = dict(batch), self.weights
-        if weights["mlm"]:
+        if weights[PAIR_OBJECTIVES[batch_media(batch)][2]]:
             batch["mlm_input_ids"], batch["mlm_labels"] = self.mask(batch, None)
         out = vl_pretrain_losses(self.model, self.heads, batch, weights)
         return LossOutput(out["loss"], out["terms"])
 
+    def eval_media(self, batch: dict[str, Any]) -> str:
+        """The media modality of an eval batch (images here)."""
+        return batch_media(batch)
+
     @torch.no_grad()
     def eval_outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        model, heads = self.model, self.heads
-        pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
-        image_bp, text_bp, scale = heads["itc"](model.encode_image(pixels).pooled,
-                                                model.encode_text(ids, mask).pooled)
-        # ITM: each image with its own text and with the next sample's text (a negative)
+        """Per sample, on the batch's media ("image"; "audio" in vla_pretrain): the contrastive embeddings
+        (``{media}_emb``, ``text_emb``), ITM on the own text and on the next sample's (a negative), MLM."""
+        model, heads, media = self.model, self.heads, self.eval_media(batch)
+        contrastive, matching, _ = PAIR_OBJECTIVES[media]
+        inputs, ids, mask = media_inputs(batch, media), batch["input_ids"], batch["attention_mask"]
+        media_bp, text_bp, scale = heads[contrastive](model.encode({media: inputs}).pooled,
+                                                      model.encode_text(ids, mask).pooled)
         neg_ids, neg_mask = ids.roll(1, dims=0), mask.roll(1, dims=0)
-        fused = model.fuse(torch.cat([pixels, pixels]), torch.cat([ids, neg_ids]), torch.cat([mask, neg_mask]))
-        pos_logits, neg_logits = heads["itm"](fused.pooled).float().chunk(2)
+        fused = encode_pair(model, media, tuple(torch.cat([x, x]) for x in inputs), torch.cat([ids, neg_ids]),
+                            torch.cat([mask, neg_mask]))
+        pos_logits, neg_logits = heads[matching](fused.pooled).float().chunk(2)
         masked, labels = self.mask(batch, self.eval_generator(ids.device))
-        fused_mlm = model.fuse(pixels, masked, mask)
+        fused_mlm = encode_pair(model, media, inputs, masked, mask)
         start, end = fused_mlm.spans["text"]
-        return {"image_emb": image_bp, "text_emb": text_bp, "logit_scale": scale.expand(len(ids)),
+        return {f"{media}_emb": media_bp, "text_emb": text_bp, "logit_scale": scale.expand(len(ids)),
                 "itm_pos_correct": (pos_logits.argmax(-1) == 1).float(),
                 "itm_neg_correct": (neg_logits.argmax(-1) == 0).float(),
                 **_mlm_per_sample(labels, fused_mlm.hidden[:, start:end], heads["mlm"])}
 
     def metrics(self, outputs: dict[str, Any]) -> dict[str, float]:
-        image, text = outputs["image_emb"].float(), outputs["text_emb"].float()
-        sim = image @ text.t()
+        """Image outputs: itc_loss, i2t_r1, t2i_r1, itm_acc, mlm_acc, mlm_loss; audio outputs (``audio_emb``):
+        atc_loss, a2t_r1, t2a_r1, atm_acc, audio_mlm_acc, audio_mlm_loss."""
+        media = "audio" if "audio_emb" in outputs else "image"
+        contrastive, matching, mlm = PAIR_OBJECTIVES[media]
+        short = media[0]
+        emb, text = outputs[f"{media}_emb"].float(), outputs["text_emb"].float()
+        sim = emb @ text.t()
         targets = torch.arange(len(sim))
         scale = outputs["logit_scale"].float()[0] if len(sim) else torch.tensor(1.0)
-        itc = (F.cross_entropy(scale * sim, targets) + F.cross_entropy(scale * sim.t(), targets)) / 2
+        loss = (F.cross_entropy(scale * sim, targets) + F.cross_entropy(scale * sim.t(), targets)) / 2
         itm_acc = (outputs["itm_pos_correct"].mean() + outputs["itm_neg_correct"].mean()) / 2
-        return {"itc_loss": float(itc), "i2t_r1": float((sim.argmax(1) == targets).float().mean()),
-                "t2i_r1": float((sim.argmax(0) == targets).float().mean()), "itm_acc": float(itm_acc),
-                **_mlm_metrics(outputs)}
+        return {f"{contrastive}_loss": float(loss),
+                f"{short}2t_r1": float((sim.argmax(1) == targets).float().mean()),
+                f"t2{short}_r1": float((sim.argmax(0) == targets).float().mean()),
+                f"{matching}_acc": float(itm_acc), **_mlm_metrics(outputs, mlm)}
