@@ -6,17 +6,21 @@ there (so an eval folder with another class list is scored against the training 
 training data never had is skipped in training and counts as wrong at eval), or the integer ``cls`` when
 the sample has no name. Predictions: the top-5 class names with softmax scores per sample.
 
+``ClassificationTask`` is written for any media modality (class attribute ``media``: its batch keys are
+``pipeline.objectives.pretrain.MEDIA_KEYS``); ``pipeline.tasks.audio_classification`` is the audio one.
+
 Shape letters: B batch, D hidden, C classes.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from pipeline.metrics.classification import topk_accuracy
+from pipeline.objectives.pretrain import media_inputs
 from pipeline.tasks.base import LossOutput, SkipSample, Task, TaskContext
 from pipeline.tasks.downstream_common import blank_image, cross_entropy_loss, image_tensor, read_json_file
 
@@ -67,10 +71,19 @@ class ClassificationTask(Task):
     vocab_files = ("classes.json",)
     objectives = {"cls": 1.0}
     headline = "top1"
+    #: the media modality classified (its pooled output feeds the classifier)
+    media: ClassVar[str] = "image"
 
     @classmethod
     def passes(cls, objectives: dict[str, float], options: Any) -> dict[str, int]:
-        return {"image": 1}
+        return {cls.media: 1}
+
+    # media-specific pieces (the audio task overrides these)
+    def media_tensors(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": image_tensor(sample.get("jpg"), self.ctx.image_size)}
+
+    def blank_media(self) -> dict[str, torch.Tensor]:
+        return {"pixel_values": blank_image(self.ctx.image_size)}
 
     def setup(self) -> None:
         self.classes, self.class_index = training_classes(self.ctx, self.name)
@@ -80,15 +93,15 @@ class ClassificationTask(Task):
         return nn.ModuleDict({"classifier": nn.Sequential(nn.LayerNorm(d), nn.Linear(d, len(self.classes)))})
 
     def prepare_sample(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
-        return {"pixel_values": image_tensor(sample.get("jpg"), self.ctx.image_size),
-                "label": torch.tensor(sample_label(sample, self.class_index, train)),
+        return {**self.media_tensors(sample), "label": torch.tensor(sample_label(sample, self.class_index, train)),
                 "key": str(sample.get("__key__", ""))}
 
     def padding_sample(self) -> dict[str, Any]:
-        return {"pixel_values": blank_image(self.ctx.image_size), "label": torch.tensor(0), "key": ""}
+        return {**self.blank_media(), "label": torch.tensor(0), "key": ""}
 
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.heads["classifier"](self.model.encode_image(batch["pixel_values"]).pooled).float()
+        pooled = self.model.encode({self.media: media_inputs(batch, self.media)}).pooled
+        return self.heads["classifier"](pooled).float()
 
     def forward(self, batch: dict[str, Any]) -> LossOutput:
         loss, terms = cross_entropy_loss(self.logits(batch), batch["label"], "cls")
