@@ -151,12 +151,15 @@ def init_from_mismatches(model_cfg: Any, init_from: str | None) -> list[str]:
         return []
     from pipeline.model.accounting import build_meta_model
     from pipeline.recipe import build_model_config, read_yaml
+    from pipeline.run.checkpoint_merge import MODALITY_TYPE, modality_rows
     from pipeline.run.run_dir import RunDir
 
     previous = build_model_config(read_yaml(RunDir.of(init_from).saved_recipe("init_from")).get("model", {}))
     old, new = build_meta_model(previous).state_dict(), build_meta_model(model_cfg).state_dict()
     return [f"{key}: init_from {list(old[key].shape)} vs this recipe {list(tensor.shape)}"
-            for key, tensor in new.items() if key in old and old[key].shape != tensor.shape]
+            for key, tensor in new.items() if key in old and old[key].shape != tensor.shape
+            and not (key == MODALITY_TYPE  # an added modality: rows copied by name (checkpoint.load_weights)
+                     and modality_rows(old[key], previous.modalities, tensor, model_cfg.modalities) is not None)]
 
 
 def check_init_from(recipe: Any) -> None:

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.run.checkpoint_merge import EXPERT_KEY, check_keys, expert_key, safe_load, summarize_keys
+from pipeline.run.checkpoint_merge import (EXPERT_KEY, MODALITY_KEY, MODALITY_TYPE, check_keys, expert_key,
+                                          modality_of, modality_rows, safe_load, state_modalities, summarize_keys)
 from pipeline.run.disk_space import (CheckpointSaveError, FileWriteError, describe_write_error, engine_share_bytes,
                                  room_problem, save_torch)
 from pipeline.run.distributed import Dist, barrier, gather_objects
@@ -163,43 +164,64 @@ def resume(engine: Any, run_dir: Path, dist: Dist) -> dict[str, Any] | None:
 
 
 def load_weights(engine: Any, init_from: str | Path) -> Path:
-    """Weights only from another run's checkpoint, whatever its EP size or world size: the dense file and
-    every per-expert file are merged (global expert ids), this rank's local experts picked out and loaded,
-    then the optimizer's fp32 master copy is refreshed. Only task heads (keys under ``heads.``) may be
-    missing (a new task's heads keep their fresh init) or unused (the old task's); any model tensor
-    missing or extra is a ConfigError."""
+    """Weights only from another run's checkpoint (``load_module_weights`` into the engine's module), then
+    the optimizer's fp32 master copy is refreshed."""
+    folder = load_module_weights(engine.module, init_from)
+    optimizer = getattr(engine, "optimizer", None)
+    if optimizer is not None and hasattr(optimizer, "refresh_fp32_params"):
+        optimizer.refresh_fp32_params()
+    log.info("initialised weights from %s", folder)
+    return folder
+
+
+def load_module_weights(module: Any, init_from: str | Path) -> Path:
+    """Weights only from another run's checkpoint into ``module`` (a Task), whatever its EP size or world
+    size: the dense file and every per-expert file are merged (global expert ids) and this rank's local
+    experts picked out. Only task heads (keys under ``heads.``) may be missing (a new task's heads keep their
+    fresh init) or unused (the old task's), and a modality the model ADDS (e.g. audio on an image-text run)
+    keeps the fresh init of its embedding and FFNs/experts, its ``modality_type`` row too (the saved rows
+    are copied by modality name); any other model tensor missing, extra or of another shape is a
+    ConfigError. Returns the checkpoint folder."""
     from pipeline.run.checkpoint_merge import merge_moe_checkpoint
     from pipeline.recipe import init_from_shape_error
 
     run, tag = RunDir.resolve(init_from)
     folder = run.checkpoint(tag)
     saved = merge_moe_checkpoint(folder)
-    module = engine.module
     current = module.state_dict()
     state = {}
     for key in current:
         source = _global_expert_key(module, key)
         if source in saved:
             state[key] = saved[source]
+    saved_modalities, modalities = state_modalities(saved), state_modalities(current)
+    added = [m for m in modalities if m not in saved_modalities]
+    if saved_modalities != modalities:
+        for key in [k for k in state if k.endswith(MODALITY_TYPE)]:
+            rows = modality_rows(state[key], saved_modalities, current[key], modalities)
+            state[key] = state[key] if rows is None else rows
     mismatched = [f"{key}: checkpoint {list(value.shape)} vs model {list(current[key].shape)}"
                   for key, value in state.items() if value.shape != current[key].shape]
     if mismatched:
         raise init_from_shape_error(init_from, mismatched)
     used = {_global_expert_key(module, k) for k in state}
     missing = sorted(set(current) - set(state))
+    new = [k for k in missing if modality_of(k) in added]
+    missing = [k for k in missing if k not in new]
     unexpected = sorted(k for k in set(saved) - used if not _other_ranks_expert(module, k))
     check_keys(f"init_from {folder}", missing, unexpected, may_differ=HEADS_PREFIX)
     module.load_state_dict(state, strict=False)
+    if added:
+        modules = sorted({key[:MODALITY_KEY.match(key).end() - 1] for key in new})
+        log.info("init_from %s: modalities %s are new (the checkpoint has %s): %d tensors of %s keep their "
+                 "fresh init; modality_type rows copied by name", folder, added, saved_modalities, len(new),
+                 ", ".join(modules))
     if missing:
         log.info("init_from %s: %d head tensors not in the checkpoint keep their fresh init: %s", folder,
                  len(missing), summarize_keys(missing))
     if unexpected:
         log.info("init_from %s: %d checkpoint head tensors unused: %s", folder, len(unexpected),
                  summarize_keys(unexpected))
-    optimizer = getattr(engine, "optimizer", None)
-    if optimizer is not None and hasattr(optimizer, "refresh_fp32_params"):
-        optimizer.refresh_fp32_params()
-    log.info("initialised weights from %s", folder)
     return folder
 
 
@@ -211,6 +233,8 @@ def _global_expert_key(module: Any, key: str) -> str:
     from deepspeed.utils import groups
 
     moe = module.get_submodule(match.group(1))
+    if getattr(moe, "ep_size", 1) == 1:  # every expert local (also without a process group)
+        return key
     ep_rank = groups._get_expert_parallel_rank(moe.expert_group_name)
     global_id = ep_rank * moe.num_local_experts + int(match.group(2))
     return expert_key(match.group(1), global_id, match.group(3))

@@ -28,6 +28,35 @@ DENSE_FILE = "mp_rank_00_model_states.pt"
 EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 EXPERTS = ".deepspeed_moe.experts.deepspeed_experts."  # DeepSpeed MoE layer -> its expert list
 EXPERT_KEY = re.compile(rf"^(.*){re.escape(EXPERTS)}(\d+)\.(.*)$")  # (MoE module, expert id, parameter)
+MODALITY_TYPE = "modality_type.weight"  # VLMoE: one row per modality, in model.modalities order
+MODALITY_KEY = re.compile(r"^(?:model\.)?(?:embeddings|blocks\.\d+\.ffn)\.(\w+)\.")  # a modality's own tensors
+EMBEDDING_KEY = re.compile(r"^(?:model\.)?embeddings\.(\w+)\.")
+
+
+def modality_of(key: str) -> str | None:
+    """The modality (or FFN key: "vl", "shared") whose own tensor ``key`` is: its embedding or its FFNs."""
+    match = MODALITY_KEY.match(key)
+    return match.group(1) if match else None
+
+
+def state_modalities(state: dict[str, Any]) -> list[str]:
+    """The modalities of a VLMoE state dict, in the model's order (its embeddings' registration order)."""
+    return list(dict.fromkeys(m.group(1) for m in map(EMBEDDING_KEY.match, state) if m))
+
+
+def modality_rows(saved: torch.Tensor, saved_modalities: list[str], current: torch.Tensor,
+                  modalities: list[str]) -> torch.Tensor | None:
+    """``modality_type`` weights for ``modalities`` [M, D]: each saved modality's row copied by NAME, a new
+    modality's row kept from ``current`` (its fresh init). None when they cannot map (a saved modality the
+    model lacks, another hidden size, a row count that is not one per modality)."""
+    if (set(saved_modalities) - set(modalities) or saved.shape != (len(saved_modalities), *current.shape[1:])
+            or current.shape[0] != len(modalities)):
+        return None
+    rows = current.detach().clone()
+    for index, modality in enumerate(modalities):
+        if modality in saved_modalities:
+            rows[index] = saved[saved_modalities.index(modality)]
+    return rows
 
 
 def expert_key(moe_module: str, expert_id: int, parameter: str) -> str:
