@@ -36,6 +36,7 @@ def check_run_inputs(recipe: Any) -> list[str]:
         problems += source_problems("data.eval", recipe.data.eval.path, recipe.data.eval.split, task_cls,
                                     allow_pipe)
     problems += vocab_problems(task_cls, recipe.data.train[0].path, "data.train[0]")
+    problems += modality_problems(recipe, task_cls)
     problems += tokenizer_problems(recipe.data.tokenizer, recipe.model.vocab_size)
     problems += init_from_problems(recipe.init_from)
     problems += check_init(recipe)
@@ -110,6 +111,29 @@ def kind_problems(where: str, manifest: dict[str, Any], task_cls: Any) -> list[s
     if lacking:
         problems.append(f"{where}: its samples lack field(s) {lacking} that task {task_cls.name!r} reads "
                         f"(manifest.json fields {fields}, the task needs {list(task_cls.fields)})")
+    return problems
+
+
+def modality_problems(recipe: Any, task_cls: Any) -> list[str]:
+    """A source of audio data (manifest task ``audio_*``) read by a task that reads audio fields needs
+    "audio" in ``model.modalities`` (else the first audio micro-batch fails inside the model, on every rank)."""
+    from pipeline.data.loader import AUDIO_EXTS
+
+    reads_audio = set(task_cls.fields) | set(getattr(task_cls, "optional_fields", ()))
+    if "audio" in recipe.model.modalities or not reads_audio & set(AUDIO_EXTS):
+        return []
+    sources = [(f"data.train[{i}]", s) for i, s in enumerate(recipe.data.train)]
+    sources += [("data.eval", recipe.data.eval)] if recipe.data.eval is not None else []
+    problems = []
+    for field, source in sources:
+        try:
+            kind = json.loads((Path(source.path) / "manifest.json").read_text()).get("task")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue  # not a data_prep folder: folder_problems / url_problems say so
+        if isinstance(kind, str) and kind.startswith("audio"):
+            problems.append(f"{field}.path={source.path}: holds {kind!r} data (audio clips) but model.modalities "
+                            f"is {list(recipe.model.modalities)}: add 'audio' (and an audio: block sized for the "
+                            "clips) to the recipe's model, or drop this source")
     return problems
 
 
