@@ -42,7 +42,8 @@ def prepared(task: Task, folder, split: str, train: bool, n: int = B) -> list[di
 
 def test_prepare_sample_gives_each_kind_its_fixed_shapes(vla, synth_av):
     audio = vla.model.cfg.audio
-    (clip,), (image,) = prepared(vla, synth_av.sounds, "train", True, 1), prepared(vla, synth_av.captions, "train", True, 1)
+    (clip,) = prepared(vla, synth_av.sounds, "train", True, 1)
+    (image,) = prepared(vla, synth_av.captions, "train", True, 1)
     assert {k: tuple(v.shape) for k, v in clip.items()} == {
         "audio_values": (audio.max_frames, audio.num_mel_bins), "audio_lengths": (),
         "input_ids": (TEXT_LEN,), "attention_mask": (TEXT_LEN,)}
