@@ -164,6 +164,7 @@ def test_every_task_declares_what_it_reads():
         "retrieval": (("retrieval",), ()), "nlvr2": (("nlvr2",), ()),
         "classification": (("classification",), ("classes.json",)), "snli_ve": (("snli_ve",), ("classes.json",)),
         "audio_retrieval": (("audio_retrieval", "audio_pairs"), ()),
+        "vla_pretrain": (("pairs", "retrieval", "audio_retrieval", "audio_pairs"), ()),
         "audio_classification": (("audio_classification",), ("classes.json",))}
     assert {"vqa", "gqa", "nlvr2", "snli_ve", "retrieval"} <= set(COMMAND_MODULES)
 
