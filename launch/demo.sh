@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The whole pipeline on built-in data (`make demo` runs this after setting up .venv):
-#   data_prep synth -> data_prep tokenizer -> text_mlm -> vl_pretrain (EP=2, ZeRO-2)
-#   -> VQA and retrieval fine-tuning -> pipeline.evaluate -> DEMO_DIR/metrics.json + a table.
+#   data_prep synth (shapes + sound world) -> data_prep tokenizer -> text_mlm -> vl_pretrain (EP=2, ZeRO-2)
+#   -> VQA and retrieval fine-tuning -> vla_pretrain (adds audio; image and sound micro-batches mixed)
+#   -> audio retrieval fine-tuning -> pipeline.evaluate of each -> DEMO_DIR/metrics.json + a table.
 # Without CUDA it runs on CPU_RANKS CPU ranks over gloo (default 2). Rerunning reuses finished steps:
 # shards are skipped by data_prep, finished stages by their FINISHED marker, evaluations by their JSON.
-# Environment: DEMO_DIR [runs/demo], DEMO_SAMPLES [synth images per task, 6000], DS_CONFIG
+# Environment: DEMO_DIR [runs/demo], DEMO_SAMPLES [synth images per task, 6000], DEMO_SOUNDS [synth training
+# clips, 4000; the test split has 200 clips x 5 captions], DS_CONFIG
 # [ds_configs/zero2_bf16.json on CUDA; ds_configs/zero2_fp32.json on every CPU, AMX included: bf16 measured
 # 1.7x slower there (pipeline.run.hardware, BENCHMARKS.md)], and everything
 # launch/common.sh reads (GPUS_PER_NODE, CPU_RANKS, ...).
@@ -16,6 +18,7 @@ fi
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 DEMO_DIR="${DEMO_DIR:-runs/demo}"
 DEMO_SAMPLES="${DEMO_SAMPLES:-6000}"
+DEMO_SOUNDS="${DEMO_SOUNDS:-4000}"
 DATA="$DEMO_DIR/data"
 TOKENIZER="$DEMO_DIR/tokenizer"
 started=$SECONDS
@@ -27,14 +30,14 @@ stop_if_preempted() {  # RUN_DIR: a stage that exited 0 without FINISHED was pre
 
 echo "demo: $DEMO_DIR, engine config $DS_CONFIG, $WORLD_SIZE_TOTAL ranks" >&2
 step "data_prep synth -> $DATA"
-# --num-sounds 0: no demo stage reads the sound world yet (its audio tasks come with issue 18)
-"$PYTHON" -m data_prep synth --output "$DATA" --num-samples "$DEMO_SAMPLES" --num-sounds 0 --seed 0 --no-progress
+"$PYTHON" -m data_prep synth --output "$DATA" --num-samples "$DEMO_SAMPLES" --num-sounds "$DEMO_SOUNDS" --seed 0 \
+  --no-progress
 
 step "data_prep tokenizer -> $TOKENIZER"
 if [[ -f "$TOKENIZER/tokenizer.json" ]]; then
   echo "tokenizer exists, reusing" >&2
 else
-  "$PYTHON" -m data_prep tokenizer --shards "$DATA/captions" "$DATA/vqa" "$DATA/retrieval" \
+  "$PYTHON" -m data_prep tokenizer --shards "$DATA/captions" "$DATA/vqa" "$DATA/retrieval" "$DATA/sounds" \
     --vocab-size 1000 --output "$TOKENIZER"
 fi
 
@@ -45,14 +48,14 @@ run_forwarding env STAGES="text_mlm vl_pretrain" SETS_vl_pretrain="${SETS_vl_pre
   bash launch/pipeline.sh "$DATA" "$TOKENIZER" "$DEMO_DIR"
 stop_if_preempted "$DEMO_DIR/vl_pretrain"
 
-finetune() {  # TASK EVAL_SPLIT
-  local task="$1" split="$2" run="$DEMO_DIR/$1"
-  step "fine-tuning: $task from vl_pretrain -> $run"
+finetune() {  # TASK EVAL_SPLIT [DATA FOLDER NAME] [INIT_FROM RUN NAME]
+  local task="$1" split="$2" folder="$DATA/${3:-$1}" init="$DEMO_DIR/${4:-vl_pretrain}" run="$DEMO_DIR/$1"
+  step "fine-tuning: $task from $(basename "$init") -> $run"
   if [[ -f "$run/FINISHED" ]]; then
     echo "$task already fine-tuned, reusing" >&2
   else
-    run_forwarding env DATA="$DATA/$task" EVAL_SPLIT="$split" TOKENIZER="$TOKENIZER" \
-      bash launch/finetune.sh "launch/recipes/$task.yaml" "$DEMO_DIR/vl_pretrain" "$run"
+    run_forwarding env DATA="$folder" EVAL_SPLIT="$split" TOKENIZER="$TOKENIZER" \
+      bash launch/finetune.sh "launch/recipes/$task.yaml" "$init" "$run"
     stop_if_preempted "$run"
   fi
   step "pipeline.evaluate: $task on $split"
@@ -60,11 +63,26 @@ finetune() {  # TASK EVAL_SPLIT
     echo "evaluation exists, reusing" >&2
   else
     OMP_NUM_THREADS="$(nproc)" "$PYTHON" -m pipeline.evaluate --checkpoint "$run" --task "$task" \
-      --data "$DATA/$task" --split "$split" --output "$DEMO_DIR/eval/$task.json" --no-progress
+      --data "$folder" --split "$split" --output "$DEMO_DIR/eval/$task.json" --no-progress
   fi
 }
 finetune vqa val
 finetune retrieval test
+
+step "pretraining: vla_pretrain (adds audio; image and sound micro-batches mixed) -> $DEMO_DIR/vla_pretrain"
+if [[ -f "$DEMO_DIR/vla_pretrain/FINISHED" ]]; then
+  echo "vla_pretrain already finished, reusing" >&2
+else
+  # ITM and ATM are off here, as ITM is in vl_pretrain (time); audio retrieval fine-tuning trains ATM
+  vla_sets=()
+  for item in ${SETS_vla_pretrain:-objectives.itm=0 objectives.atm=0}; do vla_sets+=(--set "$item"); done
+  run_forwarding bash launch/finetune.sh launch/recipes/vla_pretrain.yaml "$DEMO_DIR/vl_pretrain" \
+    "$DEMO_DIR/vla_pretrain" --set "data.tokenizer=$TOKENIZER" \
+    --set "data.train=[{path: $DATA/captions, split: train, weight: 1.0}, {path: $DATA/sounds, split: train, weight: 3.0}]" \
+    --set "data.eval={path: $DATA/sounds, split: test}" "${vla_sets[@]}"
+  stop_if_preempted "$DEMO_DIR/vla_pretrain"
+fi
+finetune audio_retrieval test sounds vla_pretrain
 
 step "results"
 "$PYTHON" -m launch.demo_report --demo-dir "$DEMO_DIR"

@@ -2,7 +2,7 @@
 
     python -m launch.demo_report --demo-dir runs/demo
 
-Reads the JSON files ``pipeline.evaluate`` wrote (``DEMO/eval/vqa.json``, ``DEMO/eval/retrieval.json``),
+Reads the JSON files ``pipeline.evaluate`` wrote (``DEMO/eval/{vqa,retrieval,audio_retrieval}.json``),
 leads each task's entry with its task class's ``headline`` metric and writes ``DEMO/metrics.json``:
 ``{"vqa": {"accuracy", "baseline", ...}, "retrieval": {"t2i_r1", "t2i_r5", ..., "baseline_t2i_r5"}, ...}``.
 Exits non-zero if an evaluation file is missing.
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-DEMO_EVALS = ("vqa", "retrieval")  # the files launch/demo.sh has pipeline.evaluate write (DEMO/eval/<stem>.json)
+DEMO_EVALS = ("vqa", "retrieval", "audio_retrieval")  # the files launch/demo.sh has pipeline.evaluate write (DEMO/eval/<stem>.json)
 ALIASES = {"acc": "accuracy"}  # a headline metric's key in metrics.json when it differs from the metric's
 
 
