@@ -91,3 +91,39 @@ def test_eval_padding_marks_valid_and_keeps_shapes():
     assert batch["x"].shape == (4, 3) and batch["valid"].tolist() == [True, False, False, False]
     assert batch["id"] == [7, -1, -1, -1] and "__key__" not in batch
     assert math.isclose(float(batch["x"].sum()), 3.0)
+
+
+def test_each_loss_term_is_averaged_over_the_micro_batches_that_reported_it():
+    """Mixed sources: image batches report itc, audio ones atc; a log window of both must not dilute either."""
+    from pipeline.run.tb_logging import TrainWindow, console_line
+
+    window = TrainWindow()
+    for itc in (1.0, 2.0, 3.0):  # source 0: image-text
+        window.add_micro({"loss": 4.0, "itc": itc, "mlm_acc": 0.5}, 0, 10, {}, {})
+    window.add_micro({"loss": 8.0, "atc": 8.0}, 1, 30, {}, {})  # source 1: audio-text
+    means = window.term_means(torch.device("cpu"))
+    assert means == pytest.approx({"train/loss": 5.0, "train/itc": 2.0, "train/mlm_acc": 0.5, "train/atc": 8.0})
+    assert window.tokens == 60 and window.micro == 4
+    assert window.source_shares(2) == pytest.approx({"data/source_0_share": 0.75, "data/source_1_share": 0.25})
+    assert window.source_shares(1) == {}
+    assert console_line(3, 10, means, dict(window.sources)).endswith(" | src 0:3 1:1")
+    assert "src" not in console_line(3, 10, means)
+
+
+def test_tokens_in_counts_the_audio_patches_of_real_frames():
+    from pipeline.model.audio import AudioEmbedding
+    from pipeline.model.config import ModelConfig
+    from pipeline.run.trainer import _tokens_in
+
+    cfg = ModelConfig(hidden_size=16, num_layers=2, num_heads=2, image_size=16, patch_size=8, vocab_size=16)
+    audio = cfg.audio  # 64 mel bins, 400 frames, 16x16 patches: a 4 x 25 grid
+    lengths = torch.tensor([audio.max_frames, 20, 1])
+    text = {"input_ids": torch.zeros(3, 5, dtype=torch.long), "attention_mask": torch.ones(3, 5, dtype=torch.long)}
+    batch = {**text, "audio_values": torch.zeros(3, audio.max_frames, audio.num_mel_bins), "audio_lengths": lengths}
+    assert _tokens_in(batch, cfg) == 15 + (1 + 4 * 25) + (1 + 4 * 2) + (1 + 4 * 1)
+    _, valid_bp = AudioEmbedding(cfg)(batch["audio_values"], lengths)  # the tokens the model attends to
+    assert _tokens_in(batch, cfg) == 15 + int(valid_bp.sum())
+    del batch["audio_lengths"]
+    assert _tokens_in(batch, cfg) == 15 + 3 * (1 + audio.num_patches)
+    images = {**text, "pixel_values": torch.zeros(3, 3, 16, 16)}
+    assert _tokens_in(images, cfg) == 15 + 3 * (1 + 4)

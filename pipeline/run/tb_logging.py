@@ -1,7 +1,10 @@
-"""Rank-0 metrics sink (TensorBoard + ``train_log.jsonl`` + console) and the derived figures it logs:
-expert load and its entropy, measured dropped-token fraction, throughput and MFU."""
+"""Rank-0 metrics sink (TensorBoard + ``train_log.jsonl`` + console), the log window the training loop
+adds up, and the derived figures it logs: expert load and its entropy, measured dropped-token fraction,
+throughput and MFU, the share of each training source."""
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import logging
 import math
@@ -9,6 +12,7 @@ import time
 
 import torch
 
+from pipeline.run.distributed import all_reduce_sum
 from pipeline.run.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,61 @@ class MetricsSink:
         if self.enabled:
             self.writer.close()
             self.jsonl.close()
+
+
+@dataclasses.dataclass
+class TrainWindow:
+    """What one rank's micro-batches and steps add up to between two logs. A micro-batch reports only its
+    media's loss terms (an image batch itc/itm/mlm, an audio one atc/atm/audio_mlm), so each term is averaged
+    over the micro-batches that reported it. The sequence of sources (and of skipped micro-batches) is the
+    same on every rank (``BatchMix``), so every rank holds the same term names: the reductions line up."""
+    term_sums: dict[str, float] = dataclasses.field(default_factory=lambda: collections.defaultdict(float))
+    term_micro: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    sources: collections.Counter[int] = dataclasses.field(default_factory=collections.Counter)
+    routed: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    kept: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    micro: int = 0
+    steps: int = 0
+    tokens: int = 0
+    time: float = 0.0
+    data_wait: float = 0.0
+    grad_norm: float = 0.0
+    norm_steps: int = 0
+
+    def add_micro(self, terms: dict[str, float], source: int, tokens: int,
+                  routed: dict[str, torch.Tensor], kept: dict[str, torch.Tensor]) -> None:
+        """One micro-batch that trained: its loss terms, training source index, input tokens, expert counts."""
+        for key, value in terms.items():
+            self.term_sums[key] += float(value)
+            self.term_micro[key] += 1
+        for into, counts in ((self.routed, routed), (self.kept, kept)):
+            for key, value in counts.items():
+                into[key] = into.get(key, 0) + value.double().cpu()
+        self.sources[source] += 1
+        self.micro += 1
+        self.tokens += tokens
+
+    def add_step(self, seconds: float, grad_norm: float | None) -> None:
+        self.steps += 1
+        self.time += seconds
+        if grad_norm is not None:
+            self.grad_norm += grad_norm
+            self.norm_steps += 1
+
+    def term_means(self, device: torch.device) -> dict[str, float]:
+        """Collective: ``train/{term}`` = its mean over the micro-batches of every rank that reported it."""
+        names = sorted(self.term_sums)
+        sums_counts = torch.tensor([self.term_sums[n] for n in names] + [float(self.term_micro[n]) for n in names],
+                                   dtype=torch.float64)
+        totals = all_reduce_sum(sums_counts, device).tolist()
+        return {f"train/{n}": totals[i] / totals[len(names) + i] for i, n in enumerate(names)}
+
+    def source_shares(self, num_sources: int) -> dict[str, float]:
+        """``data/source_{i}_share``: the fraction of this window's micro-batches drawn from training source i
+        (the same on every rank); none with a single source."""
+        if num_sources < 2 or not self.micro:
+            return {}
+        return {f"data/source_{i}_share": self.sources[i] / self.micro for i in range(num_sources)}
 
 
 def expert_load_scalars(routed: dict[str, torch.Tensor], kept: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -91,11 +150,15 @@ def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 * PEAK_MATMUL_REPEATS / seconds / 1e12
 
 
-def console_line(step: int, total: int, values: dict[str, float]) -> str:
+def console_line(step: int, total: int, values: dict[str, float], sources: dict[int, int] | None = None) -> str:
+    """One short line per log; ``sources`` {training source index: micro-batches in the window} adds
+    ``src 0:12 1:8`` (given only when there are several sources)."""
     keys = ["loss", "aux_loss", "lr", "grad_norm", "samples_per_s", "mfu", "data_wait_frac"]
     parts = [f"step {step}/{total}"]
     for key in keys:
         if f"train/{key}" in values:
             value = values[f"train/{key}"]
             parts.append(f"{key} {value:.3g}" if abs(value) < 1e4 else f"{key} {value:.0f}")
+    if sources:
+        parts.append("src " + " ".join(f"{index}:{count}" for index, count in sorted(sources.items())))
     return " | ".join(parts)

@@ -12,7 +12,6 @@ import json
 import logging
 import signal
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,8 @@ from pipeline.recipe import InitConfig, dump_recipe, load_recipe
 from pipeline.run.run_dir import RunDir
 from pipeline.run.step_guard import NonFiniteTraining, StepGuard
 from pipeline.tasks import DistInfo
-from pipeline.run.tb_logging import MetricsSink, console_line, expert_load_scalars, measure_peak_tflops
+from pipeline.run.tb_logging import (MetricsSink, TrainWindow, console_line, expert_load_scalars,
+                                     measure_peak_tflops)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Trainer:
         self.peak_tflops = recipe.train.peak_tflops or max(
             measure_peak_tflops(dist.device, _dtype(ds_config)) for _ in range(PEAK_TRIALS))
         self.warned_mfu = False
-        self.window: dict[str, Any] = _empty_window()
+        self.window = TrainWindow()
         self.worker_skips: dict[int, int] = {}
         self.loader_iter = None
         self.guard = StepGuard(engine, dist, recipe.train.nonfinite_budget, recipe.model.moe.ep_size,
@@ -153,8 +153,9 @@ class Trainer:
         while micro < self.recipe.batch.grad_accum:
             wait_start = time.perf_counter()
             batch = next(self.loader_iter)
-            self.window["data_wait"] += time.perf_counter() - wait_start
+            self.window.data_wait += time.perf_counter() - wait_start
             self._note_worker(batch)
+            source = batch.get("__source__", 0)
             batch = to_device(strip_meta(batch), self.dist.device)
             moe_stats.reset()
             out = engine(batch)
@@ -165,30 +166,20 @@ class Trainer:
             engine.backward(loss)
             own_norm = self.guard.grad_norm() if engine.is_gradient_accumulation_boundary() else None
             engine.step()
-            self._accumulate(out, aux_loss, moe_stats, batch)
+            self._accumulate(out, aux_loss, moe_stats, batch, source)
             micro += 1
         norm = engine.get_global_grad_norm()
         norm = own_norm if norm is None else float(norm)
         self.guard.after_step(norm, self.state.step + 1)
         self.state.step += 1
         self.state.samples_seen += self.ds_config["train_batch_size"]
-        if norm is not None:
-            self.window["grad_norm"] += norm
-            self.window["norm_steps"] += 1
-        self.window["steps"] += 1
-        self.window["time"] += time.perf_counter() - start
+        self.window.add_step(time.perf_counter() - start, norm)
 
-    def _accumulate(self, out: Any, aux_loss: torch.Tensor, moe_stats: Any, batch: dict[str, Any]) -> None:
-        w = self.window
-        w["terms"]["loss"] += float(out.loss.detach())
-        w["terms"]["aux_loss"] += float(aux_loss.detach())
-        for key, value in out.terms.items():
-            w["terms"][key] += float(value)
-        for kind, counts in (("routed", moe_stats.routed), ("kept", moe_stats.kept)):
-            for key, value in counts.items():
-                w[kind][key] = w[kind].get(key, 0) + value.double().cpu()
-        w["micro"] += 1
-        w["tokens"] += _tokens_in(batch, self.model_cfg)
+    def _accumulate(self, out: Any, aux_loss: torch.Tensor, moe_stats: Any, batch: dict[str, Any],
+                    source: int) -> None:
+        terms = {"loss": float(out.loss.detach()), "aux_loss": float(aux_loss.detach()),
+                 **{key: float(value) for key, value in out.terms.items()}}
+        self.window.add_micro(terms, source, _tokens_in(batch, self.model_cfg), moe_stats.routed, moe_stats.kept)
 
     def _note_worker(self, batch: dict[str, Any]) -> None:
         worker, skipped = batch.get("__worker__", (0, 0))
@@ -196,26 +187,25 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- logging
     def log_window(self) -> None:
-        """Collective (all ranks): averages loss terms over ranks, sums expert counts, writes on rank 0."""
+        """Collective (all ranks): averages each loss term over the micro-batches (of all ranks) that reported
+        it, sums expert counts, writes on rank 0 (with the share of each training source when several)."""
         w, device = self.window, self.dist.device
-        if not w["steps"]:
+        if not w.steps:
             return
-        names = sorted(w["terms"])
-        terms = all_reduce_sum(torch.tensor([w["terms"][n] / w["micro"] for n in names]), device)
-        values = {f"train/{n}": float(v) / self.dist.world_size for n, v in zip(names, terms)}
-        routed, kept = ({key: all_reduce_sum(w[kind][key], device) for key in sorted(w[kind])}
-                        for kind in ("routed", "kept"))
-        tokens = float(all_reduce_sum(torch.tensor([float(w["tokens"])]), device)[0])
+        values = w.term_means(device)
+        routed, kept = ({key: all_reduce_sum(counts[key], device) for key in sorted(counts)}
+                        for counts in (w.routed, w.kept))
+        tokens = float(all_reduce_sum(torch.tensor([float(w.tokens)]), device)[0])
         skipped = float(all_reduce_sum(torch.tensor([float(sum(self.worker_skips.values()))]), device)[0])
-        step_time = w["time"] / w["steps"]
+        step_time = w.time / w.steps
         samples_per_s = self.ds_config["train_batch_size"] / step_time
         values.update({
             "train/lr": self.engine.get_lr()[0],
-            "train/samples_per_s": samples_per_s, "train/tokens_per_s": tokens / w["time"],
-            "train/data_wait_frac": w["data_wait"] / w["time"], "train/step_time_s": step_time,
+            "train/samples_per_s": samples_per_s, "train/tokens_per_s": tokens / w.time,
+            "train/data_wait_frac": w.data_wait / w.time, "train/step_time_s": step_time,
             "data/skipped_samples": skipped, "train/samples_seen": float(self.state.samples_seen)})
-        if w["norm_steps"]:
-            values["train/grad_norm"] = w["grad_norm"] / w["norm_steps"]
+        if w.norm_steps:
+            values["train/grad_norm"] = w.grad_norm / w.norm_steps
         if self.flops_per_sample:
             values["train/mfu"] = (samples_per_s * self.flops_per_sample
                                    / (self.peak_tflops * 1e12 * self.dist.world_size))
@@ -225,10 +215,13 @@ class Trainer:
                             "(busy host?); set train.peak_tflops to the hardware's peak", values["train/mfu"],
                             self.peak_tflops)
         values.update(expert_load_scalars(routed, kept))
+        num_sources = len(self.recipe.data.train)
+        values.update(w.source_shares(num_sources))
         self.sink.scalars(values, self.state.step)
         if self.dist.is_main:
-            log.info(console_line(self.state.step, self.recipe.train.steps, values))
-        self.window = _empty_window()
+            log.info(console_line(self.state.step, self.recipe.train.steps, values,
+                                  {i: w.sources[i] for i in range(num_sources)} if num_sources > 1 else None))
+        self.window = TrainWindow()
 
     # ------------------------------------------------------------------------------ eval, ckpt
     def evaluate(self) -> dict[str, float]:
@@ -310,15 +303,25 @@ def _signal_name(signum: int | None) -> str:
     return signal.Signals(signum).name if signum is not None else "stop requested by another rank"
 
 
-def _empty_window() -> dict[str, Any]:
-    return {"terms": defaultdict(float), "routed": {}, "kept": {}, "micro": 0, "steps": 0, "tokens": 0,
-            "time": 0.0, "data_wait": 0.0, "grad_norm": 0.0, "norm_steps": 0}
-
-
 def _tokens_in(batch: dict[str, Any], model_cfg: Any) -> int:
+    """Input tokens of a micro-batch (``train/tokens_per_s``): real text tokens, 1 + patches per image, and
+    per clip 1 + the audio patches of its real frames (those the model does not mask: a patch that starts
+    before ``audio_lengths``; every patch of the grid when the batch has no lengths)."""
     tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
     images = sum(v.shape[0] for k, v in batch.items() if k.startswith("pixel_values"))
-    return tokens + images * (model_cfg.num_patches + 1)
+    tokens += images * (model_cfg.num_patches + 1)
+    if "audio_values" in batch:
+        tokens += _audio_tokens(batch["audio_values"], batch.get("audio_lengths"), model_cfg.audio)
+    return tokens
+
+
+def _audio_tokens(features_btf: torch.Tensor, lengths_b: torch.Tensor | None, audio_cfg: Any) -> int:
+    freq, time_patches = audio_cfg.grid(features_btf.shape[1])
+    if lengths_b is None:
+        return features_btf.shape[0] * (1 + freq * time_patches)
+    starts_t = torch.arange(time_patches, device=lengths_b.device) * audio_cfg.stride_time
+    real_time_b = (starts_t[None] < lengths_b[:, None]).sum(dim=1)
+    return int((1 + freq * real_time_b).sum())
 
 
 def _dtype(ds_config: dict[str, Any]) -> torch.dtype:
