@@ -96,6 +96,29 @@ def test_budget_stops_when_failure_share_of_window_is_exceeded():
         short.fail("shard_short", "/d/a.tar: read 1 of 10 samples", weight=9)
 
 
+
+def test_undecodable_clip_or_image_is_counted_as_corrupt_media():
+    """The decode errors of damaged media name the media, not the decoder's exception class."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from pipeline.data.faults import failure_reason
+    from pipeline.data.loader import decode_sample
+
+    flac = io.BytesIO()
+    sf.write(flac, np.zeros(1600, dtype="float32"), 16000, format="FLAC")
+    for name, data in (("flac", b"not audio at all" * 8), ("flac", flac.getvalue()[:-400]),
+                       ("wav", b"RIFF" + b"\0" * 60), ("jpg", b"not an image")):
+        with pytest.raises(Exception) as info:
+            decode_sample({"__key__": "k", name: data}, [name])
+        assert failure_reason(info.value) == ("corrupt_image" if name == "jpg" else "corrupt_audio"), info.value
+    budget = FailureBudget("source S")
+    budget.fail(failure_reason(info.value), "x")
+    assert dict(budget.counts) == {"corrupt_image": 1}
+    assert failure_reason(FileNotFoundError("/d/train-000000.tar")) == "FileNotFoundError"
+
 def test_data_failure_keeps_only_its_message_when_rebuilt_by_the_dataloader():
     rebuilt = DataFailure("Caught DataFailure in DataLoader worker process 0.\nOriginal Traceback (most recent "
                           "call last):\n  File \"x.py\", line 1\n    raise DataFailure(msg)\n"

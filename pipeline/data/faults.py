@@ -18,13 +18,18 @@ import logging
 import os
 from typing import Any, Iterator
 
+import soundfile as sf
 import torch
 import webdataset as wds
+from PIL import UnidentifiedImageError
 
 from data_prep.manifest import file_sha256
 from pipeline.tasks.base import SkipSample
 
 log = logging.getLogger(__name__)
+
+CORRUPT_IMAGE = "corrupt_image"
+CORRUPT_AUDIO = "corrupt_audio"
 
 
 class DataFailure(RuntimeError):
@@ -42,7 +47,16 @@ class DataFailure(RuntimeError):
 
 
 def failure_reason(exn: BaseException) -> str:
-    return exn.reason if isinstance(exn, SkipSample) else type(exn).__name__
+    """The budget's reason for a failed read or sample: a ``SkipSample``'s own reason; an image PIL cannot
+    identify is ``corrupt_image``, a clip soundfile (libsndfile) cannot decode ``corrupt_audio`` (data_prep
+    wrote only decodable media, so such bytes were damaged since); anything else, its exception type."""
+    if isinstance(exn, SkipSample):
+        return exn.reason
+    if isinstance(exn, UnidentifiedImageError):
+        return CORRUPT_IMAGE
+    if isinstance(exn, sf.SoundFileError):  # LibsndfileError, SoundFileRuntimeError (a RuntimeError)
+        return CORRUPT_AUDIO
+    return type(exn).__name__
 
 
 class FailureBudget:
