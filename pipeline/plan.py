@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import sys
 from typing import Any
 
@@ -162,6 +163,20 @@ def init_from_mismatches(model_cfg: Any, init_from: str | None) -> list[str]:
                      and modality_rows(old[key], previous.modalities, tensor, model_cfg.modalities) is not None)]
 
 
+def check_task_modalities(recipe: Any) -> None:
+    """ConfigError when the task's passes need a modality the model lacks (e.g. an audio task on a model
+    without 'audio' in model.modalities): sizing it, building it or its first batch would fail."""
+    passes = task_passes(recipe)
+    have = recipe.model.modalities
+    lacking = sorted({m for kind in passes if kind != "fuse" for m in kind.split("+") if m not in have})
+    if lacking:
+        audio = " and an audio: block sized for the clips" if "audio" in lacking else ""
+        raise ConfigError(f"task {recipe.task!r} runs {sorted(passes)} passes, which need modalities {lacking} "
+                          f"missing from model.modalities {list(have)}: add them (e.g. --set "
+                          f"\"model.modalities=[{', '.join(list(have) + lacking)}]\"){audio}, or take the model "
+                          "from an init_from run that has them")
+
+
 def check_init_from(recipe: Any) -> None:
     from pipeline.recipe import init_from_shape_error
 
@@ -179,6 +194,7 @@ def checked_plan(recipe: Any, args: argparse.Namespace) -> dict[str, Any]:
     problems = [] if args.skip_input_checks else check_run_inputs(recipe)
     plan: dict[str, Any] = {}
     try:
+        check_task_modalities(recipe)
         check_init_from(recipe)
         plan = make_plan(recipe, load_engine_json(args.ds_config), args.world_size)
     except ConfigError as exc:
@@ -205,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.recipe import load_recipe
+
+    logging.basicConfig(level=logging.WARNING, format="pipeline.plan: %(levelname)s: %(message)s")  # preflight's
 
     overrides = list(args.overrides) + ([f"model.moe.ep_size={args.ep_size}"] if args.ep_size else [])
     try:

@@ -209,3 +209,90 @@ def test_evaluate_vqa_checkpoint_on_nlvr2_folder_exits_2_in_seconds(synth_data, 
         assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "eval").exists()
         print(f"evaluate --task {task}: refused in {time.perf_counter() - started:.1f} s")
+
+
+# ------------------------------------------------------------------------------ audio clips
+TINY_AUDIO_MODEL = {**TINY_MODEL, "modalities": ["text", "audio"]}
+
+
+def audio_recipe(sounds, tokenizer, task="audio_retrieval", audio=None, **extra):
+    model = {**TINY_AUDIO_MODEL, "audio": audio or {}}
+    return recipe(task, sounds, tokenizer, (sounds, "test"), model=model, **extra)
+
+
+def resampled_copy(sounds, tmp_path, rate):
+    """A copy of the sound world whose manifest says its clips were written with --sample-rate ``rate``."""
+    folder = copy_folder(sounds, tmp_path, f"sounds_{rate}")
+    edit_manifest(folder, lambda m: m["options"].update(sample_rate=rate))
+    return folder
+
+
+def test_clips_at_another_rate_than_the_model_are_a_problem_before_launch(synth_av, tmp_path):
+    assert check_run_inputs(audio_recipe(synth_av.sounds, synth_av.tokenizer)) == []
+    folder = resampled_copy(synth_av.sounds, tmp_path, 22050)
+    found = check_run_inputs(audio_recipe(folder, synth_av.tokenizer))
+    assert len(found) == 2 and found[0].startswith(f"data.train[0].path={folder}: its clips are 22050 Hz")
+    assert found[1].startswith(f"data.eval.path={folder}: its clips are 22050 Hz")
+    assert "model.audio.sample_rate is 16000" in found[0] and "audio_rate_22050_not_16000" in found[0]
+    assert "--sample-rate 16000" in found[0] and "model.audio.sample_rate=22050" in found[0]
+    # the other way round: 16 kHz shards, a model at 22.05 kHz
+    found = check_run_inputs(audio_recipe(synth_av.sounds, synth_av.tokenizer, audio={"sample_rate": 22050}))
+    assert len(found) == 2 and "its clips are 16000 Hz" in found[0] and "--sample-rate 22050" in found[0]
+    # evaluate --data on a run's recipe
+    run_recipe = audio_recipe(synth_av.sounds, synth_av.tokenizer)
+    (problem,) = eval_input_problems(run_recipe, "audio_retrieval", str(folder), "test")
+    assert problem.startswith(f"--data.path={folder}: its clips are 22050 Hz") and "model.audio.sample_rate=" not in \
+        problem and problem.endswith("--sample-rate 16000 into another --output folder (the rate the run's model was "
+                                     "trained at)")
+
+
+def test_clips_longer_than_max_frames_are_a_warning_not_a_problem(synth_av, tmp_path, caplog):
+    from pipeline.run.preflight import input_warnings
+
+    assert input_warnings(audio_recipe(synth_av.sounds, synth_av.tokenizer)) == []  # 2-4 s clips, 400 frames
+    short = audio_recipe(synth_av.sounds, synth_av.tokenizer, audio={"max_frames": 150})  # 1.5 s
+    with caplog.at_level("WARNING", logger="pipeline.run.preflight"):
+        assert check_run_inputs(short) == []
+    warnings = input_warnings(short)
+    assert [w.split(":")[0] for w in warnings] == [f"data.train[0].path={synth_av.sounds}",
+                                                    f"data.eval.path={synth_av.sounds}"]
+    assert [r.getMessage() for r in caplog.records] == warnings
+    match = re.search(r"(\d+) of the first (\d+) clips of split 'train' \(train-000000\.tar\) are longer than the "
+                      r"1\.51 s that model\.audio\.max_frames=150 covers \(longest (\S+) s\): the model sees only "
+                      r"their start, (\d+)% of the audio is never used; model\.audio\.max_frames=(\d+) covers them "
+                      r"all: set it", warnings[0])
+    assert match, warnings[0]
+    longer, sampled, longest, _, needed = match.groups()
+    assert int(longer) == int(sampled) and 2.0 <= float(longest) <= 4.0  # every synth clip is >= 2 s
+    assert abs(0.025 + (int(needed) - 1) * 0.010 - float(longest)) < 0.011  # 25 ms windows, 10 ms hop
+    with_init = audio_recipe(synth_av.sounds, synth_av.tokenizer, audio={"max_frames": 150})
+    with_init.init_from = "runs/x"  # the advice only (no check of init_from here)
+    assert "it must stay the init_from run's" in input_warnings(with_init)[0]
+    # data_prep already cut every clip to what the model covers: nothing read, nothing said
+    folder = copy_folder(synth_av.sounds, tmp_path, "capped")
+    edit_manifest(folder, lambda m: m["options"].update(max_seconds=1.5))
+    assert input_warnings(audio_recipe(folder, synth_av.tokenizer, audio={"max_frames": 150})) == []
+
+
+def test_plan_refuses_an_audio_task_on_a_model_without_audio(capsys):
+    """It used to die in the parameter count with a ValueError traceback ('unknown pass kind(s)')."""
+    from pipeline.plan import main
+
+    argv = ["--recipe", "launch/recipes/audio_retrieval.yaml", "--ds-config", "ds_configs/zero2_fp32.json",
+            "--world-size", "2", "--skip-input-checks", "--set", "init_from=null"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "task 'audio_retrieval' runs ['audio', 'audio+text', 'text'] passes, which need modalities ['audio'] " \
+           "missing from model.modalities ['image', 'text']" in err and "Traceback" not in err
+    assert main([*argv, "--set", "model.modalities=[text, audio]"]) == 0
+
+
+def test_launch_script_refuses_clips_at_another_rate_before_the_launcher(synth_av, tmp_path):
+    folder = resampled_copy(synth_av.sounds, tmp_path, 22050)
+    args = ["launch/recipes/audio_retrieval.yaml", tmp_path / "run", *sets(TINY),
+            *sets(["init_from=null", "model.modalities=[text, audio]"])]
+    proc = script("pretrain.sh", args, {"DATA": str(folder), "EVAL_SPLIT": "test",
+                                        "TOKENIZER": str(synth_av.tokenizer)}, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "its clips are 22050 Hz" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -10,16 +10,24 @@ work. Reads manifests and small JSON files and loads the tokenizer; never starts
 What a task reads comes from its class: ``fields``, ``manifest_tasks`` (missing: any manifest task) and
 ``vocab_files`` (missing: none; the list is the JSON key named like the file, ``answers.json`` ->
 ``answers``). The vocabulary always comes from the first training folder, ``data.train[0]``.
+Audio folders: clips written at another rate than ``model.audio.sample_rate`` are a problem (the loader would
+skip every clip); clips longer than ``model.audio.max_frames`` covers are a warning (``input_warnings``, logged
+by ``check_run_inputs``), read from the per-clip JSON of the split's first shard.
 """
 from __future__ import annotations
 
 import json
+import logging
+import tarfile
 from pathlib import Path
 from typing import Any
 
 from pipeline.config_utils import ConfigError
 
+logger = logging.getLogger(__name__)
+
 MAX_LISTED = 3  # missing shard files named in one message
+SAMPLED_CLIPS = 256  # clips of a split's first shard whose lengths the max_frames warning reads
 
 
 def check_run_inputs(recipe: Any) -> list[str]:
@@ -37,10 +45,20 @@ def check_run_inputs(recipe: Any) -> list[str]:
                                     allow_pipe)
     problems += vocab_problems(task_cls, recipe.data.train[0].path, "data.train[0]")
     problems += modality_problems(recipe, task_cls)
+    problems += audio_rate_problems(recipe_sources(recipe), recipe.model)
     problems += tokenizer_problems(recipe.data.tokenizer, recipe.model.vocab_size)
     problems += init_from_problems(recipe.init_from)
     problems += check_init(recipe)
+    for warning in input_warnings(recipe):
+        logger.warning("%s", warning)
     return problems
+
+
+def input_warnings(recipe: Any) -> list[str]:
+    """Inputs that work but waste something (one line each): clips longer than ``model.audio.max_frames``."""
+    fix = ("it must stay the init_from run's (its audio positions are learned for that many frames): set it "
+           "in the stage trained from scratch") if recipe.init_from else "set it (more audio tokens per clip)"
+    return clip_length_warnings(recipe_sources(recipe), recipe.model, fix)
 
 
 def eval_input_problems(recipe: Any, task: str, data: str, split: str) -> list[str]:
@@ -52,7 +70,11 @@ def eval_input_problems(recipe: Any, task: str, data: str, split: str) -> list[s
         return [f"--task {task}: the checkpoint was trained for task {recipe.task!r}; use --task {recipe.task} "
                 f"(or the checkpoint of a {task} run)"]
     task_cls = get_task_class(task)
+    fixed = "the run's model was trained for that many frames (its audio positions are learned for them)"
+    for warning in clip_length_warnings([("--data", data, split)], recipe.model, fixed):
+        logger.warning("%s", warning)
     return (source_problems("--data/--split", data, split, task_cls, recipe.data.allow_pipe_urls)
+            + audio_rate_problems([("--data", data, split)], recipe.model, trained=True)
             + vocab_problems(task_cls, recipe.data.train[0].path, "data.train[0] of the run's resolved_recipe.yaml")
             + tokenizer_problems(recipe.data.tokenizer, recipe.model.vocab_size))
 
@@ -135,6 +157,92 @@ def modality_problems(recipe: Any, task_cls: Any) -> list[str]:
                             f"is {list(recipe.model.modalities)}: add 'audio' (and an audio: block sized for the "
                             "clips) to the recipe's model, or drop this source")
     return problems
+
+
+# --------------------------------------------------------------------------------------- audio clips
+def recipe_sources(recipe: Any) -> list[tuple[str, str, str]]:
+    """(field, path, split) of every data source of ``recipe``: ``data.train[i]``, then ``data.eval``."""
+    sources = [(f"data.train[{i}]", s.path, s.split) for i, s in enumerate(recipe.data.train)]
+    return sources + ([("data.eval", recipe.data.eval.path, recipe.data.eval.split)] if recipe.data.eval else [])
+
+
+def audio_manifests(sources: list[tuple[str, str, str]], model_cfg: Any) -> list[tuple[str, Path, str, dict]]:
+    """(field, folder, split, manifest) of the data_prep folders of audio clips among ``sources``, when the
+    model reads audio (without it ``modality_problems`` speaks)."""
+    if "audio" not in model_cfg.modalities:
+        return []
+    found = []
+    for field, path, split in sources:
+        try:
+            manifest = json.loads((Path(path) / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # not a data_prep folder: folder_problems / url_problems say so
+        if isinstance(manifest, dict) and str(manifest.get("task", "")).startswith("audio"):
+            found.append((field, Path(path), split, manifest))
+    return found
+
+
+def audio_rate_problems(sources: list[tuple[str, str, str]], model_cfg: Any, trained: bool = False) -> list[str]:
+    """Clips written (``data_prep ... --sample-rate``, manifest.json ``options.sample_rate``) at another rate
+    than ``model.audio.sample_rate``: the loader would skip each of them as ``audio_rate_*``. ``trained``: the
+    model is a finished run's (evaluation), so only the data can change."""
+    want, problems = model_cfg.audio.sample_rate, []
+    for field, folder, _, manifest in audio_manifests(sources, model_cfg):
+        rate = (manifest.get("options") or {}).get("sample_rate")
+        if not isinstance(rate, int) or rate == want:
+            continue
+        other_model = (" (the rate the run's model was trained at)" if trained else
+                       f", or set model.audio.sample_rate={rate} (a model trained at {want} Hz then sees other "
+                       "features)")
+        problems.append(f"{field}.path={folder}: its clips are {rate} Hz (manifest.json options.sample_rate, data_prep "
+                        f"--sample-rate {rate}) but model.audio.sample_rate is {want}, so the loader would skip every "
+                        f"clip (audio_rate_{rate}_not_{want}): rerun the data_prep command with --sample-rate {want} "
+                        f"into another --output folder{other_model}")
+    return problems
+
+
+def clip_length_warnings(sources: list[tuple[str, str, str]], model_cfg: Any, fix: str) -> list[str]:
+    """Sources whose clips (the first ``SAMPLED_CLIPS`` of the split's first shard) run past the seconds
+    ``model.audio.max_frames`` covers: the loader keeps only the start of each. ``fix``: how to raise it."""
+    from pipeline.model.audio_features import FRAME_SECONDS, HOP_SECONDS, num_frames
+
+    cfg = model_cfg.audio
+    covered = FRAME_SECONDS + (cfg.max_frames - 1) * HOP_SECONDS
+    warnings = []
+    for field, folder, split, manifest in audio_manifests(sources, model_cfg):
+        cap = (manifest.get("options") or {}).get("max_seconds")
+        shards = ((manifest.get("splits") or {}).get(split) or {}).get("shards") or []
+        if (isinstance(cap, (int, float)) and cap <= covered) or not shards:
+            continue  # data_prep already cut every clip to what the model covers
+        seconds = clip_seconds(folder / shards[0], SAMPLED_CLIPS)
+        longer = [s for s in seconds if num_frames(round(s * cfg.sample_rate), cfg.sample_rate) > cfg.max_frames]
+        if not longer:
+            continue
+        cut = sum(s - covered for s in longer) / sum(seconds)
+        needed = num_frames(round(max(longer) * cfg.sample_rate), cfg.sample_rate)
+        warnings.append(f"{field}.path={folder}: {len(longer)} of the first {len(seconds)} clips of split "
+                        f"{split!r} ({shards[0]}) are longer than the {covered:.2f} s that model.audio.max_frames="
+                        f"{cfg.max_frames} covers (longest {max(longer):.2f} s): the model sees only their start, "
+                        f"{cut:.0%} of the audio is never used; model.audio.max_frames={needed} covers them all: "
+                        f"{fix}")
+    return warnings
+
+
+def clip_seconds(shard: Path, limit: int) -> list[float]:
+    """``audio.<ext>.seconds`` of the per-clip JSON of the first ``limit`` samples of a local ``shard``."""
+    seconds: list[float] = []
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                if len(seconds) >= limit:
+                    break
+                if not member.name.endswith(".json"):
+                    continue
+                audio = json.loads(tar.extractfile(member).read()).get("audio") or {}
+                seconds += [float(v["seconds"]) for v in audio.values() if isinstance(v, dict) and "seconds" in v][:1]
+    except (OSError, tarfile.TarError, json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        pass  # an unreadable shard: folder_problems or the loader's failure budget speak
+    return seconds
 
 
 def url_problems(field: str, spec: str, allow_pipe_urls: bool) -> list[str]:
