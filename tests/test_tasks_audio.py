@@ -117,10 +117,12 @@ def test_classification_on_the_audio_pooled_output(tmp_path, model, tokenizer):
     (tmp_path / "classes.json").write_text(json.dumps({"classes": ["dog", "rain", "sea", "wind", "car", "bird"]}))
     task = make_task("audio_classification", model, tokenizer, tmp_path)
     assert type(task).passes(task.weights, task.options) == {"audio": 1}
-    raws = [{"flac": clip(0.4, 300), "cls": 0, "json": {"label": 0, "label_name": "rain"}, "__key__": "1-a"},
+    raws = [{"flac": clip(0.4, 300), "cls": 0, "json": {"label": 0, "label_name": "rain", "filename": "1-7-A-1.wav"},
+             "__key__": "1-a"},
             {"flac": clip(1.2, 700), "cls": 3, "json": {"label": 3, "label_name": "bird"}, "__key__": "2-b"}]
     samples = [task.prepare_sample(r, train=True) for r in raws]
     assert [int(s["label"]) for s in samples] == [1, 5]  # by label_name in the training classes
+    assert [s["key"] for s in samples] == ["1-7-A-1.wav", "2-b"]  # predictions name ESC-50's file, else the key
     pad = task.padding_sample()
     assert set(pad) == set(samples[0]) and pad["audio_values"].shape == samples[0]["audio_values"].shape
     batch = task.collate(samples + [pad])

@@ -10,7 +10,8 @@
   "audio_ids"}]}``, top 10, with the shards' ids (``audio_id``; caption ids from AudioCaps' ``audiocap_ids``,
   else ``<audio_id>#<k>``).
 - ``audio_classification`` (``AudioClassificationTask``): ESC-50 style; a linear head on the audio pooled
-  output, top-1/top-5, classes from the training folder's ``classes.json`` by ``label_name``.
+  output, top-1/top-5, classes from the training folder's ``classes.json`` by ``label_name``. Predictions:
+  ``[{"key", "top5"}]`` with the clip's ``filename`` as the key (the shard key when there is none).
 
 Clips come as decoded ``flac`` (waveform, rate) and become log-mel features in the loader workers
 (``downstream_common.audio_tensor``); a clip without features (wrong rate, shorter than one frame, not finite)
@@ -115,3 +116,10 @@ class AudioClassificationTask(AudioMedia, ClassificationTask):
     name = "audio_classification"
     fields = (AUDIO_FIELD, "cls", "json")
     manifest_tasks = ("audio_classification",)
+
+    def prepare_sample(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
+        """As the image task's, keyed by the clip's file name (ESC-50 ``filename``) when the shard has one, so
+        the predictions name the dataset's clips rather than shard keys."""
+        prepared = super().prepare_sample(sample, train)
+        meta = sample.get("json") if isinstance(sample.get("json"), dict) else {}
+        return {**prepared, "key": str(meta.get("filename") or prepared["key"])}
