@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="metrics JSON path (default RUN/eval/<task>_<split>_<tag>.json)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per rank per forward (fixed)")
     p.add_argument("--itm-rerank", type=int, default=0,
-                   help="shorthand for --set task_options.itm_rerank=K (re-rank each query's top-K by ITM)")
+                   help="shorthand for --set task_options.itm_rerank=K (re-rank each query's top-K by ITM); "
+                        "for audio_retrieval task_options.atm_rerank=K (by ATM)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="task_options.KEY=VALUE",
                    help="override one of the task's options of the run's recipe (repeatable)")
     p.add_argument("--eval-capacity-factor", type=float, default=None,
@@ -72,8 +73,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def task_overrides(args: argparse.Namespace) -> list[str]:
-    """The ``--set task_options.*`` items for the run's recipe (``--itm-rerank K`` included)."""
-    return [*args.overrides] + ([f"task_options.itm_rerank={args.itm_rerank}"] if args.itm_rerank else [])
+    """The ``--set task_options.*`` items for the run's recipe (``--itm-rerank K`` included: the task's own
+    re-rank option, ``atm_rerank`` for a task whose options have that one instead)."""
+    if not args.itm_rerank:
+        return [*args.overrides]
+    import dataclasses
+
+    from pipeline.tasks import get_task_class
+
+    fields = {f.name for f in dataclasses.fields(get_task_class(args.task).Options)}
+    option = "atm_rerank" if "atm_rerank" in fields and "itm_rerank" not in fields else "itm_rerank"
+    return [*args.overrides, f"task_options.{option}={args.itm_rerank}"]
 
 
 def check_inputs(args: argparse.Namespace) -> None:

@@ -210,3 +210,13 @@ def test_finetune_audio_retrieval_then_evaluate(tmp_path, synth_av):
     pred = json.loads(out.with_name("sounds_test_predictions.json").read_text())
     assert sorted(p["audio_id"] for p in pred["audio_to_text"]) == sorted(str(i) for i in range(40))
     assert len(pred["text_to_audio"]) == 200 and all(len(p["audio_ids"]) == 10 for p in pred["text_to_audio"])
+
+
+def test_evaluate_itm_rerank_shorthand_names_each_task_s_own_option():
+    from pipeline.evaluate import build_parser, task_overrides
+
+    def sets(task):
+        return task_overrides(build_parser().parse_args(["--checkpoint", "r", "--task", task, "--data", "d",
+                                                         "--itm-rerank", "8", "--set", "task_options.x=1"]))
+    assert sets("audio_retrieval") == ["task_options.x=1", "task_options.atm_rerank=8"]
+    assert sets("retrieval") == ["task_options.x=1", "task_options.itm_rerank=8"]
