@@ -77,9 +77,9 @@ else
   vla_sets=()
   for item in ${SETS_vla_pretrain:-objectives.itm=0 objectives.atm=0}; do vla_sets+=(--set "$item"); done
   run_forwarding bash launch/finetune.sh launch/recipes/vla_pretrain.yaml "$DEMO_DIR/vl_pretrain" \
-    "$DEMO_DIR/vla_pretrain" --set "data.tokenizer=$TOKENIZER" \
+    "$DEMO_DIR/vla_pretrain" --set "data.tokenizer=$TOKENIZER" --set "data.eval={path: $DATA/sounds, split: test}" \
     --set "data.train=[{path: $DATA/captions, split: train, weight: 1.0}, {path: $DATA/sounds, split: train, weight: 3.0}]" \
-    --set "data.eval={path: $DATA/sounds, split: test}" "${vla_sets[@]}"
+    "${vla_sets[@]}"
   stop_if_preempted "$DEMO_DIR/vla_pretrain"
 fi
 finetune audio_retrieval test sounds vla_pretrain

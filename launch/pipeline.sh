@@ -2,7 +2,8 @@
 # All stages in order, each stage's final checkpoint feeding the next (init_from = previous run folder).
 #   launch/pipeline.sh DATA_ROOT TOKENIZER RUN_ROOT [--set key=value ...]   (--set items apply to every stage)
 #   STAGES="text_mlm vl_pretrain" EP_SIZES="2 1" launch/pipeline.sh runs/demo/data runs/demo/tokenizer runs/demo
-# DATA_ROOT is a `data_prep synth`-style folder: captions/ (text_mlm, vl_pretrain), vqa/, retrieval/.
+# DATA_ROOT is a `data_prep synth`-style folder: captions/ (text_mlm, vl_pretrain), vqa/, retrieval/, sounds/
+# (audio_retrieval; vla_pretrain mixes captions/ and sounds/ 1:3).
 # STAGES: recipe names in launch/recipes [text_mlm vl_pretrain]; EP_SIZES: model.moe.ep_size per stage
 # [recipe value]; SETS_<stage>="k=v k2=v2" adds --set items to one stage. A finished stage (RUN/FINISHED,
 # written by pipeline.train after the last step) is skipped on rerun; an interrupted one resumes.
@@ -18,6 +19,7 @@ stage_data() {  # STAGE -> "folder eval_split"
     text_mlm|vl_pretrain) echo "$data_root/captions val" ;;
     vqa) echo "$data_root/vqa val" ;;
     retrieval) echo "$data_root/retrieval test" ;;
+    vla_pretrain|audio_retrieval) echo "$data_root/sounds test" ;;
     *) echo "$data_root/$1 val" ;;
   esac
 }
@@ -29,6 +31,9 @@ for i in "${!stages[@]}"; do
   read -r folder eval_split <<< "$(stage_data "$stage")"
   data_sets "$folder" "$eval_split" "$tokenizer"
   args=("${DATA_SETS[@]}")
+  if [[ "$stage" == vla_pretrain ]]; then  # image-text and audio-text sources, mixed by micro-batch
+    args+=(--set "data.train=[{path: $data_root/captions, split: train, weight: 1.0}, {path: $data_root/sounds, split: train, weight: 3.0}]")
+  fi
   [[ -n "$previous" ]] && args+=(--set "init_from=$previous")
   [[ -n "${ep_sizes[$i]:-}" ]] && args+=(--set "model.moe.ep_size=${ep_sizes[$i]}")
   stage_sets="SETS_${stage}"
