@@ -14,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-DEMO_EVALS = ("vqa", "retrieval", "audio_retrieval")  # the files launch/demo.sh has pipeline.evaluate write (DEMO/eval/<stem>.json)
+# the files launch/demo.sh has pipeline.evaluate write (DEMO/eval/<stem>.json)
+DEMO_EVALS = ("vqa", "retrieval", "audio_retrieval")
 ALIASES = {"acc": "accuracy"}  # a headline metric's key in metrics.json when it differs from the metric's
 
 

@@ -1,7 +1,8 @@
 """Session-wide fixtures shared by every test file.
 
 ``synth_data``: the built-in synth corpus (``python -m data_prep synth``, small) plus a WordPiece tokenizer
-trained on it, made once per pytest session; ``synth_av``: a smaller one with the sound world. ``tiny_train_args``: ``pipeline.train`` arguments for a
+trained on it, made once per pytest session; ``synth_av``: a smaller one with the sound world.
+``tiny_train_args``: ``pipeline.train`` arguments for a
 tiny, fast model on that data (2 CPU ranks, EP=2).
 """
 from __future__ import annotations

@@ -14,6 +14,16 @@ from tests.fixtures_data_prep import PALETTE, run_cli, write_image
 from tests.launcher import REPO, launcher_env, run_deepspeed
 
 DS_CONFIG = "ds_configs/zero2_fp32.json"
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def word_tokenizer(folder: Path, words: list[str]):
+    """A WordPiece tokenizer whose vocabulary is the BERT specials + ``words`` (ids in that order)."""
+    from transformers import BertTokenizerFast
+
+    path = folder / "vocab.txt"
+    path.write_text("\n".join([*SPECIAL_TOKENS, *words]) + "\n")
+    return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
 TINY_MODEL = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_fusion_layers": 1, "image_size": 32,
               "patch_size": 8, "vocab_size": 256, "max_text_len": 16,
               "moe": {"num_experts": 2, "every": 2, "top_k": 1, "ep_size": 2, "min_capacity": 1}}

@@ -12,7 +12,6 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-from transformers import BertTokenizerFast
 
 from pipeline.config_utils import ConfigError
 from pipeline.data.loader import build_eval_loader
@@ -22,7 +21,7 @@ from pipeline.recipe import SourceConfig
 from pipeline.run.distributed import single_process
 from pipeline.run.eval_loop import run_eval
 from pipeline.tasks import SkipSample, TaskContext, get_task_class
-from tests.finetune_helpers import FAST_TRAIN, evaluate, train
+from tests.finetune_helpers import FAST_TRAIN, evaluate, train, word_tokenizer
 from tests.launcher import REPO
 
 WORDS = ["a", "low", "high", "beep", "buzz", "noise", "then", "short", "long", "tone", "dog", "bark", "rain"]
@@ -31,9 +30,7 @@ L, RATE, FRAMES, BANDS = 8, 16000, 64, 32
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "vocab.txt"
-    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+    return word_tokenizer(tmp_path_factory.mktemp("tok"), WORDS)
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 from PIL import Image
-from transformers import BertTokenizerFast
 
 from pipeline.model import ModelConfig, MoEConfig, VLMoE
 from pipeline.tasks import SkipSample, TaskContext, get_task_class
+from tests.finetune_helpers import word_tokenizer
 
 WORDS = ["what", "color", "is", "the", "circle", "square", "red", "blue", "a", "on", "left", "how", "many",
          "two", "there", "are", "shapes", "yes", "no", "big", "small", "green"]
@@ -17,9 +17,7 @@ L, SIZE = 8, 16
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "vocab.txt"
-    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+    return word_tokenizer(tmp_path_factory.mktemp("tok"), WORDS)
 
 
 @pytest.fixture(scope="module")
