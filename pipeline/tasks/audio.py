@@ -30,11 +30,10 @@ from pipeline.config_utils import ConfigError
 from pipeline.metrics.retrieval import AUDIO_DIRECTIONS
 from pipeline.tasks.base import TaskContext
 from pipeline.tasks.classification import ClassificationTask
-from pipeline.tasks.downstream_common import audio_tensor, blank_audio
+from pipeline.tasks.downstream_common import AUDIO_FIELD, AUDIO_MANIFESTS, audio_tensor, blank_audio
 from pipeline.tasks.pretrain import pair_passes
 from pipeline.tasks.retrieval import RetrievalTask
 
-AUDIO_FIELD = "flac"  # data_prep writes every clip as 16-bit FLAC
 
 
 class AudioMedia:
@@ -77,7 +76,7 @@ class AudioRetrievalOptions:
 class AudioRetrievalTask(AudioMedia, RetrievalTask):
     name = "audio_retrieval"
     fields = (AUDIO_FIELD, "txt", "json")
-    manifest_tasks = ("audio_retrieval", "audio_pairs")
+    manifest_tasks = AUDIO_MANIFESTS
     Options = AudioRetrievalOptions
     objectives = {"atc": 1.0, "atm": 1.0}
     headline = "t2a_r5"

@@ -40,6 +40,10 @@ def blank_image(size: int) -> torch.Tensor:
     return torch.zeros(3, size, size)
 
 
+AUDIO_FIELD = "flac"  # data_prep writes every clip as 16-bit FLAC
+AUDIO_MANIFESTS = ("audio_retrieval", "audio_pairs")  # data_prep folders of clips with captions
+
+
 def audio_tensor(audio: Any, cfg: Any) -> dict[str, torch.Tensor]:
     """Decoded audio (waveform [S], rate) -> {"audio_values": log-mel [T, F] float (``cfg.max_frames`` frames,
     padding included), "audio_lengths": real frames, long scalar}, with ``cfg`` the model's AudioConfig. A clip

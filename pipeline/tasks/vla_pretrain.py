@@ -18,13 +18,11 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.model.heads import ITCHead, ITMHead
-from pipeline.objectives.pretrain import PAIR_OBJECTIVES
+from pipeline.objectives.pretrain import MEDIA_KEYS, PAIR_OBJECTIVES
 from pipeline.tasks.base import SkipSample
-from pipeline.tasks.downstream_common import audio_tensor, blank_audio, blank_image
+from pipeline.tasks.downstream_common import AUDIO_FIELD, AUDIO_MANIFESTS, audio_tensor, blank_audio, blank_image
 from pipeline.tasks.pretrain import CAPTION_MANIFESTS, VLPretrainTask, pair_passes
 
-AUDIO_MANIFESTS = ("audio_retrieval", "audio_pairs")  # data_prep folders of clips with captions
-AUDIO_FIELD = "flac"
 MEDIA_CODES = {"image": 1, "audio": 2}  # eval batches agree on their media across ranks by the max code
 
 
@@ -70,7 +68,7 @@ class VLAPretrainTask(VLPretrainTask):
     def eval_media(self, batch: dict[str, Any]) -> str:
         """Collective: the media of the eval source, agreed by every rank (a rank with padding only has both
         media's inputs and must make the same model calls as the others)."""
-        has = [media for media, key in (("image", "pixel_values"), ("audio", "audio_values")) if key in batch]
+        has = [media for media, keys in MEDIA_KEYS.items() if keys[0] in batch]
         code = torch.tensor([MEDIA_CODES[has[0]] if len(has) == 1 else 0], device=batch["input_ids"].device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(code, op=dist.ReduceOp.MAX)
