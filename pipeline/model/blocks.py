@@ -33,6 +33,27 @@ class Segment:
     valid: torch.Tensor | None  # [B, end-start] bool, None = all valid
 
 
+class LayerKV:
+    """One block's attention keys and values of the tokens seen so far ([B, H, M, K] each), for decoding."""
+
+    def __init__(self) -> None:
+        self.k_bhmk: torch.Tensor | None = None
+        self.v_bhmk: torch.Tensor | None = None
+
+    def append(self, k_bhnk: torch.Tensor, v_bhnk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k_bhmk is None:
+            self.k_bhmk, self.v_bhmk = k_bhnk, v_bhnk
+        else:
+            self.k_bhmk = torch.cat([self.k_bhmk, k_bhnk], dim=2)
+            self.v_bhmk = torch.cat([self.v_bhmk, v_bhnk], dim=2)
+        return self.k_bhmk, self.v_bhmk
+
+    def select(self, index_b: torch.Tensor) -> None:
+        """Keep rows ``index_b`` of the batch (beam search reorders and repeats beams)."""
+        if self.k_bhmk is not None:
+            self.k_bhmk, self.v_bhmk = self.k_bhmk[index_b], self.v_bhmk[index_b]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -45,14 +66,19 @@ class Attention(nn.Module):
             self.q_norm = nn.LayerNorm(head_dim, eps=cfg.layer_norm_eps)
             self.k_norm = nn.LayerNorm(head_dim, eps=cfg.layer_norm_eps)
 
-    def forward(self, x_bnd: torch.Tensor, mask_b1nn: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x_bnd: torch.Tensor, mask_b1nm: torch.Tensor | None, cache: LayerKV | None = None
+                ) -> torch.Tensor:
+        """``mask_b1nm``: True = query n may attend key m. With ``cache`` the keys and values of these n tokens
+        are appended to it and the queries attend to every cached key (M = cached + n)."""
         b, n, d = x_bnd.shape
         qkv = self.qkv(x_bnd).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        q_bhnk, k_bhnk = qkv[0], qkv[1]
+        q_bhnk, k_bhnk, v_bhnk = qkv[0], qkv[1], qkv[2]
         if hasattr(self, "q_norm"):
             q_bhnk, k_bhnk = self.q_norm(q_bhnk), self.k_norm(k_bhnk)
+        if cache is not None:
+            k_bhnk, v_bhnk = cache.append(k_bhnk, v_bhnk)
         out_bhnk = F.scaled_dot_product_attention(
-            q_bhnk, k_bhnk, qkv[2], attn_mask=mask_b1nn,
+            q_bhnk, k_bhnk, v_bhnk, attn_mask=mask_b1nm,
             dropout_p=self.attn_dropout if self.training else 0.0)
         return self.proj(out_bhnk.transpose(1, 2).reshape(b, n, d))
 
@@ -69,26 +95,31 @@ class Block(nn.Module):
                                   for key in cfg.ffn_keys(index)})
         self.drop = nn.Dropout(cfg.dropout)
 
-    def _spans(self, segments: list[Segment]) -> list[tuple[str, list[Segment]]]:
-        """(ffn key, segments it processes) in call order."""
+    def _spans(self, segments: list[Segment], fused: bool | None) -> list[tuple[str, list[Segment]]]:
+        """(ffn key, segments it processes) in call order. ``fused`` (default: more than one segment) picks
+        the shared VL-FFN of a fusion block: a decoded text token of an image/audio-prefixed sequence goes
+        where the text of the whole sequence would."""
         if "shared" in self.ffn:
             return [("shared", segments)]
-        if "vl" in self.ffn and len(segments) > 1:
+        if "vl" in self.ffn and (len(segments) > 1 if fused is None else fused):
             return [("vl", segments)]
         return [(seg.modality, [seg]) for seg in segments]
 
     def forward(self, x_bnd: torch.Tensor, segments: list[Segment], valid_bn: torch.Tensor | None,
-                mask_b1nn: torch.Tensor | None, stats: MoEStats) -> torch.Tensor:
+                mask_b1nm: torch.Tensor | None, stats: MoEStats, cache: LayerKV | None = None,
+                fused: bool | None = None) -> torch.Tensor:
         """``valid_bn``: [B, N] False for padding (None: no padding); each MoE call records its aux loss
-        and routed / kept counts in ``stats`` as "layer{i}/{ffn key}"."""
-        x_bnd = x_bnd + self.drop(self.attn(self.norm1(x_bnd), mask_b1nn))
+        and routed / kept counts in ``stats`` as "layer{i}/{ffn key}". ``cache``/``fused``: decoding
+        (``pipeline.model.generation``); an MoE call then may carry fewer tokens than ``min_capacity``."""
+        x_bnd = x_bnd + self.drop(self.attn(self.norm1(x_bnd), mask_b1nm, cache))
         h_bnd = self.norm2(x_bnd)
         b, _, d = h_bnd.shape
         outs = []
-        for key, segs in self._spans(segments):
+        for key, segs in self._spans(segments, fused):
             start, end = segs[0].start, segs[-1].end
             used_s = None if valid_bn is None else valid_bn[:, start:end].reshape(-1)
-            y_sd, l_aux, count_e, kept_e = run_ffn(self.ffn[key], h_bnd[:, start:end].reshape(-1, d), used_s)
+            y_sd, l_aux, count_e, kept_e = run_ffn(self.ffn[key], h_bnd[:, start:end].reshape(-1, d), used_s,
+                                                   pad_to_capacity=cache is not None)
             outs.append(y_sd.view(b, end - start, d))
             if l_aux is not None:
                 stats.record(f"layer{self.index}/{key}", l_aux, count_e, kept_e)

@@ -139,13 +139,20 @@ class TextEmbedding(nn.Module):
         self.token = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position = nn.Embedding(cfg.max_text_len, cfg.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions_bl: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions_bl``: explicit position of every token (decoding a token after its prefix); default
+        0..L-1 for every row."""
         length = input_ids.shape[1]
-        if length > self.position.num_embeddings:
-            raise ValueError(f"text length {length} exceeds max_text_len={self.position.num_embeddings}")
-        positions = torch.arange(length, device=input_ids.device)
-        tokens_bld = self.token(input_ids) + self.position(positions)[None]
+        if positions_bl is None:
+            if length > self.position.num_embeddings:
+                raise ValueError(f"text length {length} exceeds max_text_len={self.position.num_embeddings}")
+            tokens_bld = self.token(input_ids) + self.position(torch.arange(length, device=input_ids.device))[None]
+        else:
+            if int(positions_bl.max()) >= self.position.num_embeddings:
+                raise ValueError(f"text position {int(positions_bl.max())} >= max_text_len="
+                                 f"{self.position.num_embeddings}")
+            tokens_bld = self.token(input_ids) + self.position(positions_bl)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return tokens_bld, attention_mask.bool()

@@ -96,11 +96,18 @@ def build_ffn(cfg: ModelConfig, sparse: bool) -> nn.Module:
     return SparseFFN(cfg) if sparse else MLP(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
 
 
-def run_ffn(ffn: nn.Module, x_sd: torch.Tensor, used_s: torch.Tensor | None
+def run_ffn(ffn: nn.Module, x_sd: torch.Tensor, used_s: torch.Tensor | None, pad_to_capacity: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Uniform call for dense and sparse FFNs: (y, l_aux, routed counts [E], kept counts [E]); the last
-    three are None for a dense FFN. Routed = the router's choices, kept = those within capacity."""
+    three are None for a dense FFN. Routed = the router's choices, kept = those within capacity.
+    ``pad_to_capacity``: a sparse call with fewer than ``min_capacity`` tokens (a decoding step of a small
+    batch) gets zero rows marked unused appended, and their outputs are cut off again."""
     if isinstance(ffn, SparseFFN):
+        num_tokens, short = x_sd.shape[0], ffn.deepspeed_moe.gate.min_capacity - x_sd.shape[0]
+        if pad_to_capacity and short > 0:
+            used_s = torch.ones(num_tokens, dtype=torch.long, device=x_sd.device) if used_s is None else used_s
+            x_sd = torch.cat([x_sd, x_sd.new_zeros(short, x_sd.shape[1])])
+            used_s = torch.cat([used_s.reshape(-1).long(), used_s.new_zeros(short).long()])
         y, l_aux, counts = ffn(x_sd, used_s)
-        return y, l_aux, counts, ffn.deepspeed_moe.gate.kept_counts
+        return y[:num_tokens], l_aux, counts, ffn.deepspeed_moe.gate.kept_counts
     return ffn(x_sd), None, None, None

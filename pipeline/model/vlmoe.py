@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.model.blocks import Block, Segment, attention_mask, valid_tokens
+from pipeline.model.blocks import Block, LayerKV, Segment, attention_mask, valid_tokens
 from pipeline.model.config import ModelConfig
 from pipeline.model.embeddings import EMBEDDINGS
 from pipeline.model.moe import SparseFFN
@@ -58,6 +58,22 @@ class EncoderOutput:
     token_mask: torch.Tensor  # [B, N] bool, False for padding
     spans: dict[str, tuple[int, int]]  # modality -> [start, end) in ``hidden``
     pooled: torch.Tensor  # [B, D] what heads read: ``cls``, or the mean of valid tokens (cfg.pooling)
+
+
+@dataclasses.dataclass
+class DecodeCache:
+    """What decoding keeps between steps (``VLMoE.encode(..., cache=)`` fills it, ``decode_step`` extends it)."""
+
+    layers: list[LayerKV]  # one per block: keys and values of every token so far
+    valid_bm: torch.Tensor | None = None  # [B, M] bool: the cached tokens a new token may attend (not padding)
+    fused: bool = False  # the prefix holds more than one modality: text tokens use the fusion blocks' VL-FFN
+
+    def select(self, index_b: torch.Tensor) -> None:
+        """Keep (and repeat / reorder) batch rows ``index_b``."""
+        for layer in self.layers:
+            layer.select(index_b)
+        if self.valid_bm is not None:
+            self.valid_bm = self.valid_bm[index_b]
 
 
 class VLMoE(nn.Module):
@@ -103,9 +119,14 @@ class VLMoE(nn.Module):
         """"blocks.{i}.ffn.{key}" -> every MoE FFN of the model."""
         return {name: m for name, m in self.named_modules() if isinstance(m, SparseFFN)}
 
-    def encode(self, inputs: dict[str, tuple[Any, ...]], causal: bool = False) -> EncoderOutput:
+    def new_cache(self) -> DecodeCache:
+        return DecodeCache([LayerKV() for _ in self.blocks])
+
+    def encode(self, inputs: dict[str, tuple[Any, ...]], causal: bool = False,
+               cache: DecodeCache | None = None) -> EncoderOutput:
         """``inputs``: modality -> positional args of its embedding (image: (pixels,), text: (ids, mask),
-        audio: (log-mel [B, T, F], real frames [B] or None))."""
+        audio: (log-mel [B, T, F], real frames [B] or None)). ``cache`` (empty, ``new_cache()``): keep every
+        block's keys and values for ``decode_step`` (the prefix of a generation, usually ``causal``)."""
         unknown = sorted(set(inputs) - set(self.cfg.modalities))
         if unknown or not inputs:
             raise ValueError(f"inputs for {unknown or 'no modality'}; model modalities: {self.cfg.modalities}")
@@ -124,8 +145,13 @@ class VLMoE(nn.Module):
         batch = x_bnd.shape[0]
         valid_bn = valid_tokens(segments, batch, x_bnd.device)  # once per pass: attention, MoE, pooling
         mask_b1nn = attention_mask(segments, valid_bn, batch, causal, x_bnd.device)
-        for block in self.blocks:
-            x_bnd = block(x_bnd, segments, valid_bn, mask_b1nn, self.moe_stats)
+        for index, block in enumerate(self.blocks):
+            x_bnd = block(x_bnd, segments, valid_bn, mask_b1nn, self.moe_stats,
+                          cache=None if cache is None else cache.layers[index])
+        if cache is not None:
+            cache.valid_bm = valid_bn if valid_bn is not None else \
+                torch.ones(batch, x_bnd.shape[1], dtype=torch.bool, device=x_bnd.device)
+            cache.fused = len(segments) > 1
         hidden = self.norm(x_bnd)
         token_mask = valid_bn if valid_bn is not None else \
             torch.ones(batch, x_bnd.shape[1], dtype=torch.bool, device=hidden.device)
@@ -133,6 +159,27 @@ class VLMoE(nn.Module):
         num_image = spans["image"][1] - spans["image"][0] if "image" in spans else 0
         pooled = hidden[:, 0] if self.cfg.pooling == "cls" else masked_mean(hidden, token_mask)
         return EncoderOutput(hidden, hidden[:, 0], num_image, token_mask, spans, pooled)
+
+    def decode_step(self, input_ids_bn: torch.Tensor, positions_bn: torch.Tensor, cache: DecodeCache
+                    ) -> torch.Tensor:
+        """Text tokens ``input_ids_bn`` at text positions ``positions_bn`` after the cached prefix: each new
+        token attends every valid cached token and the new ones before it; the cache grows by n.
+        Returns the final (normed) hidden states [B, n, D]. Costs n positions, not the whole prefix."""
+        if cache.valid_bm is None:
+            raise ValueError("decode_step needs a cache filled by encode(..., cache=cache)")
+        batch, n = input_ids_bn.shape
+        x_bnd, _ = self.embeddings["text"](input_ids_bn, None, positions_bn)
+        x_bnd = x_bnd + self.modality_type.weight[self.cfg.modalities.index("text")]
+        cached = cache.valid_bm.shape[1]
+        new_valid = torch.ones(batch, n, dtype=torch.bool, device=x_bnd.device)
+        cache.valid_bm = torch.cat([cache.valid_bm, new_valid], dim=1)
+        allowed_bnm = cache.valid_bm[:, None, :].expand(batch, n, cached + n).clone()
+        allowed_bnm[:, :, cached:] &= torch.ones(n, n, dtype=torch.bool, device=x_bnd.device).tril()
+        segments = [Segment("text", 0, n, None)]
+        for index, block in enumerate(self.blocks):
+            x_bnd = block(x_bnd, segments, None, allowed_bnm[:, None], self.moe_stats, cache=cache.layers[index],
+                          fused=cache.fused)
+        return self.norm(x_bnd)
 
     def encode_image(self, pixel_values: torch.Tensor) -> EncoderOutput:
         return self.encode({"image": (pixel_values,)})
