@@ -82,5 +82,5 @@ def test_resolved_recipe_round_trips(tmp_path):
 
 
 def test_task_options_of_a_task_without_options_are_refused():
-    with pytest.raises(ConfigError, match=r"task_options: task vqa takes no options, got \['answer_count'\]"):
-        load_recipe(REPO / "launch/recipes/vqa.yaml", ["init_from=null", "task_options.answer_count=3"])
+    with pytest.raises(ConfigError, match=r"task_options: task gqa takes no options, got \['answer_count'\]"):
+        load_recipe(REPO / "launch/recipes/gqa.yaml", ["init_from=null", "task_options.answer_count=3"])

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.metrics.gqa import gqa_accuracy
 from pipeline.metrics.vqa import baseline_predictions, most_frequent_by_type
-from pipeline.tasks.base import LossOutput, SkipSample
+from pipeline.tasks.base import LossOutput, NoOptions, SkipSample
 from pipeline.tasks.baselines import train_records
 from pipeline.tasks.downstream_common import cross_entropy_loss, warn_if_unscored
 from pipeline.tasks.vqa import VQATask
@@ -28,6 +28,7 @@ NO_LABEL = -1  # eval sample with an unknown or absent answer (never a cross-ent
 class GQATask(VQATask):
     name = "gqa"
     manifest_tasks = ("gqa",)
+    Options = NoOptions  # VQA's answer-generation options do not apply: GQA has no answer LM
     objectives = {"gqa": 1.0}
 
     def prepare_sample(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
