@@ -163,7 +163,8 @@ def test_every_task_declares_what_it_reads():
         "classification": (("classification",), ("classes.json",)), "snli_ve": (("snli_ve",), ("classes.json",)),
         "audio_retrieval": (("audio_retrieval", "audio_pairs"), ()),
         "vla_pretrain": (("pairs", "retrieval", "audio_retrieval", "audio_pairs"), ()),
-        "audio_classification": (("audio_classification",), ("classes.json",))}
+        "audio_classification": (("audio_classification",), ("classes.json",)),
+        "captioning": (("retrieval", "pairs"), ()), "audio_captioning": (("audio_retrieval", "audio_pairs"), ())}
     assert {"vqa", "gqa", "nlvr2", "snli_ve", "retrieval"} <= set(COMMAND_MODULES)
 
 

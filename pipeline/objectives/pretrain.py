@@ -10,6 +10,8 @@ D hidden, V vocab, M masked tokens.
   probability softmax(ITC similarity) (the positive excluded); 3B fused pairs, label 1 for the B positives.
 - MLM: BERT masking (15%, of which 80% [MASK], 10% random token, 10% kept) never touching special or
   padding tokens; loss over masked positions through the tied decoder.
+- CAP (CoCa-style captioning, ``CAPTION_OBJECTIVES``): next-token loss on "[CLS] caption [SEP]" with the media
+  as bidirectional prefix and causal text, through the same tied decoder (``pipeline.objectives.captioning``).
 Every function takes the DP ``group`` explicitly (None = default group; not initialised = single process).
 """
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.nn.functional import all_gather as all_gather_with_grad
+
+from pipeline.objectives.captioning import lm_loss
 
 IGNORE = -100
 
@@ -96,6 +100,9 @@ MEDIA_KEYS = {"image": ("pixel_values",), "audio": ("audio_values", "audio_lengt
 #: matching, MLM with the media as context. Image: VLMo's ITC / ITM / MLM; audio: ATC / ATM / audio MLM
 #: (the MLM head, tied to the token embeddings, is shared: "mlm").
 PAIR_OBJECTIVES = {"image": ("itc", "itm", "mlm"), "audio": ("atc", "atm", "audio_mlm")}
+#: the captioning objective per media modality (CoCa-style, next to the pair objectives): the prefix-LM loss
+#: ``pipeline.objectives.captioning.lm_loss`` on media + "[CLS] caption [SEP]" through the shared mlm head
+CAPTION_OBJECTIVES = {"image": "cap", "audio": "audio_cap"}
 
 
 def batch_media(batch: dict[str, Any]) -> str:
@@ -183,12 +190,13 @@ def vl_pretrain_losses(model: torch.nn.Module, heads: torch.nn.ModuleDict, batch
 
     ``batch``: the media inputs (``MEDIA_KEYS``), input_ids, attention_mask and, for MLM, mlm_input_ids /
     mlm_labels (from ``mask_tokens``). ``weights`` and ``heads`` use the media's ``PAIR_OBJECTIVES`` names
-    (image: itc, itm, mlm; audio: atc, atm, audio_mlm, with heads atc, atm and the shared mlm head); weights of
-    the other media's objectives are ignored.
+    (image: itc, itm, mlm; audio: atc, atm, audio_mlm, with heads atc, atm and the shared mlm head) and its
+    ``CAPTION_OBJECTIVES`` name (cap, audio_cap: the LM loss through the mlm head); weights of the other
+    media's objectives are ignored.
 
     Returns {"loss": weighted sum (the MoE aux loss is the model's own record), "terms": {name: detached}}.
     Model calls per step (same on every rank for the same media): encode the media (B) and the text (B) for
-    the contrastive loss; fuse(3B) for matching; fuse(B) for MLM."""
+    the contrastive loss; fuse(3B) for matching; fuse(B) for MLM; fuse(B) with causal text for captioning."""
     media = batch_media(batch)
     c_name, m_name, mlm_name = PAIR_OBJECTIVES[media]
     inputs, ids, mask = media_inputs(batch, media), batch["input_ids"], batch["attention_mask"]
@@ -214,4 +222,9 @@ def vl_pretrain_losses(model: torch.nn.Module, heads: torch.nn.ModuleDict, batch
         term, acc = mlm_loss(heads["mlm"], fused.hidden[:, start:end], batch["mlm_labels"])
         loss = loss + weights[mlm_name] * term
         terms.update({mlm_name: term.detach(), f"{mlm_name}_acc": acc})
+    cap_name = CAPTION_OBJECTIVES[media]
+    if weights.get(cap_name, 0):
+        term, acc = lm_loss(model, heads["mlm"], {media: inputs}, ids, mask)
+        loss = loss + weights[cap_name] * term
+        terms.update({cap_name: term.detach(), f"{cap_name}_acc": acc})
     return {"loss": loss, "terms": terms}

@@ -20,6 +20,8 @@ TASKS: dict[str, str] = {
     "snli_ve": "pipeline.tasks.snli_ve:SNLIVETask",
     "audio_retrieval": "pipeline.tasks.audio:AudioRetrievalTask",
     "audio_classification": "pipeline.tasks.audio:AudioClassificationTask",
+    "captioning": "pipeline.tasks.captioning:CaptioningTask",
+    "audio_captioning": "pipeline.tasks.captioning:AudioCaptioningTask",
 }
 
 

@@ -1,4 +1,5 @@
-"""Pretraining tasks: ``text_mlm`` (text-only MLM warm-up) and ``vl_pretrain`` (ITC + ITM + MLM, VLMo).
+"""Pretraining tasks: ``text_mlm`` (text-only MLM warm-up) and ``vl_pretrain`` (ITC + ITM + MLM, VLMo; + the
+CoCa-style captioning loss ``cap``, weight 0 unless the recipe sets it).
 
 Losses come from ``pipeline.objectives.pretrain``. Eval masks text with a fixed generator so every eval
 sees the same masks. Shapes: B batch, L text length, H/W image side, D hidden, P projection dim.
@@ -13,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.heads import ITCHead, ITMHead, MLMHead
-from pipeline.objectives.pretrain import (IGNORE, PAIR_OBJECTIVES, batch_media, encode_pair, mask_tokens, media_inputs,
-                                          mlm_loss, vl_pretrain_losses)
+from pipeline.objectives.captioning import lm_loss
+from pipeline.objectives.pretrain import (CAPTION_OBJECTIVES, IGNORE, PAIR_OBJECTIVES, batch_media, encode_pair,
+                                          mask_tokens, media_inputs, mlm_loss, vl_pretrain_losses)
 from pipeline.tasks.base import LossOutput, SkipSample, Task, TaskContext
 from pipeline.tasks.downstream_common import image_tensor
 
@@ -35,12 +37,12 @@ class MLMOptions:
 def pair_passes(objectives: dict[str, float], media: str = "image", fused: str | None = None) -> dict[str, int]:
     """Model passes per sample of ``pipeline.objectives.pretrain.vl_pretrain_losses`` on ``media``-text pairs
     for the objectives with a non-zero weight (contrastive: media + text; matching: media + text for its
-    negatives' similarities, then 3 fused pairs; MLM: 1 fused masked pair). ``fused``: the fused pass kind
-    (default "{media}+text")."""
+    negatives' similarities, then 3 fused pairs; MLM: 1 fused masked pair; captioning: 1 fused causal pair).
+    ``fused``: the fused pass kind (default "{media}+text")."""
     contrastive, matching, mlm = PAIR_OBJECTIVES[media]
     on = {name for name, weight in objectives.items() if weight}
     passes = {media: 1, "text": 1} if on & {contrastive, matching} else {}
-    fuse = (3 if matching in on else 0) + (1 if mlm in on else 0)
+    fuse = (3 if matching in on else 0) + (1 if mlm in on else 0) + (1 if CAPTION_OBJECTIVES[media] in on else 0)
     return {**passes, fused or f"{media}+text": fuse} if fuse else passes
 
 
@@ -76,6 +78,25 @@ def _mlm_per_sample(labels_bl: torch.Tensor, hidden_bld: torch.Tensor,
     correct = (logits.argmax(-1) == labels_bl) & selected
     return {"mlm_loss_sum": loss.sum(1), "mlm_correct": correct.sum(1).float(),
             "mlm_count": selected.sum(1).float()}
+
+
+def _cap_per_sample(model: nn.Module, head: nn.Module, media: str, inputs: tuple[torch.Tensor, ...],
+                    batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The captioning loss of an eval batch as per-sample shares whose sums over the gathered samples give the
+    token-weighted mean (padding rows, ``valid`` False, are left out of the loss)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    valid_b = batch.get("valid", torch.ones(len(ids), dtype=torch.bool, device=ids.device)).to(ids.device)
+    loss_mask = valid_b[:, None].expand_as(mask).long()
+    loss, acc = lm_loss(model, head, {media: inputs}, ids, mask, loss_mask)
+    count_b = (mask[:, 1:].bool() & valid_b[:, None]).sum(1).float()
+    return {"cap_loss_sum": loss.detach().float() * count_b, "cap_correct": acc.float() * count_b,
+            "cap_count": count_b}
+
+
+def _cap_metrics(outputs: dict[str, Any], name: str) -> dict[str, float]:
+    count = outputs["cap_count"].sum().clamp(min=1)
+    return {f"{name}_loss": float(outputs["cap_loss_sum"].sum() / count),
+            f"{name}_acc": float(outputs["cap_correct"].sum() / count)}
 
 
 def _mlm_metrics(outputs: dict[str, Any], name: str = "mlm") -> dict[str, float]:
@@ -128,7 +149,7 @@ class VLPretrainTask(_TextMixin, Task):
     fields = ("jpg", "txt")
     manifest_tasks = CAPTION_MANIFESTS
     Options = MLMOptions
-    objectives = {"itc": 1.0, "itm": 1.0, "mlm": 1.0}
+    objectives = {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "cap": 0.0}
 
     @classmethod
     def passes(cls, objectives: dict[str, float], options: Any) -> dict[str, int]:
@@ -163,7 +184,8 @@ class VLPretrainTask(_TextMixin, Task):
     @torch.no_grad()
     def eval_outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Per sample, on the batch's media ("image"; "audio" in vla_pretrain): the contrastive embeddings
-        (``{media}_emb``, ``text_emb``), ITM on the own text and on the next sample's (a negative), MLM."""
+        (``{media}_emb``, ``text_emb``), ITM on the own text and on the next sample's (a negative), MLM, and
+        the captioning loss when its objective weighs > 0."""
         model, heads, media = self.model, self.heads, self.eval_media(batch)
         contrastive, matching, _ = PAIR_OBJECTIVES[media]
         inputs, ids, mask = media_inputs(batch, media), batch["input_ids"], batch["attention_mask"]
@@ -176,14 +198,17 @@ class VLPretrainTask(_TextMixin, Task):
         masked, labels = self.mask(batch, self.eval_generator(ids.device))
         fused_mlm = encode_pair(model, media, inputs, masked, mask)
         start, end = fused_mlm.spans["text"]
+        cap = (_cap_per_sample(model, heads["mlm"], media, inputs, batch) if self.weights[CAPTION_OBJECTIVES[media]]
+               else {})
         return {f"{media}_emb": media_bp, "text_emb": text_bp, "logit_scale": scale.expand(len(ids)),
                 "itm_pos_correct": (pos_logits.argmax(-1) == 1).float(),
                 "itm_neg_correct": (neg_logits.argmax(-1) == 0).float(),
-                **_mlm_per_sample(labels, fused_mlm.hidden[:, start:end], heads["mlm"])}
+                **_mlm_per_sample(labels, fused_mlm.hidden[:, start:end], heads["mlm"]), **cap}
 
     def metrics(self, outputs: dict[str, Any]) -> dict[str, float]:
-        """Image outputs: itc_loss, i2t_r1, t2i_r1, itm_acc, mlm_acc, mlm_loss; audio outputs (``audio_emb``):
-        atc_loss, a2t_r1, t2a_r1, atm_acc, audio_mlm_acc, audio_mlm_loss."""
+        """Image outputs: itc_loss, i2t_r1, t2i_r1, itm_acc, mlm_acc, mlm_loss (+ cap_loss, cap_acc with the
+        captioning objective); audio outputs (``audio_emb``): atc_loss, a2t_r1, t2a_r1, atm_acc, audio_mlm_acc,
+        audio_mlm_loss (+ audio_cap_loss, audio_cap_acc)."""
         media = "audio" if "audio_emb" in outputs else "image"
         contrastive, matching, mlm = PAIR_OBJECTIVES[media]
         short = media[0]
@@ -196,4 +221,5 @@ class VLPretrainTask(_TextMixin, Task):
         return {f"{contrastive}_loss": float(loss),
                 f"{short}2t_r1": float((sim.argmax(1) == targets).float().mean()),
                 f"t2{short}_r1": float((sim.argmax(0) == targets).float().mean()),
-                f"{matching}_acc": float(itm_acc), **_mlm_metrics(outputs, mlm)}
+                f"{matching}_acc": float(itm_acc), **_mlm_metrics(outputs, mlm),
+                **(_cap_metrics(outputs, CAPTION_OBJECTIVES[media]) if "cap_count" in outputs else {})}

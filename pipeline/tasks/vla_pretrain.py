@@ -1,7 +1,8 @@
 """``vla_pretrain``: image-text AND audio-text pretraining in one run (VLMo's objectives for each media).
 
 A training micro-batch holds one data source (``pipeline.data.loader`` mixes whole micro-batches, the same
-source on every rank), so it is image-text (ITC, ITM, MLM) or audio-text (ATC, ATM, audio MLM): the step's
+source on every rank), so it is image-text (ITC, ITM, MLM; + cap) or audio-text (ATC, ATM, audio MLM; +
+audio_cap; the captioning objectives weigh 0 unless the recipe sets them): the step's
 MoE calls are those of its media on every rank. The heads itc, itm, mlm are vl_pretrain's (a vl_pretrain
 checkpoint's heads load); atc, atm are the audio ones; the MLM head is shared (tied to the token embeddings).
 An evaluation reads one source: its metrics are those of its media (``VLPretrainTask.metrics``).
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.model.heads import ITCHead, ITMHead
-from pipeline.objectives.pretrain import MEDIA_KEYS, PAIR_OBJECTIVES
+from pipeline.objectives.pretrain import CAPTION_OBJECTIVES, MEDIA_KEYS, PAIR_OBJECTIVES
 from pipeline.tasks.base import SkipSample
 from pipeline.tasks.downstream_common import AUDIO_FIELD, AUDIO_MANIFESTS, audio_tensor, blank_audio, blank_image
 from pipeline.tasks.pretrain import CAPTION_MANIFESTS, VLPretrainTask, pair_passes
@@ -31,7 +32,8 @@ class VLAPretrainTask(VLPretrainTask):
     fields = ("txt",)
     optional_fields = ("jpg", AUDIO_FIELD, "json")  # a sample is an image or a clip; json: the clip's captions
     manifest_tasks = (*CAPTION_MANIFESTS, *AUDIO_MANIFESTS)
-    objectives = {name: 1.0 for media in ("image", "audio") for name in PAIR_OBJECTIVES[media]}
+    objectives = {**{name: 1.0 for media in ("image", "audio") for name in PAIR_OBJECTIVES[media]},
+                  **{CAPTION_OBJECTIVES[media]: 0.0 for media in ("image", "audio")}}  # captioning: off unless set
 
     @classmethod
     def passes(cls, objectives: dict[str, float], options: Any) -> dict[str, int]:
