@@ -151,7 +151,8 @@ class _Decoder:
         mask_bl[in_prompt | in_gen] = 1
         media = {m: tuple(a[self.rows] if isinstance(a, torch.Tensor) else a for a in args)
                  for m, args in self.media.items()}
-        out = self.model.encode({**media, "text": (ids_bl, mask_bl)}, causal=True)
+        # a throwaway cache: MoE calls below min_capacity (few rows, short prompts) are padded as when cached
+        out = self.model.encode({**media, "text": (ids_bl, mask_bl)}, causal=True, cache=self.model.new_cache())
         last_b = (prompt_len_b + length - 1).clamp(max=width - 1)
         hidden_bd = out.hidden[torch.arange(batch, device=ids_bl.device), out.spans["text"][0] + last_b]
         return self.lm_head(hidden_bd).float()
