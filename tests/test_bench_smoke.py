@@ -9,7 +9,7 @@ import pytest
 from bench import common, rank_probe
 
 SCRIPTS = ["bench.bench_train", "bench.bench_data_loading", "bench.bench_scaling", "bench.bench_memory",
-           "bench.bench_moe_quality", "bench.peak_flops", "bench.bench_vqa_learning"]
+           "bench.bench_moe_quality", "bench.peak_flops", "bench.bench_vqa_learning", "bench.bench_decoding"]
 
 
 def _row(step: int, step_time: float, samples: float, wait: float) -> dict:

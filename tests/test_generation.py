@@ -104,9 +104,11 @@ def test_small_batches_decode_through_moe_and_gates_keep_their_settings():
     gates = [f.deepspeed_moe.gate for f in model.sparse_ffns().values()]
     assert all(g.drop_tokens for g in gates)
     ids, mask = torch.tensor([[BOS]]), torch.tensor([[1]])
-    out = generate(model, head, {"image": (torch.randn(1, 3, 32, 32),)}, ids, mask, eos_token_id=EOS,
-                   pad_token_id=PAD, options=DecodeOptions(max_new_tokens=4))
-    assert out.tokens.shape[0] == 1 and all(g.drop_tokens for g in gates)
+    pixels = torch.randn(1, 3, 32, 32)
+    outs = [generate(model, head, {"image": (pixels,)}, ids, mask, eos_token_id=EOS, pad_token_id=PAD,
+                     options=DecodeOptions(max_new_tokens=4, use_cache=cache)) for cache in (True, False)]
+    assert outs[0].tokens.shape[0] == 1 and all(g.drop_tokens for g in gates)
+    assert torch.equal(outs[0].tokens, outs[1].tokens)
 
 
 def test_bad_prompts_are_refused_with_a_clear_error():
