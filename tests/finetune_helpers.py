@@ -18,12 +18,21 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def word_tokenizer(folder: Path, words: list[str]):
-    """A WordPiece tokenizer whose vocabulary is the BERT specials + ``words`` (ids in that order)."""
+    """A WordPiece tokenizer whose vocabulary is the BERT specials + ``words`` (ids in that order); also
+    written as ``folder/vocab.txt``. The vocabulary goes in as a dict: transformers 5.x ignores
+    ``vocab_file=`` and would keep only the specials, turning every word into [UNK]."""
     from transformers import BertTokenizerFast
 
-    path = folder / "vocab.txt"
-    path.write_text("\n".join([*SPECIAL_TOKENS, *words]) + "\n")
-    return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+    vocab = [*SPECIAL_TOKENS, *words]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    assert len(tok) == len(vocab), f"tokenizer holds {len(tok)} tokens, expected {len(vocab)}"
+    for word in words:
+        ids = tok(word.upper(), add_special_tokens=False)["input_ids"]
+        assert ids == [vocab.index(word)], f"{word!r} encodes to {tok.convert_ids_to_tokens(ids)}"
+    return tok
+
+
 TINY_MODEL = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_fusion_layers": 1, "image_size": 32,
               "patch_size": 8, "vocab_size": 256, "max_text_len": 16,
               "moe": {"num_experts": 2, "every": 2, "top_k": 1, "ep_size": 2, "min_capacity": 1}}

@@ -65,6 +65,8 @@ def test_retrieval_samples_padding_and_bad_clips(model, tokenizer):
     assert 0 < int(s["audio_lengths"]) < FRAMES  # 0.3 s is under 64 frames of 10 ms: padded, lengths says so
     ev = task.prepare_sample(raw, train=False)
     assert ev["input_ids"].shape == (5, L) and ev["caption_valid"].all()  # the 6th caption is dropped
+    assert tokenizer.convert_ids_to_tokens(ev["input_ids"][4, :5].tolist()) == [  # words, not [UNK]
+        "[CLS]", "a", "long", "tone", "[SEP]"]
     assert ev["audio_id"] == "rain.wav" and ev["caption_ids"] == [f"rain.wav#{k}" for k in range(5)]
     pad = task.padding_sample()
     assert set(pad) == set(ev) and not pad["caption_valid"].any() and int(pad["audio_lengths"]) >= 1

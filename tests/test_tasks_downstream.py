@@ -63,6 +63,8 @@ def test_vqa(tmp_path, model, tokenizer):
         "answer_type": "other", "answers": ["red"] * 8 + ["Red."] * 2, "targets": {"red": 1.0, "blue": 0.3}}}
     s = task.prepare_sample(raw, train=True)
     assert s["pixel_values"].shape == (3, SIZE, SIZE) and s["input_ids"].shape == (L,)
+    assert tokenizer.convert_ids_to_tokens(s["input_ids"].tolist()) == [  # words, not [UNK] ("?" is unknown)
+        "[CLS]", "what", "color", "is", "the", "circle", "[UNK]", "[SEP]"]
     assert s["targets"].tolist() == [0, 0, 0, 1.0]  # "blue" is outside the vocabulary
     heads, batch, out = check_contract(task, [s, s], model)
     out.loss.backward()
