@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on built-in data (`make demo` runs this after setting up .venv):
 #   data_prep synth (shapes + sound world) -> data_prep tokenizer -> text_mlm -> vl_pretrain (EP=2, ZeRO-2)
-#   -> VQA and retrieval fine-tuning -> vla_pretrain (adds audio; image and sound micro-batches mixed)
+#   -> VQA (classifier + open-ended answers), retrieval and captioning fine-tuning -> vla_pretrain (adds audio; image and sound micro-batches mixed)
 #   -> audio retrieval fine-tuning -> pipeline.evaluate of each -> DEMO_DIR/metrics.json + a table.
 # Without CUDA it runs on CPU_RANKS CPU ranks over gloo (default 2). Rerunning reuses finished steps:
 # shards are skipped by data_prep, finished stages by their FINISHED marker, evaluations by their JSON.
@@ -68,6 +68,7 @@ finetune() {  # TASK EVAL_SPLIT [DATA FOLDER NAME] [INIT_FROM RUN NAME]
 }
 finetune vqa val
 finetune retrieval test
+finetune captioning test retrieval
 
 step "pretraining: vla_pretrain (adds audio; image and sound micro-batches mixed) -> $DEMO_DIR/vla_pretrain"
 if [[ -f "$DEMO_DIR/vla_pretrain/FINISHED" ]]; then
