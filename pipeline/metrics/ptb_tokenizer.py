@@ -49,7 +49,6 @@ def _rules() -> list[tuple[str, re.Pattern, str | None]]:
     text, JFlex's ``yytext``) and may go on with trailing context that counts for the longest match."""
     letter_cls = _ranges(str.isalpha)
     digit = "[" + _ranges(str.isdecimal) + "\u07c0-\u07c9]"
-    upper = "[" + _ranges(str.isupper) + "]"
     L = "[" + letter_cls + "]"
     letter = ("(?:[" + letter_cls + "\u00ad\u0237-\u024f\u02c2-\u02c5\u02d2-\u02df\u02e5-\u02ff\u0300-\u036f"
               "\u0370-\u037d\u0384\u0385\u03cf\u03f6\u03fc-\u03ff\u0483-\u0487\u04cf\u04f6-\u04ff\u0510-\u0525"
