@@ -285,7 +285,8 @@ def test_training_run_whose_only_shard_is_garbage_stops_every_rank_fast(tmp_path
     elapsed = time.perf_counter() - start
     text = log.read_text()
     assert rc != 0, text[-4000:]
-    assert f"training source data.train[0] ({data}, split train) on rank 0" in text, text[-4000:]
+    # the first rank to exhaust its budget reports it; the launcher then stops the other (either may be first)
+    assert f"training source data.train[0] ({data}, split train) on rank " in text, text[-4000:]
     assert "failed reads in a row (data.max_consecutive_failures=1000)" in text
     assert "ReadError x " in text and len(text) < 200_000  # not hundreds of thousands of log lines
     assert elapsed < 240, elapsed

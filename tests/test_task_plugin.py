@@ -113,7 +113,7 @@ def test_misspelled_option_or_foreign_objective_fails_before_launch(tmp_path, sy
     assert plan_main([*shipped, "--set", "task_options={mlm_porb: 0.3}"]) == 2
     assert "unknown key(s) ['mlm_porb']; valid keys are ['mlm_prob']" in capsys.readouterr().err
     assert plan_main([*shipped, "--set", "objectives={itc: 1.0, vqa: 1.0}"]) == 2
-    assert "unknown objective(s) ['vqa'] for task vl_pretrain; valid objectives are ['itc', 'itm', 'mlm']" \
+    assert "unknown objective(s) ['vqa'] for task vl_pretrain; valid objectives are ['cap', 'itc', 'itm', 'mlm']" \
         in capsys.readouterr().err
 
 
