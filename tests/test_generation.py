@@ -33,20 +33,21 @@ def prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def run(model, head, beams: int, cache: bool, **kw):
+def run(model, head, beams: int, cache: bool, bidirectional: bool = False, **kw):
     ids, mask = prompts()
     torch.manual_seed(1)
     pixels = torch.randn(ids.shape[0], 3, 32, 32)
     options = DecodeOptions(num_beams=beams, max_new_tokens=kw.pop("max_new_tokens", 10), use_cache=cache, **kw)
     return generate(model, head, {"image": (pixels,)}, ids, mask, eos_token_id=EOS, pad_token_id=PAD,
-                    options=options)
+                    options=options, prompt_bidirectional=bidirectional)
 
 
 @pytest.mark.parametrize("beams", [1, 3])
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_cached_decoding_gives_exactly_the_tokens_of_recomputing_the_prefix(beams, top_k):
+@pytest.mark.parametrize("top_k,bidirectional", [(1, False), (2, False), (1, True)])
+def test_cached_decoding_gives_exactly_the_tokens_of_recomputing_the_prefix(beams, top_k, bidirectional):
     model, head = tiny(top_k=top_k)
-    cached, full = run(model, head, beams, True), run(model, head, beams, False)
+    cached = run(model, head, beams, True, bidirectional)
+    full = run(model, head, beams, False, bidirectional)
     assert torch.equal(cached.tokens, full.tokens)
     assert torch.equal(cached.lengths, full.lengths)
     torch.testing.assert_close(cached.scores, full.scores, rtol=1e-4, atol=1e-4)
@@ -118,3 +119,45 @@ def test_bad_prompts_are_refused_with_a_clear_error():
                  pad_token_id=PAD)
     with pytest.raises(ValueError, match="min_new_tokens"):
         DecodeOptions(max_new_tokens=2, min_new_tokens=3)
+
+
+def test_prefix_lm_mask_prefix_sees_itself_both_ways_and_never_what_follows():
+    """text_prefix P: prefix tokens attend each other (both ways) and never a later token; a later token
+    attends the whole prefix and the tokens before it; media tokens see the prefix, nothing after it."""
+    from pipeline.model.blocks import Segment, attention_mask
+
+    segments = [Segment("image", 0, 2, None), Segment("text", 2, 7, None)]
+    mask = attention_mask(segments, None, 2, True, torch.device("cpu"), torch.tensor([3, 1]))[:, 0]
+    text = mask[:, 2:, 2:]
+    assert text[0, :3, :3].all() and not text[0, :3, 3:].any()  # row 0: prefix of 3
+    assert text[0, 3].tolist() == [True] * 4 + [False] and text[0, 4].all()
+    assert torch.equal(text[1], torch.ones(5, 5, dtype=torch.bool).tril())  # P = 1: the causal mask
+    assert mask[:, 2:, :2].all()  # text sees the media
+    assert mask[0, :2, 2:5].all() and not mask[0, :2, 5:].any() and mask[1, :2, 2].all()  # media: the prefix
+    plain = attention_mask(segments, None, 2, True, torch.device("cpu"))[:, 0]
+    assert not plain[:, :2, 2:].any()  # without a prefix the media see no text
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_prefix_pass_gives_the_prefix_what_a_pass_over_the_prefix_alone_gives(pooling):
+    """VQA's one-pass training: image + "question answer" with the question as prefix gives the classifier
+    (cls / pooled) and every prefix token exactly what image + question alone gives (no MoE drops)."""
+    model, _ = tiny()
+    model.cfg.pooling = pooling
+    torch.manual_seed(2)
+    pixels = torch.randn(2, 3, 32, 32)
+    full = torch.tensor([[BOS, 5, 7, 9, 12, 13], [BOS, 11, 14, 15, 0, 0]])
+    full_mask = (full != 0).long()
+    prefix_b = torch.tensor([3, 2])
+    question = torch.where(torch.arange(6)[None] < prefix_b[:, None], full, 0)
+    with torch.no_grad(), dropless(model):
+        joint = model.encode({"image": (pixels,), "text": (full, full_mask)}, causal=True, text_prefix=prefix_b)
+        alone = model.encode({"image": (pixels,), "text": (question, (question != 0).long())})
+        causal = model.encode({"image": (pixels,), "text": (full, full_mask)}, causal=True)
+    torch.testing.assert_close(joint.pooled, alone.pooled, rtol=1e-5, atol=1e-5)
+    start = joint.spans["text"][0]
+    for b, p in enumerate(prefix_b.tolist()):
+        torch.testing.assert_close(joint.hidden[b, :start + p], alone.hidden[b, :start + p], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(causal.pooled, alone.pooled, atol=1e-3)  # a causal question would differ
+    with pytest.raises(ValueError, match="causal"):
+        model.encode({"text": (full, full_mask)}, text_prefix=prefix_b)

@@ -115,7 +115,7 @@ def test_prepare_sample_builds_classifier_and_lm_inputs(tokenizer, data_dir):
 def test_answer_lm_weight_zero_adds_no_head_no_pass_no_inputs(tokenizer, data_dir):
     vqa = get_task_class("vqa")
     assert vqa.passes(vqa.resolve_objectives({}), vqa.parse_options({})) == {"fuse": 1}
-    assert vqa.passes(vqa.resolve_objectives({"vqa": 1.0, "answer_lm": 0.5}), None) == {"fuse": 2}
+    assert vqa.passes(vqa.resolve_objectives({"vqa": 1.0, "answer_lm": 0.5}), None) == {"fuse": 1}
     model = tiny_model()
     plain = make_task("vqa", model, tokenizer, data_dir)
     assert set(plain.heads) == {"vqa"} and not plain.generative
@@ -202,3 +202,28 @@ def test_overfit_generates_the_right_answers(tokenizer, data_dir, one_thread):
     m = task.metrics(outputs)
     # the classifier cannot say "green" or "dark blue": at most (1 + 1 + 0.3 + 0.3) / 4
     assert m["gen_acc"] == 1.0 and m["gen_acc/other"] == 1.0 and m["acc"] <= 0.65 + 1e-6
+
+
+def test_answer_lm_trains_classifier_and_answer_in_one_pass_the_classifier_reads_as_at_eval(tokenizer, data_dir):
+    """With answer_lm the training step makes one fused pass (the MoE calls of one pass), and the classifier's
+    logits from it equal the question-only pass evaluation makes (the question is a prefix that never sees
+    the answer)."""
+    from pipeline.model.generation import dropless
+
+    model = tiny_model()
+    task = make_task("vqa", model, tokenizer, data_dir, objectives={"vqa": 1.0, "answer_lm": 1.0})
+    batch = task.collate([task.prepare_sample(raw(i, a), train=True) for i, a in enumerate(COLORS)])
+    task.eval()
+    calls = []
+    hooks = [f.register_forward_hook(lambda *a: calls.append(1)) for f in model.sparse_ffns().values()]
+    with torch.no_grad(), dropless(model):
+        out = task(batch)
+        one_pass = len(calls)
+        calls.clear()
+        question_only = task.logits(batch)
+    for hook in hooks:
+        hook.remove()
+    assert one_pass == len(calls) > 0
+    assert "answer_lm_loss" in out.terms
+    torch.testing.assert_close(task.heads["vqa"](task.answer_lm_pass(batch).pooled).float(), question_only,
+                               rtol=1e-5, atol=1e-5)

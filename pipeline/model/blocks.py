@@ -137,12 +137,15 @@ def valid_tokens(segments: list[Segment], batch: int, device: torch.device) -> t
 
 
 def attention_mask(segments: list[Segment], valid_bn: torch.Tensor | None, batch: int, causal: bool,
-                   device: torch.device) -> torch.Tensor | None:
+                   device: torch.device, text_prefix_b: torch.Tensor | None = None) -> torch.Tensor | None:
     """Boolean SDPA mask [B,1,N,N] (True = may attend) or None when every token sees every token.
 
     Keys that are padding are hidden; with ``causal`` text tokens see earlier text tokens (and all
-    non-text tokens) and non-text tokens do not see text. Every query always sees itself, so a fully
-    padded text never yields an all-masked row (NaN).
+    non-text tokens) and non-text tokens do not see text. ``text_prefix_b`` [B] (with ``causal``): the
+    first P_b text tokens of row b are a bidirectional prefix (they and the media tokens see each other,
+    never a later token; every later token sees all of them): the prefix-LM mask of UniLM / BEiT-3 with e.g. a question as the
+    prefix and its answer generated after it. Every query always sees itself, so a fully padded text never
+    yields an all-masked row (NaN).
     """
     if not causal and valid_bn is None:
         return None
@@ -155,8 +158,13 @@ def attention_mask(segments: list[Segment], valid_bn: torch.Tensor | None, batch
             span = slice(seg.start, seg.end)
             length = seg.end - seg.start
             tri = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            # text keys that non-text tokens see: none, or the prefix (key j < P_b: seen by every query of row b)
+            in_prefix_bl = torch.zeros(batch, length, dtype=torch.bool, device=device)
+            if text_prefix_b is not None:
+                in_prefix_bl = torch.arange(length, device=device)[None] < text_prefix_b.to(device)[:, None]
+                tri = tri[None] | in_prefix_bl[:, None, :]
             allowed_bnn[:, span, span] &= tri
-            allowed_bnn[:, :seg.start, span] = False
-            allowed_bnn[:, seg.end:, span] = False
+            allowed_bnn[:, :seg.start, span] &= in_prefix_bl[:, None, :]
+            allowed_bnn[:, seg.end:, span] &= in_prefix_bl[:, None, :]
     allowed_bnn |= torch.eye(n, dtype=torch.bool, device=device)
     return allowed_bnn[:, None]

@@ -2,9 +2,9 @@
 
 Shapes: B batch, K beams, P prompt length, T generated tokens, V vocab, D hidden.
 
-The prefix is the media (image and/or audio tokens, bidirectional) and a right-padded text prompt (causal;
-at least the BOS token, e.g. ``[CLS]``); ``lm_head`` turns the last hidden state into next-token logits
-(the pretraining MLM head, tied to the token embedding). With the cache, the prefix runs once
+The prefix is the media (image and/or audio tokens, bidirectional) and a right-padded text prompt (causal,
+or bidirectional with ``prompt_bidirectional``; at least the BOS token, e.g. ``[CLS]``); ``lm_head`` turns
+the last hidden state into next-token logits (the pretraining MLM head, tied to the token embedding). With the cache, the prefix runs once
 (``VLMoE.encode(..., cache=)``) and every new token costs one position (``VLMoE.decode_step``); without it
 (``use_cache=False``) every step re-encodes media + prompt + the tokens so far, which is what the cached path
 must reproduce token for token (tests/test_generation.py).
@@ -92,10 +92,11 @@ class _Decoder:
 
     def __init__(self, model: nn.Module, lm_head: Callable[[torch.Tensor], torch.Tensor],
                  media: dict[str, tuple[Any, ...]], prompt_ids_bp: torch.Tensor, prompt_mask_bp: torch.Tensor,
-                 use_cache: bool, pad_token_id: int):
+                 use_cache: bool, pad_token_id: int, prompt_bidirectional: bool = False):
         self.model, self.lm_head, self.media, self.use_cache = model, lm_head, media, use_cache
         self.prompt_ids_bp, self.prompt_mask_bp = prompt_ids_bp, prompt_mask_bp.bool()
         self.prompt_len_b = self.prompt_mask_bp.long().sum(1)
+        self.prompt_bidirectional = prompt_bidirectional
         self.rows = torch.arange(prompt_ids_bp.shape[0], device=prompt_ids_bp.device)  # media/prompt row of each
         self.generated_bt = prompt_ids_bp.new_zeros(prompt_ids_bp.shape[0], 0)
         self.pad_token_id = pad_token_id
@@ -106,12 +107,16 @@ class _Decoder:
         """[B, V] logits of the token after each prompt's last real token."""
         if self.use_cache:
             out = self.model.encode({**self.media, "text": (self.prompt_ids_bp, self.prompt_mask_bp.long())},
-                                    causal=True, cache=self.cache)
+                                    causal=True, cache=self.cache, text_prefix=self._prefix(self.prompt_len_b))
             last_b = (self.prompt_len_b - 1).clamp(min=0)
             start = out.spans["text"][0]
             hidden_bd = out.hidden[torch.arange(len(last_b), device=last_b.device), start + last_b]
             return self.lm_head(hidden_bd).float()
         return self._recompute()
+
+    def _prefix(self, prompt_len_b: torch.Tensor) -> torch.Tensor | None:
+        """The bidirectional text prefix of each row: its whole prompt, or none (a causal prompt)."""
+        return prompt_len_b if self.prompt_bidirectional else None
 
     def select(self, index_b: torch.Tensor) -> None:
         """Rows ``index_b`` (into the current rows) continue: beam reordering and expansion."""
@@ -152,7 +157,8 @@ class _Decoder:
         media = {m: tuple(a[self.rows] if isinstance(a, torch.Tensor) else a for a in args)
                  for m, args in self.media.items()}
         # a throwaway cache: MoE calls below min_capacity (few rows, short prompts) are padded as when cached
-        out = self.model.encode({**media, "text": (ids_bl, mask_bl)}, causal=True, cache=self.model.new_cache())
+        out = self.model.encode({**media, "text": (ids_bl, mask_bl)}, causal=True, cache=self.model.new_cache(),
+                                text_prefix=self._prefix(prompt_len_b))
         last_b = (prompt_len_b + length - 1).clamp(max=width - 1)
         hidden_bd = out.hidden[torch.arange(batch, device=ids_bl.device), out.spans["text"][0] + last_b]
         return self.lm_head(hidden_bd).float()
@@ -169,11 +175,15 @@ def _all_done(done: bool, sync: bool, device: torch.device) -> bool:
 @torch.no_grad()
 def generate(model: nn.Module, lm_head: Callable[[torch.Tensor], torch.Tensor], media: dict[str, tuple[Any, ...]],
              prompt_ids_bp: torch.Tensor, prompt_mask_bp: torch.Tensor, *, eos_token_id: int, pad_token_id: int,
-             options: DecodeOptions | None = None, sync: bool | None = None) -> Generated:
+             options: DecodeOptions | None = None, sync: bool | None = None,
+             prompt_bidirectional: bool = False) -> Generated:
     """Continue each right-padded prompt after its own last real token (see the module docstring).
 
     ``media``: modality -> embedding args as ``VLMoE.encode`` takes them ({} for text only). ``sync``: step in
-    lockstep with every rank (default ``needs_sync(model)``); every rank must then call ``generate``."""
+    lockstep with every rank (default ``needs_sync(model)``); every rank must then call ``generate``.
+    ``prompt_bidirectional``: the prompt's tokens attend each other both ways (``VLMoE.encode(text_prefix=)``),
+    as a model trained with that prefix-LM mask expects (VQA's answer LM: the question is the prefix); the
+    default is a causal prompt, as captioning trains."""
     options = options or DecodeOptions()
     sync = needs_sync(model) if sync is None else sync
     prompt_mask_bp = prompt_mask_bp.bool()
@@ -185,7 +195,8 @@ def generate(model: nn.Module, lm_head: Callable[[torch.Tensor], torch.Tensor], 
                          f"into (model.max_text_len={model.cfg.max_text_len})")
     max_new = min(options.max_new_tokens, room)
     with dropless(model):
-        decoder = _Decoder(model, lm_head, media, prompt_ids_bp, prompt_mask_bp, options.use_cache, pad_token_id)
+        decoder = _Decoder(model, lm_head, media, prompt_ids_bp, prompt_mask_bp, options.use_cache, pad_token_id,
+                           prompt_bidirectional)
         if options.num_beams == 1:
             return _greedy(decoder, max_new, options, eos_token_id, pad_token_id, sync)
         return _beam(decoder, max_new, options, eos_token_id, pad_token_id, sync)

@@ -123,10 +123,15 @@ class VLMoE(nn.Module):
         return DecodeCache([LayerKV() for _ in self.blocks])
 
     def encode(self, inputs: dict[str, tuple[Any, ...]], causal: bool = False,
-               cache: DecodeCache | None = None) -> EncoderOutput:
+               cache: DecodeCache | None = None, text_prefix: torch.Tensor | None = None) -> EncoderOutput:
         """``inputs``: modality -> positional args of its embedding (image: (pixels,), text: (ids, mask),
         audio: (log-mel [B, T, F], real frames [B] or None)). ``cache`` (empty, ``new_cache()``): keep every
-        block's keys and values for ``decode_step`` (the prefix of a generation, usually ``causal``)."""
+        block's keys and values for ``decode_step`` (the prefix of a generation, usually ``causal``).
+        ``text_prefix`` [B] (with ``causal``): the first P_b text tokens are a bidirectional prefix
+        (``blocks.attention_mask``); with mean pooling, ``pooled`` then averages the tokens before it only, so
+        what the prefix's heads read does not depend on the text after it."""
+        if text_prefix is not None and not causal:
+            raise ValueError("text_prefix needs causal=True (without it every text token is bidirectional)")
         unknown = sorted(set(inputs) - set(self.cfg.modalities))
         if unknown or not inputs:
             raise ValueError(f"inputs for {unknown or 'no modality'}; model modalities: {self.cfg.modalities}")
@@ -144,7 +149,7 @@ class VLMoE(nn.Module):
         x_bnd = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
         batch = x_bnd.shape[0]
         valid_bn = valid_tokens(segments, batch, x_bnd.device)  # once per pass: attention, MoE, pooling
-        mask_b1nn = attention_mask(segments, valid_bn, batch, causal, x_bnd.device)
+        mask_b1nn = attention_mask(segments, valid_bn, batch, causal, x_bnd.device, text_prefix)
         for index, block in enumerate(self.blocks):
             x_bnd = block(x_bnd, segments, valid_bn, mask_b1nn, self.moe_stats,
                           cache=None if cache is None else cache.layers[index])
@@ -157,7 +162,13 @@ class VLMoE(nn.Module):
             torch.ones(batch, x_bnd.shape[1], dtype=torch.bool, device=hidden.device)
         spans = {s.modality: (s.start, s.end) for s in segments}
         num_image = spans["image"][1] - spans["image"][0] if "image" in spans else 0
-        pooled = hidden[:, 0] if self.cfg.pooling == "cls" else masked_mean(hidden, token_mask)
+        pool_mask = token_mask
+        if text_prefix is not None and "text" in spans:
+            text_start, text_end = spans["text"]
+            cols_n = torch.arange(hidden.shape[1], device=hidden.device)[None]
+            after_prefix = (cols_n >= text_start + text_prefix.to(hidden.device)[:, None]) & (cols_n < text_end)
+            pool_mask = token_mask & ~after_prefix
+        pooled = hidden[:, 0] if self.cfg.pooling == "cls" else masked_mean(hidden, pool_mask)
         return EncoderOutput(hidden, hidden[:, 0], num_image, token_mask, spans, pooled)
 
     def decode_step(self, input_ids_bn: torch.Tensor, positions_bn: torch.Tensor, cache: DecodeCache

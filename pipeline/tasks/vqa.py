@@ -6,10 +6,13 @@ the sample's raw human answers, so an eval folder with another vocabulary is sco
 the training vocabulary lacks simply score 0).
 
 Open-ended answers (objective ``answer_lm``, default weight 0): the prefix-LM over image + "[CLS] question
-[SEP] answer [SEP]" (image bidirectional, text causal, the tied MLM head kept as ``heads["mlm"]``), its loss on
-the answer tokens and the closing [SEP] only; the answer is the sample's top soft-score target, in the
-vocabulary or not. At eval the answer is generated after "[CLS] question [SEP]", decoded, normalised and
-scored with the same official accuracy as the classifier (``gen_acc``, ``gen_acc/<type>``).
+[SEP] answer [SEP]" (image and question a bidirectional prefix, the answer causal; the tied MLM head kept as
+``heads["mlm"]``), its loss on the answer tokens and the closing [SEP] only; the answer is the sample's top
+soft-score target, in the vocabulary or not. The prefix never sees the answer, so the classifier reads the
+same pass: one fused pass per step trains both (the answer fills the question's padding; the classifier then
+sees the question cut as the answer LM cuts it, ``answer_lm_text``). At eval the answer is generated after
+"[CLS] question [SEP]" (a bidirectional prompt), decoded, normalised and scored with the same official
+accuracy as the classifier (``gen_acc``, ``gen_acc/<type>``).
 
 Shape letters: B batch, L text length, D hidden, A answers, T generated tokens.
 """
@@ -29,7 +32,7 @@ from pipeline.config_utils import ConfigError
 from pipeline.metrics.vqa import baseline_predictions, consensus_answer, question_type_baseline, vqa_accuracy
 from pipeline.model.generation import DecodeOptions, generate
 from pipeline.model.heads import MLMHead
-from pipeline.objectives.captioning import lm_loss
+from pipeline.objectives.captioning import lm_loss_of
 from pipeline.tasks.base import LossOutput, SkipSample, Task
 from pipeline.tasks.baselines import train_records
 from pipeline.tasks.downstream_common import (blank_image, blank_text, image_tensor, read_json_file,
@@ -124,8 +127,9 @@ class VQATask(Task):
 
     @classmethod
     def passes(cls, objectives: dict[str, float], options: Any) -> dict[str, int]:
-        """The classifier's fused pass, + the answer LM's (image + question + answer) when it weighs > 0."""
-        return {"fuse": 1 + int(objectives.get("answer_lm", 0.0) > 0)}
+        """One fused pass: image + question (+ the answer, after the question's bidirectional prefix, when the
+        answer LM weighs > 0: it fills the question's padding, so the pass keeps its length)."""
+        return {"fuse": 1}
 
     def setup(self) -> None:
         self.answers: list[str] = read_json_file(self.ctx.data_dir, "answers.json", "answers", self.name)
@@ -199,18 +203,27 @@ class VQATask(Task):
         out = self.model.fuse(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
         return self.heads[HEAD](out.pooled).float()
 
+    def answer_lm_pass(self, batch: dict[str, Any]) -> Any:
+        """The fused pass over image + "[CLS] question [SEP] answer [SEP]" with image and question as the
+        bidirectional prefix: its pooled output is the classifier's input, its answer tokens the LM's."""
+        prefix_b = batch["prompt_mask"].long().sum(1)
+        return self.model.encode({"image": (batch["pixel_values"],),
+                                  "text": (batch["lm_input_ids"], batch["lm_attention_mask"])},
+                                 causal=True, text_prefix=prefix_b)
+
     def forward(self, batch: dict[str, Any]) -> LossOutput:
-        logits = self.logits(batch)
+        answer_lm = self.weights["answer_lm"]
+        out = self.answer_lm_pass(batch) if answer_lm > 0 else None
+        logits = self.logits(batch) if out is None else self.heads[HEAD](out.pooled).float()
         targets = batch["targets"].float()
         # VLMo: mean BCE over B x A, times A (= sum over answers, mean over questions)
         bce = F.binary_cross_entropy_with_logits(logits, targets) * targets.shape[1]
         score = targets.gather(1, logits.argmax(dim=1, keepdim=True)).mean()
         loss = self.weights["vqa"] * bce
         terms = {"vqa_bce": bce.detach(), "vqa_score": score.detach()}
-        answer_lm = self.weights["answer_lm"]
-        if answer_lm > 0:
-            lm, lm_acc = lm_loss(self.model, self.heads[LM_HEAD], {"image": (batch["pixel_values"],)},
-                                 batch["lm_input_ids"], batch["lm_attention_mask"], batch["lm_loss_mask"])
+        if out is not None:
+            lm, lm_acc = lm_loss_of(out, self.heads[LM_HEAD], batch["lm_input_ids"], batch["lm_attention_mask"],
+                                    batch["lm_loss_mask"])
             loss = loss + answer_lm * lm
             terms.update(answer_lm_loss=lm.detach(), answer_lm_acc=lm_acc.detach())
         return LossOutput(loss, terms)
@@ -221,7 +234,8 @@ class VQATask(Task):
         tokenizer = self.ctx.tokenizer
         out = generate(self.model, self.heads[LM_HEAD], {"image": (batch["pixel_values"],)}, batch["prompt_ids"],
                        batch["prompt_mask"], eos_token_id=tokenizer.sep_token_id,
-                       pad_token_id=tokenizer.pad_token_id, options=self.vqa_options.decode())
+                       pad_token_id=tokenizer.pad_token_id, options=self.vqa_options.decode(),
+                       prompt_bidirectional=True)
         tokens_bt, lengths_b = out.tokens.cpu(), out.lengths.cpu()
         return [normalize_answer(tokenizer.decode(tokens_bt[i, :int(n)].tolist(), skip_special_tokens=True))
                 for i, n in enumerate(lengths_b)]
