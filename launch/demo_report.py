@@ -2,7 +2,7 @@
 
     python -m launch.demo_report --demo-dir runs/demo
 
-Reads the JSON files ``pipeline.evaluate`` wrote (``DEMO/eval/{vqa,retrieval,audio_retrieval}.json``),
+Reads the JSON files ``pipeline.evaluate`` wrote (``DEMO/eval/{vqa,retrieval,captioning,audio_retrieval}.json``),
 leads each task's entry with its task class's ``headline`` metric and writes ``DEMO/metrics.json``:
 ``{"vqa": {"accuracy", "baseline", ...}, "retrieval": {"t2i_r1", "t2i_r5", ..., "baseline_t2i_r5"}, ...}``.
 Exits non-zero if an evaluation file is missing.
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 # the files launch/demo.sh has pipeline.evaluate write (DEMO/eval/<stem>.json)
-DEMO_EVALS = ("vqa", "retrieval", "audio_retrieval")
+DEMO_EVALS = ("vqa", "retrieval", "captioning", "audio_retrieval")
 ALIASES = {"acc": "accuracy"}  # a headline metric's key in metrics.json when it differs from the metric's
 
 

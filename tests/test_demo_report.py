@@ -18,6 +18,9 @@ def test_report_has_the_documented_keys(tmp_path):
                "q-type prior", {"acc": 0.3, "acc/yes/no": 0.5})
     write_eval(tmp_path / "eval", "retrieval", {"t2i_r1": 0.4, "t2i_r5": 0.8, "i2t_r1": 0.5, "rmean": 0.6},
                "chance", {"t2i_r1": 0.005, "t2i_r5": 0.025})
+    write_eval(tmp_path / "eval", "captioning", {"cider_d": 1.9, "bleu4": 0.55, "facts_color_shape": 0.8,
+                                                 "num_images": 200.0}, "most frequent caption",
+               {"cider_d": 0.3, "bleu4": 0.2})
     write_eval(tmp_path / "eval", "audio_retrieval", {"t2a_r5": 0.7, "a2t_r5": 0.6, "t2a_map10": 0.5,
                                                       "num_clips": 200.0}, "chance", {"t2a_r5": 0.025})
     assert main(["--demo-dir", str(tmp_path)]) == 0
@@ -26,9 +29,12 @@ def test_report_has_the_documented_keys(tmp_path):
     assert "acc" not in report["vqa"]  # renamed to accuracy, not duplicated
     assert report["retrieval"]["t2i_r5"] == 0.8 and report["retrieval"]["baseline_t2i_r5"] == 0.025
     assert report["audio_retrieval"]["t2a_r5"] == 0.7 and report["audio_retrieval"]["baseline"] == 0.025
-    assert list(report) == ["vqa", "retrieval", "audio_retrieval"]
+    assert report["captioning"]["cider_d"] == 1.9 and report["captioning"]["baseline"] == 0.3
+    assert report["captioning"]["baseline_bleu4"] == 0.2 and report["captioning"]["bleu4"] == 0.55
+    assert list(report) == ["vqa", "retrieval", "captioning", "audio_retrieval"]
     table = format_report(report, tmp_path)
     assert "accuracy" in table and "71.0" in table and "30.0" in table
+    assert "captioning       cider_d" in table and "190.0" in table
     assert "audio_retrieval  t2a_r5" in table and "70.0" in table and "2.5" in table
 
 
