@@ -21,10 +21,10 @@ demo: venv
 	PYTHON=$(PY) bash launch/demo.sh
 
 test: venv
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=25
 
 test-fast: venv
-	$(PY) -m pytest tests -q -p no:cacheprovider -m "not slow"
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=25 -m "not slow"
 
 clean-demo:
 	rm -rf $${DEMO_DIR:-runs/demo}
