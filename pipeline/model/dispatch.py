@@ -1,4 +1,6 @@
-"""Index-based MoE dispatch that keeps everything else of DeepSpeed's ``MOELayer``.
+"""The DeepSpeed-backed sparse FFN (``DeepSpeedSparseFFN``) and its index-based dispatch, which keeps
+everything else of DeepSpeed's ``MOELayer``. Imports ``deepspeed``: pipeline.model.moe loads this module
+only when it builds a DeepSpeed MoE.
 
 Shapes: S tokens, M model dim, E experts, C capacity, K routes per token (top-k), R kept routes (<= K*S).
 
@@ -21,8 +23,57 @@ from typing import Any
 
 import torch
 from deepspeed import comm as dist
-from deepspeed.moe.sharded_moe import MOELayer, _AllToAll, _route_slots, _sparse_decode, _sparse_encode
-from torch import Tensor
+from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import MOELayer, TopKGate, _AllToAll, _route_slots, _sparse_decode, _sparse_encode
+from torch import Tensor, nn
+
+from pipeline.model.config import ModelConfig
+from pipeline.model.moe import MLP, SparseFFN
+
+
+class CountingGate(TopKGate):
+    """DeepSpeed's ``TopKGate`` that also records ``kept_counts`` [E]: routes each expert keeps within
+    capacity in the last call (the gate's ``exp_counts`` are its choices before dropping). Both count
+    the same tokens: the real ones for top-1 (``used_token``), every token for top-k > 1 (DeepSpeed's
+    top-2 gate has no padding mask, so padding takes capacity there like any token)."""
+
+    def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None, sparse_routes: bool = False,
+                use_tutel: bool = False):
+        output = super().forward(input, used_token, sparse_routes, use_tutel)
+        num_experts = self.wg.weight.shape[0]
+        if sparse_routes:  # (l_aux, capacity, E, indices [K, S] with -1 for dropped routes, ...)
+            indices = output[3]
+            self.kept_counts = torch.bincount(indices[indices >= 0].long(), minlength=num_experts)
+        else:  # (l_aux, combine_weights [S, E, C], dispatch_mask, exp_counts)
+            self.kept_counts = output[2].sum((0, 2)).long()
+        return output
+
+
+class DeepSpeedSparseFFN(MoE, SparseFFN):
+    """DeepSpeed MoE FFN configured from ``cfg.moe`` (``SparseFFN``'s contract); with ``dispatch: indexed``
+    its inner ``MOELayer`` is an ``IndexedMOELayer``."""
+
+    def __init__(self, cfg: ModelConfig):
+        moe = cfg.moe
+        super().__init__(
+            hidden_size=cfg.hidden_size, expert=MLP(cfg.hidden_size, cfg.ffn_size, cfg.dropout),
+            num_experts=moe.num_experts, ep_size=moe.ep_size, k=moe.top_k,
+            capacity_factor=moe.capacity_factor, eval_capacity_factor=moe.eval_capacity_factor,
+            min_capacity=moe.min_capacity, use_residual=moe.use_residual,
+            noisy_gate_policy=moe.noisy_gate_policy, drop_tokens=moe.drop_tokens, use_rts=moe.use_rts,
+            top2_2nd_expert_sampling=moe.top2_2nd_expert_sampling)
+        # same attributes, submodules and state-dict keys; only forward differs
+        self.deepspeed_moe.gate.__class__ = CountingGate
+        if moe.dispatch == "indexed":
+            self.deepspeed_moe.__class__ = IndexedMOELayer
+
+    def forward(self, x_sd: torch.Tensor, used_s: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.check_tokens(x_sd)
+        if used_s is not None:
+            used_s = used_s.reshape(-1).long() if self.deepspeed_moe.gate.k == 1 else None
+        out, l_aux, counts = super().forward(x_sd, used_s)
+        return out, l_aux, counts
 
 
 class IndexedMOELayer(MOELayer):
@@ -96,6 +147,6 @@ class IndexedMOELayer(MOELayer):
         return result.index_copy(0, index_r, torch.cat(outputs).to(rows_m.dtype))
 
 
-def _expert_out(expert: torch.nn.Module, chunk_rm: Tensor) -> Tensor:
+def _expert_out(expert: nn.Module, chunk_rm: Tensor) -> Tensor:
     out = expert(chunk_rm)
     return out[0] if isinstance(out, tuple) else out
