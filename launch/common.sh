@@ -12,6 +12,7 @@
 #   PREEMPT_GRACE_S  after a stop signal, seconds the ranks get to checkpoint before every process is
 #                  killed [180] (pipeline.launch_guard)
 #   LAUNCH_PREEMPTED_MARKER  file to which a preempted run appends "RUN_DIR TAG" (launch/slurm.sbatch)
+#   LAUNCH_CUDA_DEVICES  CUDA devices of this node [probed with torch once, then exported to child scripts]
 set -euo pipefail
 # A stop signal (Ctrl-C, SIGTERM, SIGUSR1) before the launcher starts: launch nothing, exit 0 (see train)
 STOP_REQUESTED=0
@@ -34,8 +35,14 @@ MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 RESUME="${RESUME:-auto}"
 PREEMPT_GRACE_S="${PREEMPT_GRACE_S:-180}"
-if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  GPUS_PER_NODE="${GPUS_PER_NODE:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')}"
+if [[ -z "${LAUNCH_CUDA_DEVICES:-}" ]]; then  # probed once (a torch import): the scripts a script starts inherit it
+  _probe='import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)'
+  LAUNCH_CUDA_DEVICES="$("$PYTHON" -c "$_probe" 2>/dev/null || echo 0)"
+  export LAUNCH_CUDA_DEVICES
+fi
+[[ "$LAUNCH_CUDA_DEVICES" =~ ^[0-9]+$ ]] || die "LAUNCH_CUDA_DEVICES=$LAUNCH_CUDA_DEVICES: expected a whole number >= 0"
+if [[ "$LAUNCH_CUDA_DEVICES" -gt 0 ]]; then
+  GPUS_PER_NODE="${GPUS_PER_NODE:-$LAUNCH_CUDA_DEVICES}"
 else  # no CUDA: N CPU ranks over gloo
   export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
