@@ -6,16 +6,15 @@ import os
 import pytest
 import torch
 
-from pipeline.run.build import build_model, build_task, load_tokenizer
 from pipeline.run.checkpoint import rng_state, set_rng_state
-from pipeline.run.checkpoint_merge import EXPERT_KEY, check_keys, expert_key, merge_moe_checkpoint, safe_load
+from pipeline.run.checkpoint_merge import check_keys, merge_moe_checkpoint, safe_load
 from pipeline.config_utils import ConfigError
 from pipeline.run.eval_loop import load_for_eval
 from pipeline.evaluate import main as evaluate_main
-from pipeline.recipe import dump_recipe, load_recipe
-from pipeline.tasks import DistInfo
+from pipeline.recipe import load_recipe
 from tests.conftest import TINY_MODEL_SETS
 from tests.launcher import REPO, run_deepspeed
+from tests.train_helpers import save_run_folder
 
 
 class RunsShell:
@@ -68,20 +67,8 @@ def vqa_run(tmp_path, synth_data):
             f"data.eval={{path: {synth_data.vqa}, split: val}}", f"data.tokenizer={synth_data.tokenizer}",
             *TINY_MODEL_SETS, "model.moe.ep_size=1"]
     recipe = load_recipe(REPO / "launch/recipes/vqa.yaml", sets)
-    task = build_task(recipe, load_tokenizer(recipe.data.tokenizer), DistInfo(0, 1), build_model(recipe, 0))
-    state = task.state_dict()
     run = tmp_path / "run"
-    folder = run / "checkpoints" / "step_000001"
-    folder.mkdir(parents=True)
-    (run / "resolved_recipe.yaml").write_text(dump_recipe(recipe))
-    torch.save({"module": {k: v for k, v in state.items() if not EXPERT_KEY.match(k)}},
-               folder / "mp_rank_00_model_states.pt")
-    modules = sorted({m.group(1) for m in map(EXPERT_KEY.match, state) if m})
-    for layer, module in enumerate(modules):
-        for expert in range(recipe.model.moe.num_experts):
-            torch.save({k: v for k, v in state.items() if k.startswith(expert_key(module, expert, ""))},
-                       folder / f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt")
-    (folder / "COMPLETE").write_text("1\n")
+    folder = save_run_folder(recipe, run)
     return run, folder
 
 

@@ -117,3 +117,28 @@ def scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def save_run_folder(recipe, run: Path) -> Path:
+    """A run folder as pipeline.train leaves it (resolved recipe, DeepSpeed file layout: dense file plus one
+    file per expert, COMPLETE), saved from a freshly built model of ``recipe`` (EP=1) in this process, in
+    seconds instead of a launch. Returns its step-1 checkpoint folder."""
+    from pipeline.recipe import dump_recipe
+    from pipeline.run.build import build_model, build_task, load_tokenizer
+    from pipeline.run.checkpoint_merge import EXPERT_KEY, expert_key
+    from pipeline.tasks import DistInfo
+
+    task = build_task(recipe, load_tokenizer(recipe.data.tokenizer), DistInfo(0, 1), build_model(recipe, 0))
+    state = task.state_dict()
+    folder = run / "checkpoints" / "step_000001"
+    folder.mkdir(parents=True)
+    (run / "resolved_recipe.yaml").write_text(dump_recipe(recipe))
+    torch.save({"module": {k: v for k, v in state.items() if not EXPERT_KEY.match(k)}},
+               folder / "mp_rank_00_model_states.pt")
+    modules = sorted({m.group(1) for m in map(EXPERT_KEY.match, state) if m})
+    for layer, module in enumerate(modules):
+        for expert in range(recipe.model.moe.num_experts):
+            torch.save({k: v for k, v in state.items() if k.startswith(expert_key(module, expert, ""))},
+                       folder / f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt")
+    (folder / "COMPLETE").write_text("1\n")
+    return folder
