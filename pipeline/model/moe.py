@@ -108,6 +108,8 @@ class LocalGate(nn.Module):
         self.wg = nn.Linear(cfg.hidden_size, moe.num_experts, bias=False)
         self.k, self.min_capacity, self.drop_tokens = moe.top_k, moe.min_capacity, moe.drop_tokens
         self.capacity_factor, self.eval_capacity_factor = moe.capacity_factor, moe.eval_capacity_factor
+        # read and set by generation.dropless as on DeepSpeed's gate; local top-2 never samples (``route``)
+        self.top2_2nd_expert_sampling = False
         self.kept_counts: torch.Tensor | None = None  # [E] routes kept within capacity in the last call
 
     def forward(self, x_sd: torch.Tensor, used_s: torch.Tensor | None
