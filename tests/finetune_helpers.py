@@ -3,15 +3,16 @@
 classification fixture data through the real ``data_prep nlvr2`` / ``data_prep classify`` converters."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from tests.fixtures_data_prep import PALETTE, run_cli, write_image
-from tests.launcher import REPO, launcher_env, run_deepspeed
+from tests.launcher import REPO, run_deepspeed
 
 DS_CONFIG = "ds_configs/zero2_fp32.json"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -82,11 +83,24 @@ def finetune_recipe(name: str, shared: dict[str, Path], train_source: dict, eval
 
 
 def evaluate(args: list[str], launcher: bool = False, timeout: float = 180) -> subprocess.CompletedProcess:
-    """``python -m pipeline.evaluate ARGS`` as one process, or under the deepspeed launcher (2 ranks)."""
+    """``pipeline.evaluate ARGS`` in one process, or under the deepspeed launcher (2 ranks). One process runs
+    ``pipeline.evaluate.main`` here (what ``python -m pipeline.evaluate`` runs, without an interpreter start
+    importing torch and deepspeed again) on one thread as launcher_env's OMP_NUM_THREADS=1; its stdout and
+    stderr come back as a CompletedProcess's."""
     if launcher:
         return run_deepspeed("pipeline.evaluate", [*args, "--no-progress"], timeout=timeout)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", *args], cwd=REPO, env=launcher_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    import torch
+
+    from pipeline.evaluate import main
+
+    stdout, stderr, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            rc = main([str(arg) for arg in args])
+    finally:
+        torch.set_num_threads(threads)
+    proc = subprocess.CompletedProcess(["pipeline.evaluate", *args], rc, stdout.getvalue(), stderr.getvalue())
     assert proc.returncode == 0, f"evaluate failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc
 
