@@ -171,7 +171,9 @@ class Explainer:
 
         inputs: dict[str, tuple[Any, ...]] = {"image": (image_tensor(image, self.model.config.image_size)[None],)}
         info: dict[str, Any] = {"tokens": [], "offsets": []}
-        if text is not None and self.tokenizer is not None:
+        if text is not None and self.tokenizer is None:
+            raise ConfigError(f"--text: the model reads no text (modalities {self.model.model.cfg.modalities})")
+        if text is not None:
             enc = self.tokenizer([text], padding="max_length", truncation=True, max_length=self.model.config.text_len,
                                  return_tensors="pt", return_offsets_mapping=True)
             real = int(enc["attention_mask"][0].sum())

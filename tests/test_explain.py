@@ -29,8 +29,7 @@ GRID = IMAGE // PATCH
 QUESTION = "what color is the circle in the top left?"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def save_model(folder, top_k: int = 1):
     """A saved VLMoEModel (4 blocks: block 1 MoE with image / text FFNs, block 3 MoE with the VL-FFN) and a
     word-piece tokenizer; routers scaled up so the experts differ from token to token."""
     from transformers import BertTokenizer
@@ -41,16 +40,20 @@ def model_dir(tmp_path_factory):
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=32, num_heads=2, num_layers=4, num_fusion_layers=2, vocab_size=len(WORDS),
                       image_size=IMAGE, patch_size=PATCH, max_text_len=16,
-                      moe=MoEConfig(num_experts=EXPERTS, min_capacity=1, eval_capacity_factor=4.0))
+                      moe=MoEConfig(num_experts=EXPERTS, min_capacity=1, eval_capacity_factor=4.0, top_k=top_k))
     model = VLMoEModel(VLMoEConfig(vlmoe=dataclasses.asdict(cfg), task="vqa", heads={}, label_maps={},
                                    text_len=TEXT_LEN, image_size=IMAGE))
     with torch.no_grad():
         for ffn in model.model.sparse_ffns().values():
             ffn.router.weight.normal_(0, 1.0)
-    out = tmp_path_factory.mktemp("explain") / "model"
-    model.save_pretrained(out)
-    BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(out)
-    return out
+    model.save_pretrained(folder)
+    BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_model(tmp_path_factory.mktemp("explain") / "model")
 
 
 def scene_image(seed: int) -> tuple[Image.Image, list[dict]]:
@@ -117,8 +120,11 @@ def drawn_routes(picture: Image.Image, layout: dict) -> dict[str, list]:
     return shown
 
 
-def test_patch_and_token_colours_are_the_chosen_experts(model_dir, tmp_path):
-    explainer = explain.Explainer.load(model_dir)
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_patch_and_token_colours_are_the_chosen_experts(model_dir, tmp_path, top_k):
+    """Top-2: the first choice is drawn (padding is routed too, and must not show)."""
+    explainer = explain.Explainer.load(model_dir if top_k == 1 else save_model(tmp_path / "top2", top_k=2))
+    assert explainer.model.model.cfg.moe.top_k == top_k
     image, _ = scene_image(1)
     expected = expected_routes(explainer, image, QUESTION)
     image.save(tmp_path / "scene.png")
@@ -198,6 +204,20 @@ def test_data_statistics_add_up(model_dir, tmp_path):
     assert vl["text"]["special tokens"]["tokens"] == 3 * 2
     with Image.open(tmp_path / "out" / "routing_stats.png") as picture:
         assert picture.width > 300 and picture.height > 300
+
+
+def test_folder_of_images_with_one_text(model_dir, tmp_path):
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        scene_image(20 + i)[0].save(tmp_path / "images" / f"{i}.png")
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    assert explain.main(["--model", str(model_dir), "--data", str(tmp_path / "images"), "--text", "red circles",
+                         "--limit", "2", "--output", str(tmp_path / "out")]) == 0
+    stats = json.loads((tmp_path / "out" / "routing_stats.json").read_text())
+    kinds = stats["calls"]["layer3/vl"]["kinds"]
+    assert stats["samples"] == 2 and kinds["image"]["patches"]["tokens"] == 2 * GRID * GRID  # no scene: one row
+    assert {k: v["tokens"] for k, v in kinds["text"].items()} == {"special tokens": 4, "colour words": 2,
+                                                                    "shape words": 4}
 
 
 def test_object_patches_follow_the_scene():
