@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="export folder (python -m pipeline.export --output)")
     p.add_argument("--mode", choices=MODES, default=None,
-                   help="default: vqa with a VQA head, else classify with a labelled classifier head, else retrieve "
-                        "with --gallery, else embed with an ITC head, else caption with an LM head, else embed")
+                   help="default: retrieve with --gallery, else vqa with a VQA head, else classify with a labelled "
+                        "classifier head, else embed with an ITC head, else caption with an LM head, else embed")
     one = p.add_argument_group("one input on the command line")
     one.add_argument("--image", help="image file")
     one.add_argument("--text", help="text: the question (vqa), the hypothesis (classify), a query (retrieve)")
@@ -155,7 +155,7 @@ class Predictor:
         self.model = VLMoEModel.from_pretrained(folder).eval().to(device)
         self.device = torch.device(device)
         self.config = self.model.config
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, config=self.config)  # config: no model-type warning
         pre_path = folder / "preprocessor_config.json"
         pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
         self.image_size = int(pre.get("image_size", self.config.image_size))
@@ -227,12 +227,12 @@ class Predictor:
         return [name for name in self.model.classifier_heads() if name in self.label_maps]
 
     def default_mode(self, gallery: bool) -> str:
+        if gallery:
+            return "retrieve"
         if VQA_HEAD in self.classifier_heads():
             return "vqa"
         if self.classifier_heads():
             return "classify"
-        if gallery:
-            return "retrieve"
         if LM_HEAD in self.heads and not any(h in self.heads for h in CONTRASTIVE.values()):
             return "caption"
         return "embed"
@@ -410,7 +410,7 @@ def retrieve(predictor: Predictor, queries: list[dict[str, Any]], args: argparse
     query_mods = sorted({modalities(q)[0] for q in queries})
     for mod in query_mods:
         if mod != gallery_mod and predictor.contrastive_head(mod, gallery_mod) is None:
-            raise InputError(f"--mode retrieve: {mod} queries against a {gallery_mod} gallery need a contrastive "
+            raise InputError(f"--mode retrieve: {mod} queries against {gallery_mod} gallery items need a contrastive "
                              f"head ({CONTRASTIVE.get(gallery_mod, CONTRASTIVE.get(mod))}); the model has "
                              f"{sorted(predictor.heads)}")
     torch = predictor.torch
@@ -452,6 +452,10 @@ def predict(args: argparse.Namespace) -> tuple[int, int]:
         raise InputError(f"--model {folder}: no config.json (an export folder: python -m pipeline.export)")
     if args.gallery and not Path(args.gallery).exists():
         raise InputError(f"--gallery {args.gallery}: no such folder or file")
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its "Loading weights" bar
     predictor = Predictor(folder, args.device)
     mode = args.mode or predictor.default_mode(bool(args.gallery))
     check_mode(predictor, mode, items, args)
