@@ -143,9 +143,9 @@ def attention_mask(segments: list[Segment], valid_bn: torch.Tensor | None, batch
     Keys that are padding are hidden; with ``causal`` text tokens see earlier text tokens (and all
     non-text tokens) and non-text tokens do not see text. ``text_prefix_b`` [B] (with ``causal``): the
     first P_b text tokens of row b are a bidirectional prefix (they and the media tokens see each other,
-    never a later token; every later token sees all of them): the prefix-LM mask of UniLM / BEiT-3 with e.g. a question as the
-    prefix and its answer generated after it. Every query always sees itself, so a fully padded text never
-    yields an all-masked row (NaN).
+    never a later token; every later token sees all of them): the prefix-LM mask of UniLM / BEiT-3, with
+    e.g. a question as the prefix and its answer generated after it. Every query always sees itself, so a
+    fully padded text never yields an all-masked row (NaN).
     """
     if not causal and valid_bn is None:
         return None

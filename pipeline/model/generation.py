@@ -4,8 +4,9 @@ Shapes: B batch, K beams, P prompt length, T generated tokens, V vocab, D hidden
 
 The prefix is the media (image and/or audio tokens, bidirectional) and a right-padded text prompt (causal,
 or bidirectional with ``prompt_bidirectional``; at least the BOS token, e.g. ``[CLS]``); ``lm_head`` turns
-the last hidden state into next-token logits (the pretraining MLM head, tied to the token embedding). With the cache, the prefix runs once
-(``VLMoE.encode(..., cache=)``) and every new token costs one position (``VLMoE.decode_step``); without it
+the last hidden state into next-token logits (the pretraining MLM head, tied to the token embedding).
+With the cache, the prefix runs once (``VLMoE.encode(..., cache=)``) and every new token costs one position
+(``VLMoE.decode_step``); without it
 (``use_cache=False``) every step re-encodes media + prompt + the tokens so far, which is what the cached path
 must reproduce token for token (tests/test_generation.py).
 
