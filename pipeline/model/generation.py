@@ -6,9 +6,8 @@ The prefix is the media (image and/or audio tokens, bidirectional) and a right-p
 or bidirectional with ``prompt_bidirectional``; at least the BOS token, e.g. ``[CLS]``); ``lm_head`` turns
 the last hidden state into next-token logits (the pretraining MLM head, tied to the token embedding).
 With the cache, the prefix runs once (``VLMoE.encode(..., cache=)``) and every new token costs one position
-(``VLMoE.decode_step``); without it
-(``use_cache=False``) every step re-encodes media + prompt + the tokens so far, which is what the cached path
-must reproduce token for token (tests/test_generation.py).
+(``VLMoE.decode_step``); without it (``use_cache=False``) every step re-encodes media + prompt + the tokens
+so far, which is what the cached path must reproduce token for token (tests/test_generation.py).
 
     out = generate(model, heads["mlm"], {"image": (pixels,)}, prompt_ids, prompt_mask,
                    eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
