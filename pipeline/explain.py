@@ -145,19 +145,13 @@ class Explainer:
     def load(cls, folder: Path, eval_capacity_factor: float | None = None) -> Explainer:
         if not (folder / "config.json").is_file():
             raise ConfigError(f"--model {folder}: no config.json (is it a python -m pipeline.export folder?)")
-        from transformers import AutoTokenizer
+        from pipeline.hf.modeling import load_export
 
-        from pipeline.hf.modeling import VLMoEModel
-
-        model = VLMoEModel.from_pretrained(folder).eval()
+        model, tokenizer = load_export(folder, eval_capacity_factor)
         if "image" not in model.model.cfg.modalities:
             raise ConfigError(f"--model {folder}: modalities {model.model.cfg.modalities} have no image")
         if not model.model.sparse_ffns():
             raise ConfigError(f"--model {folder}: no MoE layer, nothing to explain")
-        if eval_capacity_factor is not None:
-            for ffn in model.model.sparse_ffns().values():
-                ffn.deepspeed_moe.gate.eval_capacity_factor = eval_capacity_factor
-        tokenizer = AutoTokenizer.from_pretrained(folder) if "text" in model.model.cfg.modalities else None
         return cls(model, tokenizer, RoutingRecorder(model.model))
 
     @property

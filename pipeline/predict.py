@@ -20,10 +20,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
-
-if TYPE_CHECKING:
-    import torch
+from typing import Any, Iterator
 
 MODES = ("vqa", "classify", "embed", "retrieve", "caption")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -147,15 +144,13 @@ class Predictor:
 
     def __init__(self, folder: Path, device: str = "cpu"):
         import torch
-        from transformers import AutoTokenizer
 
-        from pipeline.hf import VLMoEModel
+        from pipeline.hf.modeling import load_export
 
         self.torch = torch
-        self.model = VLMoEModel.from_pretrained(folder).eval().to(device)
+        self.model, self.tokenizer = load_export(folder, device=device)
         self.device = torch.device(device)
         self.config = self.model.config
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, config=self.config)  # config: no model-type warning
         pre_path = folder / "preprocessor_config.json"
         pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
         self.image_size = int(pre.get("image_size", self.config.image_size))

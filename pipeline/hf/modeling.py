@@ -7,6 +7,7 @@ Shapes: B batch, N joint tokens, D hidden, L text length, A outputs of a classif
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,3 +81,21 @@ def register_auto_classes() -> None:
         AutoModel.register(VLMoEConfig, VLMoEModel)
     except ValueError:
         pass
+
+
+def load_export(folder: str | Path, eval_capacity_factor: float | None = None, device: str = "cpu"
+                ) -> tuple[VLMoEModel, Any]:
+    """(model in eval mode, tokenizer or None without text) of an export folder. ``eval_capacity_factor``
+    replaces the config's ``moe.eval_capacity_factor`` before the model is built (e.g. num_experts / top_k: no
+    token dropped): the mechanism export's own option uses, not a patch of built gates."""
+    from transformers import AutoTokenizer
+
+    config = VLMoEConfig.from_pretrained(folder)
+    if eval_capacity_factor is not None:
+        vlmoe = dict(config.vlmoe or {})
+        vlmoe["moe"] = {**(vlmoe.get("moe") or {}), "eval_capacity_factor": eval_capacity_factor}
+        config.vlmoe = vlmoe
+    model = VLMoEModel.from_pretrained(folder, config=config).eval().to(device)
+    if "text" not in model.model.cfg.modalities:  # nothing to tokenize (an export may then have no tokenizer)
+        return model, None
+    return model, AutoTokenizer.from_pretrained(folder, config=config)  # config: no model-type warning
