@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.run.distributed import SHM_OP
-from tests.launcher import REPO, clear_stale_build_lock, launcher_env
+from tests.launcher import REPO, launcher_env
 
 SYNTH_SAMPLES = 240
 SYNTH_VAL = 64
@@ -36,24 +35,6 @@ def _data_prep(*args: object) -> None:
     proc = subprocess.run([sys.executable, "-m", "data_prep", *map(str, args)], cwd=REPO, env=launcher_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"data_prep {args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def deepspeed_cpu_comm_op_built() -> None:
-    """Build DeepSpeed's CPU SHM comm op once, in one process, before any timed multi-rank test: every rank
-    JIT-builds (or checks) it inside ``deepspeed.init_distributed`` under a file lock, and a first build
-    (~40-100 s on 2 busy cores) must not run inside a test's timeout, where killing the rank that holds the
-    lock would leave it behind (``pipeline.run.distributed.remove_stale_build_lock``). A lock left by a killed
-    holder is removed first, one held by a live build (another session's) is waited for: torch would wait on
-    a stale one for ever, and the build below up to its timeout."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = Path(_get_build_directory(SHM_OP, verbose=False)) / "lock"
-    if clear_stale_build_lock(lock, timeout=900) == "removed":
-        print(f"removed a stale torch extension build lock {lock} (no live holder)", file=sys.stderr)
-    proc = subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
-                          cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"building DeepSpeed's CPU comm op failed:\n{proc.stderr[-3000:]}"
 
 
 @pytest.fixture(scope="session")

@@ -146,45 +146,6 @@ def run_captured(cmd: list[str], timeout: float, **popen) -> subprocess.Complete
 
 
 # ------------------------------------------------------------------------------ torch extension lock
-def build_lock_holders(lock: Path) -> list[int]:
-    """PIDs that have ``lock`` open: torch's ``FileBaton`` keeps the descriptor of the lock file it created
-    open until it releases it, so a live build holds it and a killed one does not (/proc, Linux)."""
-    holders = []
-    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
-        try:
-            if any(os.readlink(fd) == str(lock) for fd in fd_dir.iterdir()):
-                holders.append(int(fd_dir.parent.name))
-        except OSError:  # gone meanwhile, or another user's
-            pass
-    return holders
-
-
-def clear_stale_build_lock(lock: Path, timeout: float, poll_s: float = 0.5) -> str:
-    """Wait while a live process holds torch's extension build ``lock``; remove it when none does (its
-    holder was killed: torch would wait on it for ever). Returns "none", "released" or "removed"; fails
-    after ``timeout`` s with the holders. Without /proc, ``remove_stale_build_lock``'s age rule decides."""
-    from pipeline.run.distributed import STALE_LOCK_S
-
-    if not Path("/proc/self/fd").is_dir():
-        if lock.exists() and time.time() - lock.stat().st_mtime >= STALE_LOCK_S:
-            lock.unlink(missing_ok=True)
-            return "removed"
-        return "none"
-    deadline, waited, unheld = time.time() + timeout, False, 0
-    while lock.exists():
-        if build_lock_holders(lock):
-            unheld = 0
-        else:
-            unheld += 1
-            if unheld >= 2:  # twice, poll_s apart: not the instant between a release's close and its unlink
-                lock.unlink(missing_ok=True)
-                return "removed"
-        assert time.time() < deadline, f"{lock} still held after {timeout:.0f} s by {build_lock_holders(lock)}"
-        waited = True
-        time.sleep(poll_s)
-    return "released" if waited else "none"
-
-
 def run_deepspeed(module: str, args: list[str], nproc: int = 2, timeout: float = 300,
                   launcher_args: list[str] | None = None, check: bool = True,
                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

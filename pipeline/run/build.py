@@ -128,6 +128,9 @@ def build_engine(module: Task, recipe: Any, ds_config: dict[str, Any]) -> tuple[
     """(engine, lr_scheduler): deepspeed.initialize with our optimizer and schedule."""
     import deepspeed
 
+    from pipeline.run.distributed import skip_shm_comm_op
+
+    skip_shm_comm_op()  # in case deepspeed.initialize creates the process group (a single process)
     optimizer = build_optimizer(module, recipe, ds_config)
     scheduler = build_scheduler(optimizer, recipe)
     engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,

@@ -51,10 +51,9 @@ def init_distributed(timeout_minutes: int = 30) -> Dist:
     from deepspeed.accelerator import get_accelerator
 
     if not tdist.is_initialized():
-        remove_stale_build_lock()
+        skip_shm_comm_op()
         deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
     rank, world = tdist.get_rank(), tdist.get_world_size()
-    release_shm_workspace(rank, world)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by the deepspeed launcher
     accel = get_accelerator()
     if accel.device_name() == "cuda":
@@ -65,54 +64,27 @@ def init_distributed(timeout_minutes: int = 30) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
-SHM_OP = "deepspeed_shm_comm"  # the CPU comm op every rank JIT-builds (or checks) in init_distributed
-STALE_LOCK_S = 600  # well above the longest build seen (BENCHMARKS.md, figures moved out of code)
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from building its CPU SHM comm op; call before ``deepspeed.init_distributed`` or
+    ``deepspeed.initialize`` (which initialises the process group when nothing has).
+
+    On a CPU host ``deepspeed.comm.torch.TorchBackend`` JIT-compiles ``deepspeed_shm_comm`` (C++, ninja) in
+    every new environment, under torch's extension build lock, which has no timeout, and maps a 66 MiB
+    /dev/shm workspace per rank that DeepSpeed 0.19.8 never unlinks. The op serves one call only,
+    ``inference_all_reduce`` (DeepSpeed-Inference tensor parallelism), which this pipeline never makes:
+    training's all_reduce / all_gather / reduce_scatter go to ``torch.distributed`` (gloo) whether the op is
+    built or not (deepspeed/comm/torch.py). Without it a first launch skips the compile, CPU nodes need no
+    compiler, and a rank killed mid-build can no longer leave a lock that hangs every later rank.
+    On CUDA the accelerator has no such op and this changes nothing."""
+    import importlib
+
+    # importlib, not ``import deepspeed.comm.torch as m``: that name resolves to the ``torch`` package
+    # deepspeed.comm imports (an attribute of the same name), and the setattr would miss
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = _no_shm_comm_op
 
 
-def remove_stale_build_lock(op: str = SHM_OP, max_age_s: float = STALE_LOCK_S) -> bool:
-    """Remove torch's extension build lock of ``op`` when it is older than ``max_age_s``.
-
-    On CPU, ``deepspeed.init_distributed`` builds DeepSpeed's SHM comm op through torch's JIT loader, which
-    holds ``TORCH_EXTENSIONS_DIR/.../deepspeed_shm_comm/lock`` while ninja runs and makes every other
-    process wait for it without a timeout (``torch.utils.file_baton``). A process killed while holding it
-    (SIGKILL, a launcher tearing ranks down) leaves the file behind, and from then on every DeepSpeed rank
-    on the machine hangs in start-up. Returns True when a stale lock was removed."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
-
-        lock = os.path.join(_get_build_directory(op, verbose=False), "lock")
-        if time.time() - os.path.getmtime(lock) < max_age_s:
-            return False
-        os.unlink(lock)
-    except (OSError, ImportError, RuntimeError):  # no lock (the usual case), or another rank removed it
-        return False
-    print(f"removed a stale torch extension build lock {lock} (left by a killed process)", file=sys.stderr)
-    return True
-
-
-def shm_workspace_path(rank: int, env: dict[str, str] | None = None) -> str:
-    """/dev/shm name of the all-reduce workspace DeepSpeed's CPU SHM comm op creates for ``rank``
-    (deepspeed/ops/csrc/cpu/comm/shm.cpp: ``deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}``)."""
-    env = os.environ if env is None else env
-    addr, port = env.get("MASTER_ADDR", "127.0.0.1"), env.get("MASTER_PORT", "29500")
-    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-
-
-def release_shm_workspace(rank: int, world_size: int) -> None:
-    """Unlink this rank's SHM all-reduce workspace once every rank has mapped it.
-
-    DeepSpeed 0.19.8 never unlinks these 66 MiB files, so every CPU run leaked one per rank into
-    /dev/shm (RAM) until the machine ran out of memory. Each rank maps all peers' workspaces inside
-    ``deepspeed.init_distributed``; after a barrier the names can go: the mappings stay valid and the
-    memory is returned when the processes exit, however they exit.
-    """
-    if world_size <= 1:
-        return
-    tdist.barrier()  # every rank calls this, whether or not its workspace exists (multi-node: none)
-    try:
-        os.unlink(shm_workspace_path(rank))
-    except FileNotFoundError:
-        pass
+def _no_shm_comm_op() -> None:
+    return None  # TorchBackend then leaves inference_all_reduce to torch.distributed.all_reduce
 
 
 def single_process() -> Dist:

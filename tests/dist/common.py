@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from pipeline.run.distributed import enable_stack_dumps, release_shm_workspace, remove_stale_build_lock
+from pipeline.run.distributed import enable_stack_dumps, skip_shm_comm_op
 from pipeline.model import ModelConfig, MoEConfig
 
 TINY = dict(hidden_size=32, num_layers=4, num_heads=2, image_size=16, patch_size=8, vocab_size=60,
@@ -17,11 +17,9 @@ def init_dist() -> tuple[int, int]:
     import deepspeed
     enable_stack_dumps()  # the test helpers' SIGUSR2 on a timeout: where each rank hangs
     torch.set_num_threads(1)
-    remove_stale_build_lock()
+    skip_shm_comm_op()
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=90))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    release_shm_workspace(rank, world)
-    return rank, world
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
 def tiny_cfg(**moe) -> ModelConfig:
