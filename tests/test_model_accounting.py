@@ -1,10 +1,13 @@
 """Size accounting on the meta device: parameters and forward FLOPs of given model passes."""
+import subprocess
+import sys
 import time
 
 import pytest
 
 from pipeline.model import ModelConfig, MoEConfig, VLMoE
 from pipeline.model.accounting import build_meta_model, count_parameters
+from tests.launcher import REPO
 
 BASE = dict(hidden_size=768, num_layers=12, num_heads=12, image_size=224, patch_size=16, vocab_size=30522,
             max_text_len=40, num_fusion_layers=2)
@@ -78,3 +81,19 @@ def test_conv_stem_flops_by_hand():
     assert count_parameters(stem_coords, passes=IMAGE).forward_flops_per_sample \
         - count_parameters(stem, passes=IMAGE).forward_flops_per_sample == 2 * 8 * 8 * 2 * 32 * 9
     assert count_parameters(coords).total_params - count_parameters(linear).total_params == 2 * 4 * 4 * 32
+
+
+def test_meta_model_skips_weight_init_and_restores_it():
+    """The plan check builds meta models once per launch: filling meta tensors would import torch._dynamo
+    (seconds per process) for nothing; torch.nn.init must be back to normal afterwards."""
+    code = ("import sys, torch\n"
+            "from pipeline.model.accounting import build_meta_model\n"
+            "from pipeline.model.config import ModelConfig\n"
+            "normal = torch.nn.init.normal_\n"
+            "model = build_meta_model(ModelConfig())\n"
+            "assert next(model.parameters()).is_meta\n"
+            "assert torch.nn.init.normal_ is normal, 'init functions not restored'\n"
+            "print('dynamo imported', 'torch._dynamo' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "dynamo imported False" in proc.stdout

@@ -22,8 +22,10 @@ Definitions
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -50,8 +52,33 @@ def build_meta_model(cfg: ModelConfig) -> nn.Module:
 
     from pipeline.model.vlmoe import VLMoE
     global_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, ep_size=1))
-    with init_empty_weights(include_buffers=True):
+    with init_empty_weights(include_buffers=True), skip_weight_init():
         return VLMoE(global_cfg)
+
+
+INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                  "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                  "sparse_")
+
+
+@contextlib.contextmanager
+def skip_weight_init() -> Iterator[None]:
+    """``torch.nn.init``'s fill functions return their tensor untouched inside, as in
+    ``transformers.initialization.no_init_weights`` (which is not used: it imports ``transformers.modeling_utils``).
+    Meta tensors hold no values to fill, and filling one runs a dynamo-disabled decomposition whose first call
+    imports ``torch._dynamo``: seconds per process for nothing (the plan check runs once per launch)."""
+    saved = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS if hasattr(torch.nn.init, name)}
+    try:
+        for name in saved:
+            setattr(torch.nn.init, name, _keep)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def _keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
 
 
 def _numel(module: nn.Module) -> int:
