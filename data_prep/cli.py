@@ -10,7 +10,7 @@ from data_prep.cli_common import command_line
 from data_prep.records import InputFormatError
 
 COMMAND_MODULES = ("pairs", "vqa", "retrieval", "nlvr2", "classify", "gqa", "snli_ve", "clotho", "audiocaps",
-                   "wavcaps", "audio_pairs", "esc50", "synth", "tokenizer", "verify")
+                   "wavcaps", "audio_pairs", "esc50", "synth", "tokenizer", "verify", "extract")
 
 
 def build_parser() -> argparse.ArgumentParser:

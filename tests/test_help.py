@@ -11,8 +11,8 @@ import pytest
 from tests.launcher import REPO
 
 HEAVY = ("torch", "deepspeed", "transformers")
-DATA_PREP = ["pairs", "vqa", "retrieval", "nlvr2", "classify", "synth", "tokenizer", "verify", "gqa", "snli_ve",
-             "clotho", "audiocaps", "wavcaps", "audio_pairs", "esc50"]
+DATA_PREP = ["pairs", "vqa", "retrieval", "nlvr2", "classify", "synth", "tokenizer", "verify", "extract", "gqa",
+             "snli_ve", "clotho", "audiocaps", "wavcaps", "audio_pairs", "esc50"]
 COMMANDS = [["pipeline.train"], ["pipeline.plan"], ["pipeline.evaluate"], ["pipeline.export"], ["pipeline.predict"],
             ["pipeline.explain"], ["launch.demo_report"],
             ["pipeline.run.hardware"], ["data_prep"], *[["data_prep", name] for name in DATA_PREP]]
