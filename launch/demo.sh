@@ -3,7 +3,8 @@
 #   data_prep synth (shapes + sound world) -> data_prep tokenizer -> text_mlm -> vl_pretrain (EP=2, ZeRO-2)
 #   -> VQA (classifier + generated answers) -> retrieval -> captioning (from the VQA run; generate + score)
 #   -> vla_pretrain (adds audio; image and sound micro-batches mixed) -> audio retrieval fine-tuning
-#   -> pipeline.evaluate of each -> DEMO_DIR/metrics.json + a table.
+#   -> pipeline.evaluate of each -> export of the VQA run + pipeline.predict / pipeline.explain on held-out
+#   images (DEMO_DIR/heldout, DEMO_DIR/explain) -> DEMO_DIR/metrics.json + a table.
 # Without CUDA it runs on CPU_RANKS CPU ranks over gloo (default 2). Rerunning reuses finished steps:
 # shards are skipped by data_prep, finished stages by their FINISHED marker, evaluations by their JSON.
 # Environment: DEMO_DIR [runs/demo], DEMO_SAMPLES [synth images per task, 6000], DEMO_SOUNDS [synth training
@@ -31,8 +32,9 @@ stop_if_preempted() {  # RUN_DIR: a stage that exited 0 without FINISHED was pre
 
 echo "demo: $DEMO_DIR, engine config $DS_CONFIG, $WORLD_SIZE_TOTAL ranks" >&2
 step "data_prep synth -> $DATA"
+# encoding workers: the shards are the same for any number (data_prep/writer.py)
 "$PYTHON" -m data_prep synth --output "$DATA" --num-samples "$DEMO_SAMPLES" --num-sounds "$DEMO_SOUNDS" --seed 0 \
-  --no-progress
+  --workers "$(( $(nproc) < 4 ? $(nproc) : 4 ))" --no-progress
 
 step "data_prep tokenizer -> $TOKENIZER"
 if [[ -f "$TOKENIZER/tokenizer.json" ]]; then
@@ -88,6 +90,17 @@ else
   stop_if_preempted "$DEMO_DIR/vla_pretrain"
 fi
 finetune audio_retrieval test sounds vla_pretrain
+
+# Use without DeepSpeed: export the VQA run, answer a few held-out questions, draw the experts' routing
+step "export: $DEMO_DIR/vqa -> $DEMO_DIR/export/vqa; pipeline.predict and pipeline.explain on held-out images"
+if [[ ! -f "$DEMO_DIR/export/vqa/config.json" || "$DEMO_DIR/vqa/FINISHED" -nt "$DEMO_DIR/export/vqa/config.json" ]]; then
+  "$PYTHON" -m pipeline.export --checkpoint "$DEMO_DIR/vqa" --output "$DEMO_DIR/export/vqa"
+fi
+"$PYTHON" -m data_prep extract "$DATA/vqa" --split val --limit 4 --output "$DEMO_DIR/heldout"
+"$PYTHON" -m pipeline.predict --model "$DEMO_DIR/export/vqa" --input "$DEMO_DIR/heldout/samples.jsonl" \
+  --output "$DEMO_DIR/heldout/answers.jsonl" --top-k 3 --generate --no-progress
+"$PYTHON" -m pipeline.explain --model "$DEMO_DIR/export/vqa" --image "$DEMO_DIR"/heldout/*.jpg \
+  --output "$DEMO_DIR/explain"
 
 step "results"
 "$PYTHON" -m launch.demo_report --demo-dir "$DEMO_DIR"

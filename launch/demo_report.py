@@ -55,6 +55,37 @@ def build_report(demo_dir: Path) -> dict[str, dict]:
     return report
 
 
+def heldout_rows(demo_dir: Path) -> list[dict]:
+    """The demo's held-out questions answered by the export (``DEMO/heldout``: samples.jsonl from
+    ``data_prep extract``, answers.jsonl from ``pipeline.predict``), matched by id; [] when absent."""
+    samples, answers = demo_dir / "heldout" / "samples.jsonl", demo_dir / "heldout" / "answers.jsonl"
+    if not (samples.is_file() and answers.is_file()):
+        return []
+    truth = {line["id"]: line for line in map(json.loads, samples.read_text().splitlines())}
+    rows = []
+    for answer in map(json.loads, answers.read_text().splitlines()):
+        sample = truth.get(answer["id"], {})
+        answers_given = sample.get("truth", {}).get("answers") or []
+        rows.append({"id": answer["id"], "question": sample.get("question", ""),
+                     "truth": max(set(answers_given), key=answers_given.count) if answers_given else "",
+                     "answer": answer.get("answer", answer.get("error", "")),
+                     "score": (answer.get("answers") or [{}])[0].get("score"), "generated": answer.get("generated")})
+    return rows
+
+
+def format_heldout(rows: list[dict], demo_dir: Path) -> list[str]:
+    lines = ["", f"held-out questions through the export ({demo_dir / 'export' / 'vqa'}, no DeepSpeed):"]
+    for row in rows:
+        score = f" ({row['score']:.2f})" if isinstance(row["score"], float) else ""
+        lines.append(f"  {row['question']}  truth: {row['truth']}  predicted: {row['answer']}{score}  "
+                     f"generated: {row['generated']}")
+    pictures = sorted((demo_dir / "explain").glob("routing_*.png"))
+    if pictures:
+        lines.append(f"routing pictures (expert per image patch, per MoE layer): {pictures[0].parent}/"
+                     f"{{{','.join(p.name for p in pictures)}}}")
+    return lines
+
+
 def format_report(report: dict[str, dict], demo_dir: Path) -> str:
     rows = [("task", "metric", "score", "baseline")]
     for task, values in report.items():
@@ -66,6 +97,7 @@ def format_report(report: dict[str, dict], demo_dir: Path) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.extend(format_heldout(heldout_rows(demo_dir), demo_dir))
     lines.append("")
     lines.append(f"metrics: {demo_dir / 'metrics.json'}")
     lines.append(f"tensorboard: tensorboard --logdir {demo_dir}  (one subfolder per stage)")

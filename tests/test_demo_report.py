@@ -50,3 +50,23 @@ def test_cpu_flags_parse_proc_cpuinfo():
     text = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16\nbugs\t: spectre\n"
     assert {"avx2", "amx_bf16"} <= cpu_flags(text)
     assert cpu_flags("processor : 0\n") == set()
+
+
+def test_heldout_answers_are_matched_to_their_questions_by_id(tmp_path):
+    from launch.demo_report import format_heldout, heldout_rows
+
+    assert heldout_rows(tmp_path) == []  # no export stage run: nothing to show
+    held = tmp_path / "heldout"
+    held.mkdir()
+    samples = [{"id": 7, "image": "a.jpg", "question": "which shape is red?",
+                "truth": {"answers": ["circle"] * 9 + ["square"]}},
+               {"id": 3, "image": "b.jpg", "question": "what color is the cross?", "truth": {"answers": ["blue"]}}]
+    answers = [{"id": 3, "answer": "green", "answers": [{"answer": "green", "score": 0.6}], "generated": "blue"},
+               {"id": 7, "answer": "circle", "answers": [{"answer": "circle", "score": 0.9}], "generated": "circle"}]
+    (held / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    (held / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    rows = heldout_rows(tmp_path)
+    assert [(r["question"], r["truth"], r["answer"], r["generated"]) for r in rows] == [
+        ("what color is the cross?", "blue", "green", "blue"), ("which shape is red?", "circle", "circle", "circle")]
+    text = "\n".join(format_heldout(rows, tmp_path))
+    assert "which shape is red?  truth: circle  predicted: circle (0.90)" in text
