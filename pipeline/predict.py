@@ -139,6 +139,20 @@ def modalities(item: dict[str, Any]) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------------ model
+def read_preprocessing(folder: Path) -> tuple[int, int]:
+    """(image size, text length) of an export: its ``preprocessor_config.json`` is the one source of
+    preprocessing (``pipeline.predict``, ``pipeline.explain``); InputError when it is missing or incomplete."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        raise InputError(f"--model {folder}: no preprocessor_config.json (image size and text length; "
+                         "python -m pipeline.export writes it)")
+    try:
+        pre = json.loads(path.read_text())
+        return int(pre["image_size"]), int(pre["text_len"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: needs integer image_size and text_len ({type(exc).__name__}: {exc})") from None
+
+
 class Predictor:
     """An exported model with its tokenizer and preprocessing (training's: ``downstream_common``)."""
 
@@ -151,10 +165,7 @@ class Predictor:
         self.model, self.tokenizer = load_export(folder, device=device)
         self.device = torch.device(device)
         self.config = self.model.config
-        pre_path = folder / "preprocessor_config.json"
-        pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
-        self.image_size = int(pre.get("image_size", self.config.image_size))
-        self.text_len = int(pre.get("text_len", self.config.text_len))
+        self.image_size, self.text_len = read_preprocessing(folder)
         self.heads = dict(self.config.heads or {})
         self.label_maps = dict(self.config.label_maps or {})
 
@@ -445,6 +456,7 @@ def predict(args: argparse.Namespace) -> tuple[int, int]:
     folder = Path(args.model)
     if not (folder / "config.json").is_file():
         raise InputError(f"--model {folder}: no config.json (an export folder: python -m pipeline.export)")
+    read_preprocessing(folder)  # before the model loads
     if args.gallery and not Path(args.gallery).exists():
         raise InputError(f"--gallery {args.gallery}: no such folder or file")
     if args.no_progress:

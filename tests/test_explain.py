@@ -19,6 +19,7 @@ from PIL import Image
 
 from data_prep.synth_world import Obj, make_scene
 from pipeline import explain
+from pipeline import routing_pictures as rp
 from pipeline.model.config import ModelConfig, MoEConfig
 from tests.launcher import REPO
 
@@ -48,6 +49,7 @@ def save_model(folder, top_k: int = 1):
             ffn.router.weight.normal_(0, 1.0)
     model.save_pretrained(folder)
     BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_size": IMAGE, "text_len": TEXT_LEN}))
     return folder
 
 
@@ -106,7 +108,7 @@ def picture_colours(picture: Image.Image, layout: dict, column: int) -> list[tup
 def drawn_routes(picture: Image.Image, layout: dict) -> dict[str, list]:
     """Per MoE call, what the picture shows for each of its tokens: an expert id (by palette colour) or
     "dropped"; block 1 splits into its image FFN (CLS + patches) and text FFN."""
-    lookup = {explain.PALETTE[e]: e for e in range(EXPERTS)} | {explain.DROPPED_RGB: "dropped"}
+    lookup = {rp.PALETTE[e]: e for e in range(EXPERTS)} | {rp.DROPPED_RGB: "dropped"}
     shown = {}
     for column, (layer, keys) in enumerate([(1, ("image", "text")), (3, ("vl",))]):
         colours = picture_colours(picture, layout, column)
@@ -133,9 +135,9 @@ def test_patch_and_token_colours_are_the_chosen_experts(model_dir, tmp_path, top
     meta = json.loads((tmp_path / "out" / "routing_scene.json").read_text())
     with Image.open(written) as picture:
         picture = picture.convert("RGB")
-        col_w = max(GRID * explain.CELL, 240)
-        assert picture.width == explain.MARGIN + 2 * (col_w + explain.MARGIN)  # one column per MoE layer
-        assert [c["layer"] for c in meta["layout"]["columns"]] == [1, 3] and meta["layout"]["cell"] == explain.CELL
+        col_w = max(GRID * rp.CELL, 240)
+        assert picture.width == rp.MARGIN + 2 * (col_w + rp.MARGIN)  # one column per MoE layer
+        assert [c["layer"] for c in meta["layout"]["columns"]] == [1, 3] and meta["layout"]["cell"] == rp.CELL
         for x, y, cell in (c["panel"] for c in meta["layout"]["columns"]):
             assert y + GRID * cell <= picture.height
         shown = drawn_routes(picture, meta["layout"])
@@ -249,3 +251,35 @@ def test_clear_errors(model_dir, tmp_path, capsys):
     assert explain.main(["--model", str(model_dir), "--data", str(tmp_path / "empty"), "--output",
                          str(tmp_path / "out")]) == 2
     assert "no manifest.json and no images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", [QUESTION, "what color " * 20])
+def test_explain_tokenizes_and_decodes_as_training(model_dir, tmp_path, text):
+    """Ids and mask equal the training tasks' ``downstream_common.tokenize`` (padded, or truncated to text_len
+    with [SEP] last); the image tensor equals the data loader's decode + ``image_tensor`` of the same bytes."""
+    from pipeline.data.loader import decode_sample
+    from pipeline.tasks.downstream_common import image_tensor, tokenize
+
+    explainer = explain.Explainer.load(model_dir)
+    ids, mask, info = explainer.tokenize(text)
+    want_ids, want_mask = tokenize(explainer.tokenizer, [text], TEXT_LEN)
+    assert torch.equal(ids, want_ids) and torch.equal(mask, want_mask) and ids.shape == (1, TEXT_LEN)
+    assert len(info["tokens"]) == len(info["offsets"]) == int(mask.sum())
+    image, _ = scene_image(3)
+    image.resize((50, 40)).save(tmp_path / "odd.jpg", quality=90)
+    decoded = decode_sample({"jpg": (tmp_path / "odd.jpg").read_bytes()}, ["jpg"])["jpg"]
+    assert torch.equal(explainer.pixels(explain.open_image(tmp_path / "odd.jpg")), image_tensor(decoded, IMAGE))
+
+
+def test_preprocessing_comes_from_preprocessor_config_only(model_dir, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    (copy / "preprocessor_config.json").unlink()
+    scene_image(4)[0].save(tmp_path / "a.png")
+    assert explain.main(["--model", str(copy), "--image", str(tmp_path / "a.png"), "--output", str(tmp_path)]) == 2
+    assert "no preprocessor_config.json" in capsys.readouterr().err
+    (copy / "preprocessor_config.json").write_text(json.dumps({"image_size": IMAGE}))
+    assert explain.main(["--model", str(copy), "--image", str(tmp_path / "a.png"), "--output", str(tmp_path)]) == 2
+    assert "needs integer image_size and text_len" in capsys.readouterr().err

@@ -154,6 +154,11 @@ def test_bad_input_exits_2_naming_the_file_and_line(setup, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["--model", str(setup["full"])])  # no input at all
     assert exc.value.code == 2
+    no_pre = tmp_path / "no_pre"  # preprocessing has one source: no fallback on config.json's copy
+    no_pre.mkdir()
+    (no_pre / "config.json").write_text((setup["full"] / "config.json").read_text())
+    assert main(["--model", str(no_pre), "--mode", "embed", "--text", "red"]) == 2
+    assert "no preprocessor_config.json" in capsys.readouterr().err
 
 
 def test_help_is_fast_and_predict_runs_where_deepspeed_cannot_be_imported(setup, tmp_path):
