@@ -129,12 +129,16 @@ class TrainConfig:
     eval_max_batches: int | None = _f(None, help="cap on eval batches per rank (null = full pass)")
     nonfinite_budget: int = _f(3, help="steps in a row with a non-finite loss or gradient norm that are "
                                        "skipped before the run stops with an error (exit 3)")
+    routing_images: int = _f(4, help="at each evaluation, TensorBoard images routing/sample_<i> of the first N "
+                                     "eval samples (image tasks): the expert of every patch and token "
+                                     "(pipeline.routing_pictures); 0 = off")
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.log_every <= 0 or self.keep_last <= 0:
             raise ConfigError("train.steps, train.log_every and train.keep_last must be > 0")
-        if self.eval_every < 0 or self.save_every < 0 or self.nonfinite_budget < 0:
-            raise ConfigError("train.eval_every, train.save_every and train.nonfinite_budget must be >= 0")
+        if self.eval_every < 0 or self.save_every < 0 or self.nonfinite_budget < 0 or self.routing_images < 0:
+            raise ConfigError("train.eval_every, train.save_every, train.nonfinite_budget and train.routing_images "
+                              "must be >= 0")
 
 
 @dataclasses.dataclass

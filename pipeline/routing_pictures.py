@@ -220,12 +220,13 @@ def draw_routing(image: Image.Image, calls: list[MoECall], spans: dict[str, tupl
     legend_rows = max(len(c["calls"]) for c in columns) * 3 + 1  # title + entries (wrapped once)
     boxes_h = max(c["boxes"][-1][1] for c in columns) + box_h
     height = TITLE_H + head_h + side + 10 + boxes_h + 10 + legend_rows * 18 + MARGIN
-    width = MARGIN + len(columns) * (col_w + MARGIN)
+    subtitle = "tint and centre dot: expert of the token; black: dropped over capacity"
+    width = max(MARGIN + len(columns) * (col_w + MARGIN),  # the title is never cut (one column is narrow)
+                2 * MARGIN + int(max(fnt.getlength(title), small.getlength(subtitle))) + 1)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     draw.text((MARGIN, 6), title, fill=(0, 0, 0), font=fnt)
-    draw.text((MARGIN, 22), "tint and centre dot: expert of the token; black: dropped over capacity", fill=(90, 90, 90),
-              font=small)
+    draw.text((MARGIN, 22), subtitle, fill=(90, 90, 90), font=small)
     layout: dict[str, Any] = {"grid": grid, "cell": cell, "columns": []}
     for i, col in enumerate(columns):
         x0, y = MARGIN + i * (col_w + MARGIN), TITLE_H

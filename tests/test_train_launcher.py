@@ -8,6 +8,7 @@ import pytest
 
 from tests.train_helpers import (assert_same, complete, kill_group, load_tensors, log_lines, rank_processes,
                                  run, scalars, start, train_cmd, wait_for)
+from tests.test_routing_tensorboard import assert_routing_images
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +52,7 @@ def test_vl_pretrain_ep2_zero2_bf16_trains_logs_and_checkpoints(full_run):
     loads = [t for t in tb if t.startswith("moe_load/layer1/image/")]
     assert len(loads) == 4 and abs(sum(tb[t][-1][1] for t in loads) - 1) < 1e-4
     assert 0 < tb["train/data_wait_frac"][-1][1] < 1 and tb["train/lr"][0][1] > 0
+    assert_routing_images(full_run, count=4, steps=[8])  # train.routing_images default, the final eval
 
 
 def test_sigkill_then_resume_auto_matches_uninterrupted_run(full_run, tmp_path, tiny_train_args):

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+from typing import Any
 
 import torch
 
@@ -42,6 +43,15 @@ class MetricsSink:
         if record:
             self.jsonl.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in values.items()}}) + "\n")
             self.jsonl.flush()
+        self.writer.flush()
+
+    def image(self, tag: str, picture: Any, step: int) -> None:
+        """A PIL image (RGB) as TensorBoard image ``tag`` at ``step``."""
+        if not self.enabled:
+            return
+        import numpy as np
+
+        self.writer.add_image(tag, np.asarray(picture.convert("RGB")), step, dataformats="HWC")
         self.writer.flush()
 
     def close(self) -> None:

@@ -24,6 +24,7 @@ from pipeline.run.distributed import Dist, all_reduce_max, all_reduce_sum, barri
 from pipeline.run.ds_config import build_ds_config, load_engine_json, precision, zero_stage
 from pipeline.run.eval_loop import run_eval, to_device, write_eval
 from pipeline.recipe import InitConfig, dump_recipe, load_recipe
+from pipeline.routing_pictures import log_routing_images
 from pipeline.run.run_dir import RunDir
 from pipeline.run.step_guard import NonFiniteTraining, StepGuard
 from pipeline.tasks import DistInfo
@@ -239,7 +240,8 @@ class Trainer:
             start = time.perf_counter()
             metrics, outputs = run_eval(self.engine, self.task, loader, self.dist, batch_size,
                                         self.recipe.train.eval_max_batches)
-        metrics["eval_seconds"] = time.perf_counter() - start
+            metrics["eval_seconds"] = time.perf_counter() - start
+            log_routing_images(self.engine.module, self.task, self.recipe, self.dist, self.sink, self.state.step)
         if self.dist.is_main:
             write_eval(self.run_dir, RunDir.tag_for(self.state.step), metrics, self.task, outputs)
             self.sink.scalars({f"eval/{k}": v for k, v in metrics.items()}, self.state.step)
