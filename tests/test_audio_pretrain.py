@@ -5,6 +5,7 @@ image-text checkpoint (init_from adds audio): it finishes, with finite losses, a
 from __future__ import annotations
 
 import json
+import dataclasses
 import math
 
 import pytest
@@ -60,7 +61,7 @@ def test_prepare_sample_gives_each_kind_its_fixed_shapes(vla, synth_av):
 
 
 @pytest.mark.parametrize("media", ["audio", "image"])
-def test_forward_and_eval_of_each_media(vla, synth_av, media):
+def test_forward_and_eval_of_each_media(vla, synth_av, media, monkeypatch):
     folder, split = (synth_av.sounds, "test") if media == "audio" else (synth_av.captions, "val")
     batch = vla.collate(prepared(vla, folder, split, True))
     out = vla(batch)
@@ -79,6 +80,13 @@ def test_forward_and_eval_of_each_media(vla, synth_av, media):
     expected = ({"atc_loss", "a2t_r1", "t2a_r1", "atm_acc", "audio_mlm_acc", "audio_mlm_loss"} if media == "audio"
                 else {"itc_loss", "i2t_r1", "t2i_r1", "itm_acc", "mlm_acc", "mlm_loss"})
     assert set(metrics) == expected and all(math.isfinite(v) for v in metrics.values())
+    # matching off (the demo's pretraining): its untrained head is not evaluated, the rest is unchanged
+    matching = "atm" if media == "audio" else "itm"
+    monkeypatch.setattr(vla, "ctx", dataclasses.replace(vla.ctx, objectives={**vla.weights, matching: 0.0}))
+    without = vla.metrics(vla.eval_outputs(eval_batch))
+    assert set(without) == expected - {f"{matching}_acc"}
+    short = media[0]  # the contrastive figures do not depend on the (random) MLM masks of each call
+    assert all(without[key] == metrics[key] for key in (f"{short}2t_r1", f"t2{short}_r1"))
 
 
 def test_passes_count_one_sample_of_each_media(vla):

@@ -184,31 +184,33 @@ class VLPretrainTask(_TextMixin, Task):
     @torch.no_grad()
     def eval_outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Per sample, on the batch's media ("image"; "audio" in vla_pretrain): the contrastive embeddings
-        (``{media}_emb``, ``text_emb``), ITM on the own text and on the next sample's (a negative), MLM, and
-        the captioning loss when its objective weighs > 0."""
+        (``{media}_emb``, ``text_emb``), ITM on the own text and on the next sample's (a negative) when the
+        matching objective weighs > 0, MLM, and the captioning loss when its objective weighs > 0."""
         model, heads, media = self.model, self.heads, self.eval_media(batch)
         contrastive, matching, _ = PAIR_OBJECTIVES[media]
         inputs, ids, mask = media_inputs(batch, media), batch["input_ids"], batch["attention_mask"]
         media_bp, text_bp, scale = heads[contrastive](model.encode({media: inputs}).pooled,
                                                       model.encode_text(ids, mask).pooled)
-        neg_ids, neg_mask = ids.roll(1, dims=0), mask.roll(1, dims=0)
-        fused = encode_pair(model, media, tuple(torch.cat([x, x]) for x in inputs), torch.cat([ids, neg_ids]),
-                            torch.cat([mask, neg_mask]))
-        pos_logits, neg_logits = heads[matching](fused.pooled).float().chunk(2)
+        itm = {}
+        if self.weights[matching]:  # an untrained matching head's accuracy is no metric: skip its two passes
+            neg_ids, neg_mask = ids.roll(1, dims=0), mask.roll(1, dims=0)
+            fused = encode_pair(model, media, tuple(torch.cat([x, x]) for x in inputs), torch.cat([ids, neg_ids]),
+                                torch.cat([mask, neg_mask]))
+            pos_logits, neg_logits = heads[matching](fused.pooled).float().chunk(2)
+            itm = {"itm_pos_correct": (pos_logits.argmax(-1) == 1).float(),
+                   "itm_neg_correct": (neg_logits.argmax(-1) == 0).float()}
         masked, labels = self.mask(batch, self.eval_generator(ids.device))
         fused_mlm = encode_pair(model, media, inputs, masked, mask)
         start, end = fused_mlm.spans["text"]
         cap = (_cap_per_sample(model, heads["mlm"], media, inputs, batch) if self.weights[CAPTION_OBJECTIVES[media]]
                else {})
-        return {f"{media}_emb": media_bp, "text_emb": text_bp, "logit_scale": scale.expand(len(ids)),
-                "itm_pos_correct": (pos_logits.argmax(-1) == 1).float(),
-                "itm_neg_correct": (neg_logits.argmax(-1) == 0).float(),
+        return {f"{media}_emb": media_bp, "text_emb": text_bp, "logit_scale": scale.expand(len(ids)), **itm,
                 **_mlm_per_sample(labels, fused_mlm.hidden[:, start:end], heads["mlm"]), **cap}
 
     def metrics(self, outputs: dict[str, Any]) -> dict[str, float]:
-        """Image outputs: itc_loss, i2t_r1, t2i_r1, itm_acc, mlm_acc, mlm_loss (+ cap_loss, cap_acc with the
-        captioning objective); audio outputs (``audio_emb``): atc_loss, a2t_r1, t2a_r1, atm_acc, audio_mlm_acc,
-        audio_mlm_loss (+ audio_cap_loss, audio_cap_acc)."""
+        """Image outputs: itc_loss, i2t_r1, t2i_r1, itm_acc (when ITM is trained), mlm_acc, mlm_loss (+ cap_loss,
+        cap_acc with the captioning objective); audio outputs (``audio_emb``): atc_loss, a2t_r1, t2a_r1, atm_acc
+        (when ATM is trained), audio_mlm_acc, audio_mlm_loss (+ audio_cap_loss, audio_cap_acc)."""
         media = "audio" if "audio_emb" in outputs else "image"
         contrastive, matching, mlm = PAIR_OBJECTIVES[media]
         short = media[0]
@@ -217,9 +219,10 @@ class VLPretrainTask(_TextMixin, Task):
         targets = torch.arange(len(sim))
         scale = outputs["logit_scale"].float()[0] if len(sim) else torch.tensor(1.0)
         loss = (F.cross_entropy(scale * sim, targets) + F.cross_entropy(scale * sim.t(), targets)) / 2
-        itm_acc = (outputs["itm_pos_correct"].mean() + outputs["itm_neg_correct"].mean()) / 2
+        itm = ({f"{matching}_acc": float((outputs["itm_pos_correct"].mean() + outputs["itm_neg_correct"].mean()) / 2)}
+               if "itm_pos_correct" in outputs else {})
         return {f"{contrastive}_loss": float(loss),
                 f"{short}2t_r1": float((sim.argmax(1) == targets).float().mean()),
                 f"t2{short}_r1": float((sim.argmax(0) == targets).float().mean()),
-                f"{matching}_acc": float(itm_acc), **_mlm_metrics(outputs, mlm),
+                **itm, **_mlm_metrics(outputs, mlm),
                 **(_cap_metrics(outputs, CAPTION_OBJECTIVES[media]) if "cap_count" in outputs else {})}
