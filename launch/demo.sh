@@ -22,6 +22,9 @@ DEMO_DIR="${DEMO_DIR:-runs/demo}"
 DEMO_SAMPLES="${DEMO_SAMPLES:-6000}"
 DEMO_SOUNDS="${DEMO_SOUNDS:-4000}"
 DATA="$DEMO_DIR/data"
+# cores for the one-process steps: nproc without the OMP_NUM_THREADS=1 that common.sh exports for CPU ranks
+# (nproc reports OMP_NUM_THREADS when it is set)
+CORES="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
 TOKENIZER="$DEMO_DIR/tokenizer"
 started=$SECONDS
 
@@ -34,7 +37,7 @@ echo "demo: $DEMO_DIR, engine config $DS_CONFIG, $WORLD_SIZE_TOTAL ranks" >&2
 step "data_prep synth -> $DATA"
 # encoding workers: the shards are the same for any number (data_prep/writer.py)
 "$PYTHON" -m data_prep synth --output "$DATA" --num-samples "$DEMO_SAMPLES" --num-sounds "$DEMO_SOUNDS" --seed 0 \
-  --workers "$(( $(nproc) < 4 ? $(nproc) : 4 ))" --no-progress
+  --workers "$(( CORES < 4 ? CORES : 4 ))" --no-progress
 
 step "data_prep tokenizer -> $TOKENIZER"
 if [[ -f "$TOKENIZER/tokenizer.json" ]]; then
@@ -66,7 +69,7 @@ finetune() {  # TASK EVAL_SPLIT [DATA FOLDER NAME] [INIT_FROM RUN NAME]
   if [[ -f "$DEMO_DIR/eval/$task.json" && "$DEMO_DIR/eval/$task.json" -nt "$run/FINISHED" ]]; then
     echo "evaluation exists, reusing" >&2
   else
-    OMP_NUM_THREADS="$(nproc)" "$PYTHON" -m pipeline.evaluate --checkpoint "$run" --task "$task" \
+    OMP_NUM_THREADS="$CORES" "$PYTHON" -m pipeline.evaluate --checkpoint "$run" --task "$task" \
       --data "$folder" --split "$split" --output "$DEMO_DIR/eval/$task.json" --no-progress
   fi
 }
