@@ -87,9 +87,12 @@ def _numel(module: nn.Module) -> int:
 
 def _ffn_active(ffn: nn.Module) -> int:
     """Parameters one token uses in this FFN (dense: all; MoE: router + k experts + residual branch)."""
-    from pipeline.model.moe import SparseFFN
-    if not isinstance(ffn, SparseFFN):
+    from pipeline.model.moe import MoEFFN, SparseFFN
+    if not isinstance(ffn, MoEFFN):
         return _numel(ffn)
+    if not isinstance(ffn, SparseFFN):  # dropless: router + k of the fused experts + shared experts
+        shared = _numel(ffn.shared) if ffn.shared is not None else 0
+        return _numel(ffn.router) + ffn.top_k * _numel(ffn.experts) // ffn.num_local_experts + shared
     gate = ffn.deepspeed_moe.gate
     per_expert = _numel(ffn.experts[0])
     residual = _numel(ffn.mlp) + _numel(ffn.coefficient) if ffn.use_residual else 0
@@ -136,9 +139,12 @@ def _ffn_active_matmul(ffn: nn.Module) -> int:
 
 
 def _ffn_weight_params(ffn: nn.Module) -> list[torch.Tensor]:
-    from pipeline.model.moe import SparseFFN
-    if not isinstance(ffn, SparseFFN):
+    from pipeline.model.moe import MoEFFN, SparseFFN
+    if not isinstance(ffn, MoEFFN):
         return [p for p in ffn.parameters() if p.dim() == 2]
+    if not isinstance(ffn, SparseFFN):
+        shared = [p for p in ffn.shared.parameters() if p.dim() == 2] if ffn.shared is not None else []
+        return [ffn.router.gate.weight] + [ffn.experts.w1[0], ffn.experts.w2[0]] * ffn.top_k + shared
     gate = ffn.deepspeed_moe.gate
     weights = [gate.wg.weight] + [p for p in ffn.experts[0].parameters() if p.dim() == 2] * gate.k
     if ffn.use_residual:
@@ -174,9 +180,9 @@ def count_parameters(cfg: ModelConfig, image_size: int | None = None, text_len: 
         raise ValueError(f"audio_frames {audio_frames} is shorter than one patch (audio.patch_time "
                          f"{cfg.audio.patch_time})")
     model = model or build_meta_model(cfg)
-    from pipeline.model.moe import SparseFFN
+    from pipeline.model.moe import MoEFFN
     total = _numel(model)
-    experts = sum(_numel(m.experts) for m in model.modules() if isinstance(m, SparseFFN))
+    experts = sum(_numel(m.experts) for m in model.modules() if isinstance(m, MoEFFN))
     active = _active_by_modality(model)
     freq, time = cfg.audio.grid(audio_frames)
     tokens = {"image": 1 + (image_size // cfg.patch_size) ** 2, "text": text_len or cfg.max_text_len,

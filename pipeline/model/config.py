@@ -94,6 +94,27 @@ class MoEConfig:
         "help": "per_modality: a router + experts per modality (VL-MoE); shared: one pool for all (LIMoE)"})
     dispatch: Literal["indexed", "deepspeed"] = field(default="indexed", metadata={
         "help": "indexed: our gather/scatter dispatch (same gating, all-to-all, names); deepspeed: stock"})
+    impl: Literal["gshard", "dropless"] = field(default="gshard", metadata={
+        "help": "gshard: DeepSpeed's capacity-based MoE (VL-MoE); dropless: token-choice top-k, no capacity, "
+                "fused experts (docs/MOE_DROPLESS.md)"})
+    score_func: Literal["softmax", "sigmoid"] = field(default="softmax", metadata={
+        "help": "dropless: router scores"})
+    route_norm: bool | None = field(default=None, metadata={
+        "help": "dropless: divide the chosen experts' weights by their sum (default: not for softmax top-1)"})
+    balance: Literal["bias", "aux", "none"] = field(default="bias", metadata={
+        "help": "dropless load balance: bias = aux-loss-free expert bias, aux = switch aux loss, none"})
+    bias_update_rate: float = field(default=1e-3, metadata={"help": "dropless, balance bias: bias step per update"})
+    z_loss_coef: float = field(default=0.0, metadata={"help": "dropless: weight of the router z-loss"})
+    expert_ffn_size: int | None = field(default=None, metadata={
+        "help": "dropless: width of each expert (fine-grained experts); default model.ffn_size"})
+    shared_experts: int = field(default=0, metadata={
+        "help": "dropless: always-on experts of expert_ffn_size beside the routed ones (DeepSeekMoE)"})
+    expert_groups: int | None = field(default=None, metadata={
+        "help": "dropless: split the experts into this many contiguous groups (e.g. one per node)"})
+    max_groups_per_token: int | None = field(default=None, metadata={
+        "help": "dropless: each token's experts come from at most this many groups"})
+    grouped_mm: Literal["auto", "on", "off"] = field(default="auto", metadata={
+        "help": "dropless experts: torch._grouped_mm (on), a loop of matmuls (off), auto = grouped on CUDA"})
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -102,8 +123,10 @@ class MoEConfig:
             raise ValueError(f"moe.every must be >= 0, got {self.every}")
         if self.layers is not None and any(i < 0 for i in self.layers):
             raise ValueError(f"moe.layers must be 0-based block indices, got {self.layers}")
-        if self.top_k not in (1, 2):
-            raise ValueError(f"moe.top_k must be 1 or 2, got {self.top_k}")
+        if self.impl == "gshard" and self.top_k not in (1, 2):
+            raise ValueError(f"moe.top_k must be 1 or 2 with moe.impl gshard, got {self.top_k}")
+        if self.impl == "dropless":
+            self._check_dropless()
         if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
             raise ValueError("moe.capacity_factor and moe.eval_capacity_factor must be > 0")
         if self.min_capacity < 0:
@@ -113,6 +136,29 @@ class MoEConfig:
         if self.num_experts % self.ep_size:
             raise ValueError(f"moe.num_experts ({self.num_experts}) must be divisible by moe.ep_size "
                              f"({self.ep_size})")
+
+    def _check_dropless(self) -> None:
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"moe.top_k must be in 1..num_experts ({self.num_experts}), got {self.top_k}")
+        if self.z_loss_coef < 0 or self.bias_update_rate < 0:
+            raise ValueError("moe.z_loss_coef and moe.bias_update_rate must be >= 0")
+        if self.z_loss_coef and self.aux_loss_coef <= 0:
+            raise ValueError("moe.z_loss_coef needs moe.aux_loss_coef > 0 (the trainer scales MoE losses by it)")
+        if self.expert_ffn_size is not None and self.expert_ffn_size < 1:
+            raise ValueError(f"moe.expert_ffn_size must be >= 1, got {self.expert_ffn_size}")
+        if self.shared_experts < 0:
+            raise ValueError(f"moe.shared_experts must be >= 0, got {self.shared_experts}")
+        if (self.expert_groups is None) != (self.max_groups_per_token is None):
+            raise ValueError("moe.expert_groups and moe.max_groups_per_token are set together")
+        if self.expert_groups is not None:
+            groups, limit = self.expert_groups, self.max_groups_per_token
+            if groups < 1 or self.num_experts % groups:
+                raise ValueError(f"moe.expert_groups ({groups}) must divide moe.num_experts ({self.num_experts})")
+            if not 1 <= limit <= groups:
+                raise ValueError(f"moe.max_groups_per_token must be in 1..expert_groups ({groups}), got {limit}")
+            if limit * (self.num_experts // groups) < self.top_k:
+                raise ValueError(f"moe.top_k ({self.top_k}) exceeds the experts of {limit} group(s) "
+                                 f"({limit * (self.num_experts // groups)})")
 
     def layer_indices(self, num_layers: int) -> list[int]:
         """0-based indices of the MoE blocks in a model with ``num_layers`` blocks."""

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.moe import SparseFFN
+from pipeline.model.moe import MoEFFN, SparseFFN
 
 
 @dataclasses.dataclass
@@ -84,7 +84,7 @@ def needs_sync(model: nn.Module) -> bool:
     """True when the model's MoE calls are collectives (expert parallelism over an initialised group)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return False
-    return any(m.ep_size > 1 for m in model.modules() if isinstance(m, SparseFFN))
+    return any(m.ep_size > 1 for m in model.modules() if isinstance(m, MoEFFN))
 
 
 class _Decoder:

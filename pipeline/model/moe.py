@@ -56,6 +56,13 @@ def local_experts() -> Iterator[None]:
         _LOCAL_EXPERTS.reset(token)
 
 
+def expert_parallel_rank(ep_size: int) -> int:
+    """This rank's index in its EP group (DeepSpeed's groups are consecutive ranks); 0 when not distributed."""
+    if ep_size == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 0
+    return torch.distributed.get_rank() % ep_size
+
+
 def sparse_ffn_class() -> type[SparseFFN]:
     """What ``SparseFFN(cfg)`` builds here: local experts inside ``local_experts()`` or without DeepSpeed,
     else DeepSpeed's MoE."""
@@ -69,8 +76,17 @@ def sparse_ffn_class() -> type[SparseFFN]:
     return DeepSpeedSparseFFN
 
 
-class SparseFFN(nn.Module):
-    """A sparse MoE FFN: ``forward(x_sd, used_s) -> (y_sd, l_aux, routed_e)``; ``deepspeed_moe.gate`` holds the
+class MoEFFN(nn.Module):
+    """Any MoE FFN, of either ``moe.impl``: ``forward(x_sd, used_s) -> (y_sd, l_aux, routed_e)``, with
+    ``num_experts``, ``ep_size``, ``num_local_experts`` and, after each call, ``kept_counts`` [E]."""
+
+    num_experts: int
+    ep_size: int
+    num_local_experts: int
+
+
+class SparseFFN(MoEFFN):
+    """The GShard MoE FFN (``moe.impl: gshard``): ``forward(x_sd, used_s) -> (y_sd, l_aux, routed_e)``; ``deepspeed_moe.gate`` holds the
     router ``wg`` and its settings, ``experts`` the local experts. ``SparseFFN(cfg)`` builds the subclass
     ``sparse_ffn_class()`` names; subclasses are built directly.
 
@@ -230,8 +246,27 @@ class LocalSparseFFN(SparseFFN):
 
 
 def build_ffn(cfg: ModelConfig, sparse: bool) -> nn.Module:
-    """A ``SparseFFN`` (DeepSpeed's or local: ``sparse_ffn_class``) or the dense MLP."""
-    return SparseFFN(cfg) if sparse else MLP(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
+    """The dense MLP, or an MoE FFN of ``cfg.moe.impl``: a ``SparseFFN`` (gshard; DeepSpeed's or local:
+    ``sparse_ffn_class``) or a dropless one (``dropless_ffn_class``)."""
+    if not sparse:
+        return MLP(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
+    if cfg.moe.impl == "dropless":
+        return dropless_ffn_class()(cfg)
+    return SparseFFN(cfg)
+
+
+def dropless_ffn_class() -> type[MoEFFN]:
+    """The dropless FFN class to build here: every expert local inside ``local_experts()`` or without
+    DeepSpeed, else the expert-parallel one DeepSpeed's engine handles."""
+    from pipeline.model.dropless import DroplessFFN
+    if _LOCAL_EXPERTS.get():
+        return DroplessFFN
+    try:
+        from pipeline.model.dropless_ep import DeepSpeedDroplessFFN
+    except ImportError as exc:
+        log.info("deepspeed not importable (%s): MoE FFNs run their experts locally", exc)
+        return DroplessFFN
+    return DeepSpeedDroplessFFN
 
 
 def run_ffn(ffn: nn.Module, x_sd: torch.Tensor, used_s: torch.Tensor | None, pad_to_capacity: bool = False
@@ -240,6 +275,9 @@ def run_ffn(ffn: nn.Module, x_sd: torch.Tensor, used_s: torch.Tensor | None, pad
     three are None for a dense FFN. Routed = the router's choices, kept = those within capacity.
     ``pad_to_capacity``: a sparse call with fewer than ``min_capacity`` tokens (a decoding step of a small
     batch) gets zero rows marked unused appended, and their outputs are cut off again."""
+    if isinstance(ffn, MoEFFN) and not isinstance(ffn, SparseFFN):  # dropless: any token count
+        y, l_aux, counts = ffn(x_sd, used_s)
+        return y, l_aux, counts, ffn.kept_counts
     if isinstance(ffn, SparseFFN):
         num_tokens, short = x_sd.shape[0], ffn.deepspeed_moe.gate.min_capacity - x_sd.shape[0]
         if pad_to_capacity and short > 0:

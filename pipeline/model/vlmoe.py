@@ -23,7 +23,8 @@ from torch import nn
 from pipeline.model.blocks import Block, LayerKV, Segment, attention_mask, valid_tokens
 from pipeline.model.config import ModelConfig
 from pipeline.model.embeddings import EMBEDDINGS
-from pipeline.model.moe import SparseFFN
+from pipeline.model.dropless import draw_experts
+from pipeline.model.moe import MoEFFN, SparseFFN, expert_parallel_rank
 from pipeline.model.moe_stats import MoEStats
 
 
@@ -35,13 +36,6 @@ def _init_module(module: nn.Module, std: float) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
-
-
-def _expert_parallel_rank(ep_size: int) -> int:
-    """This rank's index in its EP group (DeepSpeed's groups are consecutive ranks); 0 when not distributed."""
-    if ep_size == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return 0
-    return torch.distributed.get_rank() % ep_size
 
 
 def masked_mean(hidden_bnd: torch.Tensor, mask_bn: torch.Tensor) -> torch.Tensor:
@@ -106,8 +100,12 @@ class VLMoE(nn.Module):
         for emb in self.embeddings.values():
             for param in emb.parameters(recurse=False):
                 nn.init.trunc_normal_(param, std=std, a=-2 * std, b=2 * std)
-        ep_rank = _expert_parallel_rank(self.cfg.moe.ep_size)
+        ep_rank = expert_parallel_rank(self.cfg.moe.ep_size)
         for ffn in self.sparse_ffns().values():
+            if not isinstance(ffn, SparseFFN):  # dropless: fused [E_l, ...] tensors, same draws per expert
+                draw_experts(ffn.experts, ffn.num_experts, ep_rank,
+                             lambda w: nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std))
+                continue
             local = len(ffn.experts)
             for global_id in range(ffn.num_experts):
                 drawn = copy.deepcopy(ffn.experts[0])
@@ -115,9 +113,23 @@ class VLMoE(nn.Module):
                 if global_id // local == ep_rank:
                     ffn.experts[global_id % local].load_state_dict(drawn.state_dict())
 
-    def sparse_ffns(self) -> dict[str, SparseFFN]:
+    def sparse_ffns(self) -> dict[str, MoEFFN]:
         """"blocks.{i}.ffn.{key}" -> every MoE FFN of the model."""
-        return {name: m for name, m in self.named_modules() if isinstance(m, SparseFFN)}
+        return {name: m for name, m in self.named_modules() if isinstance(m, MoEFFN)}
+
+    def update_expert_bias(self) -> dict[str, float]:
+        """Aux-loss-free balancing (``moe.balance: bias``), once per optimizer step on every rank: the routes
+        of every dropless FFN since the last update, summed over all ranks in one all-reduce, nudge its
+        expert bias (``DroplessFFN.apply_bias_update``). Returns each FFN's load CV of those routes."""
+        ffns = {name: m for name, m in self.sparse_ffns().items() if getattr(m, "balance", None) == "bias"}
+        if not ffns:
+            return {}
+        counts = torch.stack([m.tokens_per_expert for m in ffns.values()])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        for ffn, total in zip(ffns.values(), counts):
+            ffn.apply_bias_update(total)
+        return {name: ffn.load_cv(total) for (name, ffn), total in zip(ffns.items(), counts)}
 
     def new_cache(self) -> DecodeCache:
         return DecodeCache([LayerKV() for _ in self.blocks])

@@ -79,7 +79,7 @@ def apply_freeze(module: nn.Module, patterns: list[str]) -> list[str]:
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or "embedding" in name or "position" in name or name.endswith(".cls") \
-        or "logit_scale" in name or "norm" in name
+        or "logit_scale" in name or "norm" in name or name.endswith(".experts.w3")  # dropless experts' biases
 
 
 def param_groups(module: Task, optim: Any) -> list[dict[str, Any]]:

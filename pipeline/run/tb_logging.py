@@ -118,8 +118,9 @@ class TrainWindow:
 def expert_load_scalars(routed: dict[str, torch.Tensor], kept: dict[str, torch.Tensor]) -> dict[str, float]:
     """Per MoE FFN ``layer{L}/{modality}`` (``pipeline.model.moe_stats``: [E] routes the router chose, [E]
     routes the dispatch kept within capacity): fraction of routed tokens per expert, normalised entropy of
-    that load (1 = perfectly balanced), max/mean load, and the measured ``routed`` and ``kept`` totals,
-    ``kept_frac`` = kept/routed and ``dropped_frac`` = 1 - kept_frac. Real tokens only with top-1."""
+    that load (1 = perfectly balanced), max/mean load, its coefficient of variation ``load_cv`` (std/mean,
+    0 = balanced), and the measured ``routed`` and ``kept`` totals, ``kept_frac`` = kept/routed and
+    ``dropped_frac`` = 1 - kept_frac. Real tokens only with top-1 (gshard) or any k (dropless)."""
     out: dict[str, float] = {}
     for key, count in sorted(routed.items()):
         count = count.double().cpu()
@@ -132,6 +133,7 @@ def expert_load_scalars(routed: dict[str, torch.Tensor], kept: dict[str, torch.T
         entropy = float(-(nz * nz.log()).sum()) / math.log(num_experts) if num_experts > 1 else 1.0
         out[f"moe/{key}/entropy"] = entropy
         out[f"moe/{key}/max_over_mean"] = float(frac.max() * num_experts)
+        out[f"moe/{key}/load_cv"] = float(frac.std(unbiased=False) * num_experts)  # std / mean of the load
         for index, value in enumerate(frac.tolist()):
             out[f"moe_load/{key}/expert{index:02d}"] = value
         if key in kept:

@@ -169,6 +169,7 @@ class Trainer:
             engine.step()
             self._accumulate(out, aux_loss, moe_stats, batch, source)
             micro += 1
+        engine.module.model.update_expert_bias()  # dropless, balance bias: once per optimizer step, all ranks
         norm = engine.get_global_grad_norm()
         norm = own_norm if norm is None else float(norm)
         self.guard.after_step(norm, self.state.step + 1)

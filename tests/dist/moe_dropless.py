@@ -1,0 +1,202 @@
+"""Rank-side checks of the dropless MoE FFN (``moe.impl: dropless``) on 2 ranks, EP=2.
+
+1. EP=2 == EP=1 on the same global batch with the same weights: fused hidden states, loss, routed counts
+   and every gradient (a tiny VLMoE, texts of different lengths, one fully padded), for several settings.
+2. Forced skew: rank 0 routes every token to rank 1's experts, rank 1 has no real token at all (sends and
+   receives nothing on the way out, gets everything back on the way in); outputs equal a local run.
+3. Real DeepSpeed engines under ZeRO-1 and ZeRO-2: 3 steps at EP=2 give the same expert weights as at EP=1
+   (the expert-data-parallel reduction is active: an expert's gradient is not averaged with the other
+   rank's different experts) and replicated weights equal on both ranks; the engine saves one file per
+   expert, and an EP=1 engine loads that checkpoint.
+Run: deepspeed --num_gpus 2 --module tests.dist.moe_dropless <tmpdir>
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from torch import nn
+
+from pipeline.model import VLMoE
+from pipeline.model.config import ModelConfig, MoEConfig
+from pipeline.model.heads import ITCHead
+from pipeline.model.moe import build_ffn
+from tests.dist.common import batch, init_dist, setup_expert_parallel, tiny_cfg
+from tests.dist.moe_ep_equivalence import losses
+
+B = 3  # per rank
+VARIANTS = [dict(impl="dropless", top_k=1), dict(impl="dropless", top_k=2, balance="aux", z_loss_coef=1e-3),
+            dict(impl="dropless", top_k=2, score_func="sigmoid", shared_experts=1, expert_groups=2,
+                 max_groups_per_token=1, expert_ffn_size=32)]
+EXPERT_TENSORS = ("experts.w1", "experts.w2", "experts.w3")
+
+
+def rows(key: str, value: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's part of an EP=1 tensor: rows [r*E_l, (r+1)*E_l) of fused expert tensors, else all."""
+    if not key.endswith(EXPERT_TENSORS):
+        return value
+    local = value.shape[0] // world
+    return value[rank * local:(rank + 1) * local]
+
+
+def check_equivalence(variant: dict, rank: int, world: int, alone) -> None:
+    torch.manual_seed(0)
+    ref, ref_head = VLMoE(tiny_cfg(ep_size=1, **variant)), ITCHead(32)
+    torch.manual_seed(0)
+    ep, ep_head = VLMoE(tiny_cfg(ep_size=world, **variant)), ITCHead(32)
+    setup_expert_parallel(ep)
+    ref_state = ref.state_dict()
+    for key, value in ep.state_dict().items():  # same seed -> same model whatever the EP layout
+        assert torch.equal(value, rows(key, ref_state[key], rank, world)), key
+    ep_head.load_state_dict(ref_head.state_dict())
+    global_batch = batch(B * world, seed=1, real_lengths=[8, 5, 1, 0, 3, 8])
+    mine = {k: v[rank * B:(rank + 1) * B] for k, v in global_batch.items()}
+    ref_fused, ref_counts, ref_loss = losses(ref, ref_head, global_batch, alone)
+    ref_loss.backward()
+    ep_fused, ep_counts, ep_loss = losses(ep, ep_head, mine, None)
+    (ep_loss / world).backward()
+    torch.testing.assert_close(ep_fused.hidden, ref_fused.hidden[rank * B:(rank + 1) * B], atol=1e-5, rtol=1e-4)
+    total = ep_loss.detach().clone()
+    dist.all_reduce(total)
+    torch.testing.assert_close(total / world, ref_loss.detach(), atol=1e-5, rtol=1e-5)
+    assert set(ep_counts) == set(ref_counts) and ep_counts
+    for key, count in ep_counts.items():
+        summed = count.clone()
+        dist.all_reduce(summed)
+        assert torch.equal(summed, ref_counts[key]), (key, summed, ref_counts[key])
+    ref_params = dict(ref.named_parameters())
+    for name, param in ep.named_parameters():
+        grad = param.grad.clone()
+        if not name.endswith(EXPERT_TENSORS):
+            dist.all_reduce(grad)
+        torch.testing.assert_close(grad, rows(name, ref_params[name].grad, rank, world), atol=1e-5, rtol=1e-4,
+                                   msg=lambda m: f"{variant} {name}: {m}")
+
+
+def small_ffn(ep_size: int) -> nn.Module:
+    """A 4-expert dropless FFN, D=16, whose router sends a token to the largest of its first 4 features;
+    at EP=2 this rank's rows of the EP=1 one (same weights whatever the layout)."""
+    def build(ep: int) -> nn.Module:
+        cfg = ModelConfig(hidden_size=16, num_heads=2, mlp_ratio=2,
+                          moe=MoEConfig(impl="dropless", num_experts=4, ep_size=ep))
+        return build_ffn(cfg, sparse=True)
+    torch.manual_seed(0)
+    full = build(1)
+    with torch.no_grad():
+        full.router.gate.weight.copy_(torch.eye(4, 16))
+        full.experts.w3.normal_(std=0.1)
+    if ep_size == 1:
+        return full
+    ffn = build(ep_size)
+    ffn.load_state_dict({k: rows(k, v, dist.get_rank(), ep_size) for k, v in full.state_dict().items()})
+    return ffn
+
+
+def check_skew(rank: int, world: int) -> None:
+    """Rank 0: 12 tokens, all to experts 2 and 3 (rank 1's); rank 1: 12 tokens, none real."""
+    cfg_local = small_ffn(1)
+    ep_ffn = small_ffn(world)
+    setup_expert_parallel(ep_ffn)
+    g = torch.Generator().manual_seed(7 + rank)
+    x_sd = 0.1 * torch.randn(12, 16, generator=g)
+    x_sd[torch.arange(12), torch.tensor([2, 3] * 6)] += 5.0
+    x_sd.requires_grad_(True)
+    used_s = torch.ones(12) if rank == 0 else torch.zeros(12)
+    y_sd, _, counts = ep_ffn(x_sd, used_s)
+    want_counts = [0, 0, 6, 6] if rank == 0 else [0, 0, 0, 0]
+    assert counts.tolist() == want_counts, (rank, counts)
+    (y_sd * torch.linspace(-1, 1, 16)).sum().backward()
+    x_ref = x_sd.detach().clone().requires_grad_(True)
+    y_ref, _, _ = cfg_local(x_ref, used_s)
+    (y_ref * torch.linspace(-1, 1, 16)).sum().backward()
+    torch.testing.assert_close(y_sd, y_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x_sd.grad, x_ref.grad, atol=1e-6, rtol=1e-5)
+    if rank == 1:
+        assert y_sd.abs().sum() == 0 and x_sd.grad.abs().sum() == 0  # padding: no output, no gradient
+    grads = ep_ffn.experts.w1.grad.clone()
+    if rank == 0:  # rank 0 owns experts 0 and 1: nobody routed to them, their gradient is zero (not None)
+        assert grads.abs().sum() == 0
+    else:
+        assert grads.abs().sum() > 0
+
+
+class OneMoE(nn.Module):
+    def __init__(self, ep_size: int):
+        super().__init__()
+        self.head = nn.Linear(16, 1)
+        self.moe = small_ffn(ep_size)
+
+    def forward(self, x_sd):
+        y_sd, l_aux, counts = self.moe(x_sd)
+        return self.head(y_sd).square().mean() + 0.01 * l_aux
+
+
+def engine_for(ep_size: int, stage: int):
+    torch.manual_seed(0)
+    module = OneMoE(ep_size)
+    groups = split_params_into_different_moe_groups_for_optimizer({"params": list(module.parameters()),
+                                                                   "name": "all"})
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": stage, "contiguous_gradients": True, "reduce_scatter": True},
+              "steps_per_print": 10 ** 9}
+    engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.AdamW(groups, lr=1e-2), config=config)
+    return engine
+
+
+def check_engines(rank: int, world: int, tmp: Path) -> None:
+    for stage in (1, 2):
+        trained = {}
+        for ep_size in (1, world):
+            engine = engine_for(ep_size, stage)
+            assert engine.has_moe_layers
+            for step in range(3):
+                g = torch.Generator().manual_seed(10 * step + rank)
+                x_sd = torch.randn(16, 16, generator=g)
+                x_sd[:, rank] += 3.0 * (1 + rank)  # ranks prefer different experts
+                engine.backward(engine(x_sd))
+                engine.step()
+            trained[ep_size] = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+            for name, param in engine.module.named_parameters():  # replicas got the same updates
+                if ep_size == 1 or not name.endswith(EXPERT_TENSORS):
+                    other = param.detach().clone()
+                    dist.broadcast(other, src=0)
+                    assert torch.equal(other, param.detach()), (stage, ep_size, name)
+            if ep_size == world and stage == 2:
+                engine.save_checkpoint(str(tmp), tag="ep2")
+        for key, value in trained[world].items():
+            torch.testing.assert_close(value, rows(key, trained[1][key], rank, world), atol=1e-6, rtol=1e-5,
+                                       msg=lambda m: f"stage {stage} {key}: {m}")
+        print(f"rank {rank}: ZeRO-{stage} EP={world} == EP=1 after 3 steps", flush=True)
+    dist.barrier()
+    files = sorted(p.name for p in (tmp / "ep2").iterdir() if p.name.startswith("layer_"))
+    assert files == [f"layer_0_expert_{e}_mp_rank_00_model_states.pt" for e in range(4)], files
+    engine = engine_for(1, 2)
+    engine.load_checkpoint(str(tmp), tag="ep2", load_optimizer_states=False, load_lr_scheduler_states=False)
+    for key, value in engine.module.state_dict().items():
+        torch.testing.assert_close(rows(key, value, rank, world), trained[world][key], msg=lambda m: f"{key}: {m}")
+    print(f"rank {rank}: EP=2 checkpoint loads at EP=1", flush=True)
+
+
+def main() -> None:
+    rank, world = init_dist()
+    assert world == 2
+    singletons = [dist.new_group([r]) for r in range(world)]
+    for variant in VARIANTS:
+        check_equivalence(variant, rank, world, singletons[rank])
+        print(f"rank {rank}: EP={world} == EP=1 for {variant}", flush=True)
+    check_skew(rank, world)
+    print(f"rank {rank}: skewed routing and an all-padding rank: done, equal to a local run", flush=True)
+    check_engines(rank, world, Path(sys.argv[-1]))  # the launcher puts --local_rank=N first
+    dist.barrier()
+    print(f"rank {rank}: DROPLESS_OK", flush=True)
+
+
+if __name__ == "__main__":
+    from pipeline.run.distributed import shutdown_distributed
+
+    main()
+    shutdown_distributed()
