@@ -3,13 +3,15 @@ benchmark script parses its --quick/--help options. The benchmarks themselves ar
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 
 from bench import common, rank_probe
 
 SCRIPTS = ["bench.bench_train", "bench.bench_data_loading", "bench.bench_scaling", "bench.bench_memory",
-           "bench.bench_moe_quality", "bench.peak_flops", "bench.bench_vqa_learning", "bench.bench_decoding"]
+           "bench.bench_moe_quality", "bench.peak_flops", "bench.bench_vqa_learning", "bench.bench_decoding",
+           "bench.bench_moe_layer"]
 
 
 def _row(step: int, step_time: float, samples: float, wait: float) -> dict:
@@ -48,3 +50,17 @@ def test_script_parses_quick(name):
     module = importlib.import_module(name)
     args = module.parse_args(["--quick"])
     assert args.quick
+
+
+def test_moe_layer_bench_times_dropless_and_counts_optimizer_tensors(tmp_path):
+    """bench_moe_layer on a tiny shape: both dropless columns are timed beside gshard, and the tensor count
+    per FFN grows with the experts for gshard (router + 4 per expert) but not for dropless (router + 3)."""
+    from bench import bench_moe_layer
+    bench_moe_layer.main(["--tokens", "64", "--experts", "2", "8", "--hidden", "16", "--repeats", "1",
+                          "--out", str(tmp_path)])
+    result = json.loads(next(tmp_path.glob("moe_layer_*.json")).read_text())
+    for row in result["rows"]:
+        assert row["dropless_loop_ms"] > 0 and row["ours_ms"] > 0 and row["dense_ms"] > 0
+        assert row["dropless_grouped_ms"] > 0 or not bench_moe_layer.has_grouped_mm()
+    assert [(c["gshard_tensors"], c["dropless_tensors"]) for c in result["optimizer"]["tensors"]] == [(9, 4), (33, 4)]
+    assert result["optimizer"]["adamw_experts"] == 8 and result["optimizer"]["adamw_step_ms"]["dropless_fused"] > 0
