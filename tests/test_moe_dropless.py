@@ -158,7 +158,7 @@ def test_expert_bias_updates_balance_a_skewed_router():
     ffn.tokens_per_expert.zero_()
     for _ in range(60):
         _, _, counts = ffn(x)
-        assert torch.equal(ffn.tokens_per_expert, counts.float())
+        assert torch.equal(ffn.tokens_per_expert, counts)
         ffn.apply_bias_update(ffn.tokens_per_expert.clone())
         assert ffn.tokens_per_expert.sum() == 0
     _, _, last = ffn(x)
@@ -168,6 +168,19 @@ def test_expert_bias_updates_balance_a_skewed_router():
         ffn.tokens_per_expert.zero_()
         ffn(x)
     assert ffn.tokens_per_expert.sum() == 0
+
+
+def test_a_bf16_cast_keeps_the_expert_bias_fp32_and_counts_exact():
+    ffn = ffn_of(num_experts=4, top_k=1)
+    ffn.expert_bias += torch.tensor([1e-3, 2e-3, 0.5 + 1e-3, 0.0])  # bf16 would round 0.501 to 0.5
+    want = ffn.expert_bias.clone()
+    ffn.to(torch.bfloat16)
+    assert ffn.expert_bias.dtype == torch.float32 and torch.equal(ffn.expert_bias, want)
+    assert ffn.experts.w1.dtype == torch.bfloat16 and ffn.tokens_per_expert.dtype == torch.long
+    ffn.train()
+    ffn.tokens_per_expert += 1000  # a long run's counts: exact, where bf16 would count 1000 + 1 as 1000
+    ffn(torch.randn(3, D, dtype=torch.bfloat16))
+    assert int(ffn.tokens_per_expert.sum()) == 4003
 
 
 def test_aux_and_z_loss_follow_their_formulas():

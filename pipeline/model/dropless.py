@@ -178,10 +178,19 @@ class DroplessFFN(MoEFFN):
         draw_experts(self.experts, self.num_experts, expert_parallel_rank(self.ep_size), _linear_init)
         self.shared = MLP(cfg.hidden_size, moe.shared_experts * expert_ffn, cfg.dropout) \
             if moe.shared_experts else None
-        self.register_buffer("expert_bias", torch.zeros(moe.num_experts), persistent=True)
+        self.register_buffer("expert_bias", torch.zeros(moe.num_experts), persistent=True)  # fp32 (_apply)
         # routes per expert since the last bias update (training passes only); not saved
-        self.register_buffer("tokens_per_expert", torch.zeros(moe.num_experts), persistent=False)
+        self.register_buffer("tokens_per_expert", torch.zeros(moe.num_experts, dtype=torch.long), persistent=False)
         self.kept_counts: torch.Tensor | None = None
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """Moves and casts as any module, but ``expert_bias`` stays fp32: a bf16 engine casts the module, and
+        bf16's 8-bit mantissa would swallow bias steps of 1e-3 (as DeepSpeed keeps AutoEP's bias fp32)."""
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        if self.expert_bias.dtype != torch.float32:
+            self._buffers["expert_bias"] = bias.to(self.expert_bias.device)
+        return self
 
     def forward(self, x_sd: torch.Tensor, used_s: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -199,7 +208,7 @@ class DroplessFFN(MoEFFN):
             y_td = y_td + self.shared(x_td)
         y_sd = y_td if real_t is None else x_sd.new_zeros(x_sd.shape).index_copy(0, real_t, y_td)
         if self.training and torch.is_grad_enabled() and self.balance == "bias":
-            self.tokens_per_expert += counts_e.to(self.tokens_per_expert.dtype)
+            self.tokens_per_expert += counts_e
         self.kept_counts = counts_e  # dropless: every routed token is kept
         return y_sd, self._aux_loss(logits_te, scores_te, counts_e), counts_e
 
@@ -229,7 +238,8 @@ class DroplessFFN(MoEFFN):
         the data-parallel world by the caller, so every rank applies the same update):
         bias += rate * sign(mean load - load) (arXiv 2408.15664); the counts restart."""
         if total_counts_e.sum() > 0:
-            self.expert_bias += self.bias_update_rate * torch.sign(total_counts_e.mean() - total_counts_e)
+            load_e = total_counts_e.float()
+            self.expert_bias += self.bias_update_rate * torch.sign(load_e.mean() - load_e)
         self.tokens_per_expert.zero_()
 
     def load_cv(self, counts_e: torch.Tensor) -> float:
