@@ -216,6 +216,8 @@ def test_bad_dropless_settings_are_refused_with_the_field_named(moe, message):
         MoEConfig(impl="dropless", **moe)
 
 
-def test_dropless_ep2_equals_ep1_survives_skew_and_trains_under_zero(tmp_path):
-    proc = run_deepspeed("tests.dist.moe_dropless", [str(tmp_path)], nproc=2, timeout=240)
+def test_dropless_ep2_equals_ep1_survives_skew_trains_under_zero_and_resumes_at_ep1(tmp_path):
+    proc = run_deepspeed("tests.dist.moe_dropless", ["all", str(tmp_path)], nproc=2, timeout=240)
     assert proc.stdout.count("DROPLESS_OK") == 2, proc.stdout[-3000:]
+    proc = run_deepspeed("tests.dist.moe_dropless", ["universal", str(tmp_path)], nproc=2, timeout=120)
+    assert proc.stdout.count("DROPLESS_UNIVERSAL_OK") == 2, proc.stdout[-3000:]

@@ -7,11 +7,13 @@
 3. Real DeepSpeed engines under ZeRO-1 and ZeRO-2: 3 steps at EP=2 give the same expert weights as at EP=1
    (the expert-data-parallel reduction is active: an expert's gradient is not averaged with the other
    rank's different experts) and replicated weights equal on both ranks; the engine saves one file per
-   expert, and an EP=1 engine loads that checkpoint.
-Run: deepspeed --num_gpus 2 --module tests.dist.moe_dropless <tmpdir>
+   expert, and an EP=1 engine loads that checkpoint; through DeepSpeed's universal checkpoint an EP=1 engine
+   resumes it with its optimizer state (2 more steps equal the EP=2 run's).
+Run: deepspeed --num_gpus 2 --module tests.dist.moe_dropless all <tmpdir>, then ... universal <tmpdir>
 """
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -135,16 +137,29 @@ class OneMoE(nn.Module):
         return self.head(y_sd).square().mean() + 0.01 * l_aux
 
 
-def engine_for(ep_size: int, stage: int):
+def engine_for(ep_size: int, stage: int, universal: bool = False):
     torch.manual_seed(0)
     module = OneMoE(ep_size)
     groups = split_params_into_different_moe_groups_for_optimizer({"params": list(module.parameters()),
                                                                    "name": "all"})
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": stage, "contiguous_gradients": True, "reduce_scatter": True},
-              "steps_per_print": 10 ** 9}
+              "steps_per_print": 10 ** 9, "checkpoint": {"load_universal": universal}}
     engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.AdamW(groups, lr=1e-2), config=config)
     return engine
+
+
+def train_steps(engine, rank: int, steps: range) -> None:
+    for step in steps:
+        g = torch.Generator().manual_seed(10 * step + rank)
+        x_sd = torch.randn(16, 16, generator=g)
+        x_sd[:, rank] += 3.0 * (1 + rank)  # ranks prefer different experts
+        engine.backward(engine(x_sd))
+        engine.step()
+
+
+def weights(engine) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 
 
 def check_engines(rank: int, world: int, tmp: Path) -> None:
@@ -153,13 +168,8 @@ def check_engines(rank: int, world: int, tmp: Path) -> None:
         for ep_size in (1, world):
             engine = engine_for(ep_size, stage)
             assert engine.has_moe_layers
-            for step in range(3):
-                g = torch.Generator().manual_seed(10 * step + rank)
-                x_sd = torch.randn(16, 16, generator=g)
-                x_sd[:, rank] += 3.0 * (1 + rank)  # ranks prefer different experts
-                engine.backward(engine(x_sd))
-                engine.step()
-            trained[ep_size] = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+            train_steps(engine, rank, range(3))
+            trained[ep_size] = weights(engine)
             for name, param in engine.module.named_parameters():  # replicas got the same updates
                 if ep_size == 1 or not name.endswith(EXPERT_TENSORS):
                     other = param.detach().clone()
@@ -167,6 +177,8 @@ def check_engines(rank: int, world: int, tmp: Path) -> None:
                     assert torch.equal(other, param.detach()), (stage, ep_size, name)
             if ep_size == world and stage == 2:
                 engine.save_checkpoint(str(tmp), tag="ep2")
+                train_steps(engine, rank, range(3, 5))
+                resumed_ep2 = weights(engine)
         for key, value in trained[world].items():
             torch.testing.assert_close(value, rows(key, trained[1][key], rank, world), atol=1e-6, rtol=1e-5,
                                        msg=lambda m: f"stage {stage} {key}: {m}")
@@ -179,18 +191,46 @@ def check_engines(rank: int, world: int, tmp: Path) -> None:
     for key, value in engine.module.state_dict().items():
         torch.testing.assert_close(rows(key, value, rank, world), trained[world][key], msg=lambda m: f"{key}: {m}")
     print(f"rank {rank}: EP=2 checkpoint loads at EP=1", flush=True)
+    torch.save(resumed_ep2, tmp / f"ep2_steps5_rank{rank}.pt")
+    if rank == 0:  # for check_universal_resume, run in a new launch (see main)
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(tmp / "ep2"), "--output_folder", str(tmp / "ep2_universal")], check=True,
+                       capture_output=True, timeout=120)
+    dist.barrier()
+
+
+def check_universal_resume(rank: int, world: int, tmp: Path) -> None:
+    """Resume the EP=2 ZeRO-2 checkpoint at EP=1 WITH its optimizer state through DeepSpeed's universal
+    checkpoint: 2 more steps equal the EP=2 run's; a weights-only load (fresh Adam moments) does not.
+    A process of its own: DeepSpeed slices universal expert states by the largest EP group the process has
+    ever created (``_get_universal_checkpoint_ep_info``), so this process must only know EP=1."""
+    resumed_ep2 = torch.load(tmp / f"ep2_steps5_rank{rank}.pt")
+    for universal, tag in ((True, "ep2_universal"), (False, "ep2")):
+        engine = engine_for(1, 2, universal=universal)
+        engine.load_checkpoint(str(tmp), tag=tag, load_optimizer_states=universal, load_lr_scheduler_states=False)
+        train_steps(engine, rank, range(3, 5))
+        close = all(torch.allclose(rows(k, v, rank, world), resumed_ep2[k], atol=1e-6, rtol=1e-5)
+                    for k, v in weights(engine).items())
+        assert close == universal, f"universal={universal}: EP=1 resume equal to the EP=2 run: {close}"
+    print(f"rank {rank}: EP=2 ZeRO-2 checkpoint resumes at EP=1 with optimizer state (universal)", flush=True)
 
 
 def main() -> None:
     rank, world = init_dist()
     assert world == 2
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
+    tmp = Path(args[-1])
+    if args[0] == "universal":
+        check_universal_resume(rank, world, tmp)
+        print(f"rank {rank}: DROPLESS_UNIVERSAL_OK", flush=True)
+        return
     singletons = [dist.new_group([r]) for r in range(world)]
     for variant in VARIANTS:
         check_equivalence(variant, rank, world, singletons[rank])
         print(f"rank {rank}: EP={world} == EP=1 for {variant}", flush=True)
     check_skew(rank, world)
     print(f"rank {rank}: skewed routing and an all-padding rank: done, equal to a local run", flush=True)
-    check_engines(rank, world, Path(sys.argv[-1]))  # the launcher puts --local_rank=N first
+    check_engines(rank, world, tmp)
     dist.barrier()
     print(f"rank {rank}: DROPLESS_OK", flush=True)
 
