@@ -245,7 +245,8 @@ def routing_stats(explainer: Explainer, samples: Iterator[tuple[Image.Image, str
     """Counts per MoE call, modality and kind of token: {"tokens", "experts" [E], "dropped"} (module docstring)."""
     cfg = explainer.model.model.cfg
     experts = cfg.moe.num_experts
-    stats: dict[str, Any] = {"samples": 0, "num_experts": experts, "top_k": cfg.moe.top_k, "calls": {}}
+    stats: dict[str, Any] = {"samples": 0, "num_experts": experts, "top_k": cfg.moe.top_k,
+                             "dropless": cfg.moe.impl == "dropless", "calls": {}}
     for image, text, scene in samples:
         calls, spans, info = explainer.route(image, text)
         kinds = {"image": ["image CLS"] + (["object patches" if o else "background patches" for o in

@@ -10,7 +10,8 @@ A routing picture has one column per MoE layer: the image as the model saw it wi
 colour of its expert (a solid dot of that colour at the patch centre, black = dropped over capacity), the image
 CLS and text tokens as boxes of the same colours, and a legend of token counts per expert for each MoE FFN
 (image and text FFNs have their own experts: the same colour is a different expert in each). With top-2 the
-first choice is shown.
+first choice is shown. Dropless FFNs (``moe.impl: dropless``) are recorded from their router (real tokens only:
+the FFN drops padding before routing) and drop nothing, so their pictures have no "dropped" marks.
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class MoECall:
     end: int
     expert_bn: torch.Tensor  # [B, n] long
     wanted_bn: torch.Tensor  # [B, n] long
+    dropless: bool = False  # a moe.impl dropless FFN: nothing is ever dropped
 
     @property
     def name(self) -> str:
@@ -76,18 +78,24 @@ def first_routes(output: tuple, wanted_s: torch.Tensor) -> torch.Tensor:
 
 
 class RoutingRecorder:
-    """Forward hooks on every MoE gate of a ``VLMoE`` (local or DeepSpeed experts), installed only during
-    ``run``: it returns the ``MoECall`` of each gate call of one encoder pass."""
+    """Forward hooks on every MoE gate of a ``VLMoE`` (local or DeepSpeed experts; a dropless FFN's router),
+    installed only during ``run``: it returns the ``MoECall`` of each gate call of one encoder pass."""
 
     def __init__(self, vlmoe: torch.nn.Module):
         self.vlmoe = vlmoe
         self.raw: list[tuple[int, str, torch.Tensor, torch.Tensor]] = []
         self.gates = {}
+        self.dropless: dict[tuple[int, str], torch.nn.Module] = {}  # FFNs routed by ``router`` (moe.impl dropless)
+        self._used: dict[tuple[int, str], torch.Tensor | None] = {}
         for name, ffn in vlmoe.sparse_ffns().items():
             match = re.fullmatch(r"blocks\.(\d+)\.ffn\.(\w+)", name)
             if match is None:
                 raise ValueError(f"unexpected MoE FFN name {name!r} (expected blocks.<i>.ffn.<key>)")
-            self.gates[(int(match.group(1)), match.group(2))] = ffn.deepspeed_moe.gate
+            where = (int(match.group(1)), match.group(2))
+            if hasattr(ffn, "deepspeed_moe"):
+                self.gates[where] = ffn.deepspeed_moe.gate
+            else:
+                self.gates[where], self.dropless[where] = ffn.router, ffn
 
     def _hook(self, layer: int, key: str) -> Any:
         import torch.nn.functional as F
@@ -97,13 +105,44 @@ class RoutingRecorder:
             self.raw.append((layer, key, first_routes(output, wanted_s).detach(), wanted_s))
         return hook
 
+    def _dropless_hooks(self, layer: int, key: str) -> tuple[Any, Any]:
+        """(pre-hook on the FFN: its ``used_s``; hook on its router: top-1 expert of the real tokens, scattered
+        back over the call's S tokens with ``PAD`` for padding)."""
+        import torch
+
+        def ffn_pre_hook(ffn: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            used = args[1] if len(args) > 1 else kwargs.get("used_s")
+            self._used[(layer, key)] = (args[0].shape[0], None if used is None else used.reshape(-1))
+
+        def router_hook(router: torch.nn.Module, args: tuple, output: tuple) -> None:
+            tokens, used_s = self._used[(layer, key)]
+            first_t = output[1][:, 0].detach().long()
+            expert_s = torch.full((tokens,), PAD, dtype=torch.long, device=first_t.device)
+            if used_s is None:
+                expert_s = first_t
+            else:
+                expert_s[used_s.nonzero().squeeze(1)] = first_t
+            self.raw.append((layer, key, expert_s, expert_s))
+        return ffn_pre_hook, router_hook
+
+    def _install(self) -> list[Any]:
+        handles = []
+        for (layer, key), gate in self.gates.items():
+            if (layer, key) in self.dropless:
+                pre, post = self._dropless_hooks(layer, key)
+                handles.append(self.dropless[layer, key].register_forward_pre_hook(pre, with_kwargs=True))
+                handles.append(gate.register_forward_hook(post))
+            else:
+                handles.append(gate.register_forward_hook(self._hook(layer, key)))
+        return handles
+
     def run(self, inputs: dict[str, tuple[Any, ...]]) -> tuple[list[MoECall], dict[str, tuple[int, int]]]:
         """(MoE calls in call order, modality -> span) of one pass over ``inputs`` (``VLMoE.encode``, no grad).
         Collective under expert parallelism (the MoE all-to-all): every rank runs it on same-shaped inputs."""
         import torch
 
         self.raw = []
-        handles = [gate.register_forward_hook(self._hook(layer, key)) for (layer, key), gate in self.gates.items()]
+        handles = self._install()
         try:
             with torch.no_grad():
                 out = self.vlmoe.encode(inputs)
@@ -116,7 +155,8 @@ class RoutingRecorder:
             start, end = out.spans[key] if key in out.spans else (0, valid_bn.shape[1])
             shape = (valid_bn.shape[0], end - start)
             expert_bn = torch.where(valid_bn[:, start:end], expert_s.cpu().view(shape), torch.full(shape, PAD))
-            calls.append(MoECall(layer, key, start, end, expert_bn.long(), wanted_s.cpu().view(shape).long()))
+            calls.append(MoECall(layer, key, start, end, expert_bn.long(), wanted_s.cpu().view(shape).long(),
+                                 (layer, key) in self.dropless))
         return calls, dict(out.spans)
 
 
@@ -220,7 +260,8 @@ def draw_routing(image: Image.Image, calls: list[MoECall], spans: dict[str, tupl
     legend_rows = max(len(c["calls"]) for c in columns) * 3 + 1  # title + entries (wrapped once)
     boxes_h = max(c["boxes"][-1][1] for c in columns) + box_h
     height = TITLE_H + head_h + side + 10 + boxes_h + 10 + legend_rows * 18 + MARGIN
-    subtitle = "tint and centre dot: expert of the token; black: dropped over capacity"
+    subtitle = "tint and centre dot: expert of the token" + (
+        "; dropless: no token dropped" if all(c.dropless for c in calls) else "; black: dropped over capacity")
     width = max(MARGIN + len(columns) * (col_w + MARGIN),  # the title is never cut (one column is narrow)
                 2 * MARGIN + int(max(fnt.getlength(title), small.getlength(subtitle))) + 1)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
@@ -280,8 +321,9 @@ def draw_stats(stats: dict) -> Image.Image:
     (``stats``: ``pipeline.explain.routing_stats``)."""
     fnt, small = font(12), font(11)
     experts = stats["num_experts"]
+    drops = not stats.get("dropless", False)  # a dropless model has no "dropped" column
     cell_w, cell_h, label_w, bar_h = 44, 20, 170, 90
-    heat_w = label_w + (experts + 1) * cell_w
+    heat_w = label_w + (experts + drops) * cell_w
     rows = []
     for name, entry in stats["calls"].items():
         maps_h = sum(20 + cell_h * (len(k) + 1) + 8 for k in entry["kinds"].values())
@@ -299,35 +341,38 @@ def draw_stats(stats: dict) -> Image.Image:
         my = y
         for modality, kinds in entry["kinds"].items():
             draw.text((MARGIN, my), modality, fill=(90, 90, 90), font=small)
-            heads = [f"e{e}" for e in range(experts)] + ["drop"]
+            heads = [f"e{e}" for e in range(experts)] + ["drop"] * drops
             for j, head in enumerate(heads):
                 draw.text((MARGIN + label_w + j * cell_w + 10, my), head, fill=(0, 0, 0), font=small)
             my += 20
             for kind, cell in kinds.items():
                 draw.text((MARGIN, my + 4), f"{kind} ({cell['tokens']})", fill=(0, 0, 0), font=small)
-                for j, count in enumerate(cell["experts"] + [cell["dropped"]]):
+                for j, count in enumerate(cell["experts"] + [cell["dropped"]] * drops):
                     share = count / max(cell["tokens"], 1)
                     x = MARGIN + label_w + j * cell_w
                     draw.rectangle([x, my, x + cell_w - 2, my + cell_h - 2], fill=heat_rgb(share))
                     draw.text((x + 6, my + 4), f"{share:.0%}", fill=text_colour(heat_rgb(share)), font=small)
                 my += cell_h
             my += cell_h + 8
-        draw_load(draw, entry, MARGIN + heat_w + 2 * MARGIN, y, bar_h, small)
+        draw_load(draw, entry, MARGIN + heat_w + 2 * MARGIN, y, bar_h, small, drops)
         y += h
     return canvas
 
 
-def draw_load(draw: ImageDraw.ImageDraw, entry: dict, x0: int, y0: int, bar_h: int, fnt: ImageFont.ImageFont) -> None:
-    """Bar chart: share of the call's tokens kept by each expert, then dropped (the tallest bar full height)."""
-    counts = entry["load"] + [entry["dropped"]]
+def draw_load(draw: ImageDraw.ImageDraw, entry: dict, x0: int, y0: int, bar_h: int, fnt: ImageFont.ImageFont,
+              drops: bool = True) -> None:
+    """Bar chart: share of the call's tokens kept by each expert, then dropped unless ``drops`` is False (the
+    tallest bar full height)."""
+    counts = entry["load"] + [entry["dropped"]] * drops
     total, highest = max(entry["tokens"], 1), max(max(counts), 1)
     draw.text((x0, y0), "load per expert (share of tokens)", fill=(0, 0, 0), font=fnt)
     base = y0 + 34 + bar_h  # room for the title and the tallest bar's label
     for j, count in enumerate(counts):
         x = x0 + j * 28
         top = base - int(round(bar_h * count / highest))
-        draw.rectangle([x, top, x + 20, base], fill=expert_rgb(DROPPED if j == len(counts) - 1 else j))
-        draw.text((x + 2, base + 3), "dr" if j == len(counts) - 1 else f"e{j}", fill=(0, 0, 0), font=fnt)
+        dropped = drops and j == len(counts) - 1
+        draw.rectangle([x, top, x + 20, base], fill=expert_rgb(DROPPED if dropped else j))
+        draw.text((x + 2, base + 3), "dr" if dropped else f"e{j}", fill=(0, 0, 0), font=fnt)
         draw.text((x, top - 13), f"{count / total:.0%}", fill=(0, 0, 0), font=fnt)
 
 

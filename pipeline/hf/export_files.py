@@ -93,6 +93,19 @@ def eval_figures(run: Any) -> list[tuple[str, str, float]]:
     return rows
 
 
+def moe_card_line(moe: Any) -> str:
+    """The model card's MoE line: routing and, for gshard, what capacity drops."""
+    if moe.impl == "dropless":
+        return (f"- MoE (dropless): {moe.num_experts} experts, top-{moe.top_k}, {moe.score_func} router scores, "
+                f"{moe.shared_experts} shared experts; no capacity: every real token gets its experts, padding "
+                "is never routed")
+    return (f"- MoE: {moe.num_experts} experts, top-{moe.top_k}, eval capacity factor {moe.eval_capacity_factor}, "
+            f"drop tokens {moe.drop_tokens}. A token over an expert's capacity gets no expert output; which "
+            "tokens those are follows DeepSpeed's order (top-1 with random token selection: DeepSpeed draws "
+            "them at random, so only calls where no expert overflows match it exactly). With a capacity "
+            "factor >= experts / top-k no token is dropped (`pipeline.export --eval-capacity-factor`)")
+
+
 def model_card(run: Any, tag: str, recipe: Any, config: Any) -> str:
     moe = recipe.model.moe
     heads = ", ".join(f"{name} ({spec['type']})" for name, spec in (config.heads or {}).items()) or "none"
@@ -106,11 +119,7 @@ def model_card(run: Any, tag: str, recipe: Any, config: Any) -> str:
              "## Model", "",
              f"- modalities {', '.join(recipe.model.modalities)}; hidden {recipe.model.hidden_size}, "
              f"{recipe.model.num_layers} blocks, {recipe.model.num_heads} heads",
-             f"- MoE: {moe.num_experts} experts, top-{moe.top_k}, eval capacity factor {moe.eval_capacity_factor}, "
-             f"drop tokens {moe.drop_tokens}. A token over an expert's capacity gets no expert output; which "
-             "tokens those are follows DeepSpeed's order (top-1 with random token selection: DeepSpeed draws "
-             "them at random, so only calls where no expert overflows match it exactly). With a capacity "
-             "factor >= experts / top-k no token is dropped (`pipeline.export --eval-capacity-factor`)",
+             moe_card_line(moe),
              f"- heads: {heads}",
              *[f"- labels of `{name}`: {len(labels)} (config.json `label_maps`)"
                for name, labels in (config.label_maps or {}).items()],

@@ -8,7 +8,9 @@
 Recipes reach these through ``init:`` (pipeline.model.init_recipe: checks before launch, apply at build).
 
 Upcycling (arXiv 2212.05055): every expert of an MoE FFN starts as a copy of the dense FFN it replaces
-(residual MoE: its dense branch too); routers and residual coefficients keep their fresh init. FFNs with no
+(residual MoE: its dense branch too; a dropless FFN's fused experts ``experts.w1[e] = fc1.weight``,
+``w2[e] = fc2.weight``, ``w3[e, 0] = cat(fc1.bias, fc2.bias)``, its shared experts as the dense branch);
+routers, residual coefficients and the dropless expert bias keep their fresh init. FFNs with no
 dense source of their own (text / vl / shared from a ViT) copy the first modality's FFN (image).
 With ``upcycle=False`` the experts keep their from-scratch init (each drawn independently) instead.
 Image position embeddings of another grid are interpolated (bicubic); anything else that does not fit
@@ -43,8 +45,9 @@ _VIT_TOP = {"embeddings.cls_token": "embeddings.image.cls",
             "embeddings.patch_embeddings.projection.bias": "embeddings.image.patch.bias",
             "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
 _FFN_PARAM = re.compile(r"^blocks\.(\d+)\.ffn\.([a-z_]+)\.(.+)$")
-_FRESH = re.compile(r"(deepspeed_moe\.gate\.wg\.|\.coefficient\.)")  # routers: never copied
-_EXPERT = ".deepspeed_moe.experts."
+_FRESH = re.compile(r"(deepspeed_moe\.gate\.wg\.|\.coefficient\.|\.router\.gate\.|\.expert_bias$)")  # routers
+_EXPERT = re.compile(r"\.deepspeed_moe\.experts\.|\.experts\.w[123]$")  # gshard or dropless experts
+_FUSED = re.compile(r"^(blocks\.\d+\.ffn\.[a-z_]+)\.experts\.(w[123])$")  # dropless: [E_l, ...] per FFN
 _VIT_HEADS = ("pooler.", "classifier.")  # ViTModel pooler, ViTForImageClassification head: not the encoder
 
 
@@ -103,9 +106,21 @@ def _source_key(key: str, dense: dict[str, torch.Tensor], fallback_ffn: str) -> 
     if not match:
         return key
     layer, ffn, rest = match.groups()
-    param = re.sub(r"^(deepspeed_moe\.experts\.deepspeed_experts\.\d+\.|mlp\.)", "", rest)
+    param = re.sub(r"^(deepspeed_moe\.experts\.deepspeed_experts\.\d+\.|mlp\.|shared\.)", "", rest)
     own = f"blocks.{layer}.ffn.{ffn}.{param}"
     return own if own in dense else f"blocks.{layer}.ffn.{fallback_ffn}.{param}"
+
+
+def _fused_sources(key: str, dense: dict[str, torch.Tensor], fallback_ffn: str) -> list[str] | None:
+    """Dense-state keys a dropless FFN's fused expert tensor ``key`` is built from (None: not such a key):
+    fc1.weight (w1), fc2.weight (w2), fc1.bias + fc2.bias (w3)."""
+    match = _FUSED.match(key)
+    if match is None:
+        return None
+    layer = match.group(1).split(".")[1]
+    params = {"w1": ["fc1.weight"], "w2": ["fc2.weight"], "w3": ["fc1.bias", "fc2.bias"]}[match.group(2)]
+    return [_source_key(f"blocks.{layer}.ffn.{match.group(1).rsplit('.', 1)[1]}.{param}", dense, fallback_ffn)
+            for param in params]
 
 
 @torch.no_grad()
@@ -120,8 +135,16 @@ def load_upcycled(model: nn.Module, dense: dict[str, torch.Tensor], keep_fresh: 
     problems = [f"unexpected: {k}" for k in unexpected or []]
     fresh, consumed = [], set()
     for key, param in model.state_dict().items():
+        sources = _fused_sources(key, dense, fallback)
+        if sources is not None:  # dropless: every local expert a copy of the dense FFN
+            if upcycle:
+                problems += _copy_fused(param, sources, dense, key)
+            else:
+                fresh.append(key)
+            consumed.update(sources)
+            continue
         src = _source_key(key, dense, fallback)
-        if not upcycle and _EXPERT in key:  # the dense FFN it would copy counts as used
+        if not upcycle and _EXPERT.search(key):  # the dense FFN it would copy counts as used
             fresh.append(key)
             consumed.add(src)
             continue
@@ -142,6 +165,20 @@ def load_upcycled(model: nn.Module, dense: dict[str, torch.Tensor], keep_fresh: 
     if problems:
         raise PretrainedMismatch("pretrained weights do not fit the model:\n  " + "\n  ".join(problems))
     return fresh
+
+
+def _copy_fused(param: torch.Tensor, sources: list[str], dense: dict[str, torch.Tensor], key: str) -> list[str]:
+    """Fill every expert row of fused tensor ``param`` [E_l, ...] from the dense tensors ``sources`` (w3: the
+    two biases concatenated); the problems found, one line each (nothing copied then)."""
+    missing = [src for src in sources if src not in dense]
+    if missing:
+        return [f"missing: {key} (expected source {', '.join(missing)})"]
+    value = torch.cat([dense[src] for src in sources])[None] if len(sources) > 1 else dense[sources[0]]
+    if value.shape != param.shape[1:]:
+        shapes = " + ".join(f"{src} {list(dense[src].shape)}" for src in sources)
+        return [f"shape: {key} {list(param.shape)} (one expert {list(param.shape[1:])}) <- {shapes}"]
+    param.copy_(value.to(param.dtype).expand_as(param))
+    return []
 
 
 def vit_config_problems(cfg, vit_cfg: dict) -> list[str]:

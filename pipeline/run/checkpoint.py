@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.run.checkpoint_merge import (EXPERT_KEY, MODALITY_KEY, MODALITY_TYPE, check_keys, expert_key,
-                                          modality_of, modality_rows, safe_load, state_modalities, summarize_keys)
+from pipeline.run.checkpoint_merge import (EXPERT_KEY, FUSED_EXPERT_KEY, MODALITY_KEY, MODALITY_TYPE, check_keys,
+                                          expert_key, modality_of, modality_rows, safe_load, state_modalities,
+                                          summarize_keys)
 from pipeline.run.disk_space import (CheckpointSaveError, FileWriteError, describe_write_error, engine_share_bytes,
                                  room_problem, save_torch)
 from pipeline.run.distributed import Dist, barrier, gather_objects
@@ -193,7 +194,7 @@ def load_module_weights(module: Any, init_from: str | Path) -> Path:
     for key in current:
         source = _global_expert_key(module, key)
         if source in saved:
-            state[key] = saved[source]
+            state[key] = _local_rows(module, key, saved[source])
     saved_modalities, modalities = state_modalities(saved), state_modalities(current)
     added = [m for m in modalities if m not in saved_modalities]
     if saved_modalities != modalities:
@@ -225,8 +226,34 @@ def load_module_weights(module: Any, init_from: str | Path) -> Path:
     return folder
 
 
+def _local_rows(module: Any, key: str, saved: torch.Tensor) -> torch.Tensor:
+    """The part of checkpoint tensor ``saved`` that model tensor ``key`` holds on this rank: for a dropless
+    FFN's fused experts (``...experts.w1`` [E, ...] in the merged state) rows [r*E_l, (r+1)*E_l) of EP rank
+    r; ``saved`` itself otherwise (also when E differs: the shape check names it)."""
+    match = FUSED_EXPERT_KEY.match(key)
+    if match is None:
+        return saved
+    ffn = module.get_submodule(match.group(1))
+    local, total = getattr(ffn, "num_local_experts", 0), getattr(ffn, "num_experts", 0)
+    if getattr(ffn, "ep_size", 1) == 1 or saved.shape[0] != total:
+        return saved
+    rank = _fused_ep_rank(ffn)
+    return saved[rank * local:(rank + 1) * local]
+
+
+def _fused_ep_rank(ffn: Any) -> int:
+    """This rank's index in a dropless FFN's EP group: the engine sets ``ep_rank``; before it (a module not
+    yet wrapped) DeepSpeed's groups are consecutive ranks."""
+    from pipeline.model.moe import expert_parallel_rank
+
+    if getattr(ffn, "ep_group", None) is not None:
+        return int(ffn.ep_rank)
+    return expert_parallel_rank(ffn.ep_size)
+
+
 def _global_expert_key(module: Any, key: str) -> str:
-    """``...deepspeed_experts.{local}...`` -> ``...deepspeed_experts.{global}...`` for this rank."""
+    """``...deepspeed_experts.{local}...`` -> ``...deepspeed_experts.{global}...`` for this rank (a dropless
+    FFN's fused ``...experts.w1`` keeps its name: ``_local_rows`` takes this rank's rows)."""
     match = EXPERT_KEY.match(key)
     if match is None:
         return key

@@ -4,6 +4,9 @@ DeepSpeed writes the dense weights to ``mp_rank_00_model_states.pt`` (key ``modu
 and every expert of every MoE layer to ``layer_{L}_expert_{G}_mp_rank_00_model_states.pt``, its keys
 already renamed to the **global** expert id G (``...deepspeed_experts.{G}...``). With EP=1 every expert is
 local and local id == global id, so the union of those files is exactly an EP=1 state dict.
+Dropless FFNs (``moe.impl: dropless``, DeepSpeed ``AutoEPMoELayer`` files) hold one expert each as
+``{prefix}experts.w{1,2,3}.{G}``; they are stacked in global order into the EP=1 tensors
+``{prefix}experts.w{1,2,3}`` [E, ...] (``pipeline.model.dropless``).
 ``zero_to_fp32.py`` and universal checkpoints do not handle MoE (DeepSpeed issues #4497, #5716).
 
     run, tag = RunDir.resolve("runs/demo/vqa")                  # newest complete checkpoint
@@ -28,6 +31,8 @@ DENSE_FILE = "mp_rank_00_model_states.pt"
 EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 EXPERTS = ".deepspeed_moe.experts.deepspeed_experts."  # DeepSpeed MoE layer -> its expert list
 EXPERT_KEY = re.compile(rf"^(.*){re.escape(EXPERTS)}(\d+)\.(.*)$")  # (MoE module, expert id, parameter)
+FUSED_EXPERT_FILE_KEY = re.compile(r"^(.*)\.experts\.(w[123])\.(\d+)$")  # dropless: (FFN, tensor, global id)
+FUSED_EXPERT_KEY = re.compile(r"^(.*)\.experts\.(w[123])$")  # dropless EP=1 / local tensor: (FFN, tensor)
 MODALITY_TYPE = "modality_type.weight"  # VLMoE: one row per modality, in model.modalities order
 MODALITY_KEY = re.compile(r"^(?:model\.)?(?:embeddings|blocks\.\d+\.ffn)\.(\w+)\.")  # a modality's own tensors
 EMBEDDING_KEY = re.compile(r"^(?:model\.)?embeddings\.(\w+)\.")
@@ -80,27 +85,54 @@ def safe_load(path: Path, allowed: list[type] | None = None, map_location: Any =
 
 def merge_moe_checkpoint(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     """Dense weights + every per-expert file -> one state dict with global expert ids (EP=1 names).
-    Checks that each MoE module has experts 0..E-1 with nothing missing or duplicated."""
+    Checks that each MoE module has experts 0..E-1 with nothing missing or duplicated; dropless experts
+    (``...experts.w1.{G}``) are stacked into ``...experts.w1`` [E, ...]."""
     checkpoint_dir = Path(checkpoint_dir)
     dense = safe_load(checkpoint_dir / DENSE_FILE)
     state: dict[str, torch.Tensor] = dict(dense["module"] if "module" in dense else dense)
     experts: dict[str, set[int]] = defaultdict(set)
+    fused: dict[tuple[str, str], dict[int, torch.Tensor]] = defaultdict(dict)
     files = sorted(p for p in checkpoint_dir.iterdir() if EXPERT_FILE.match(p.name))
     for path in files:
         for key, tensor in safe_load(path).items():
             m = EXPERT_KEY.match(key)
-            if m is None:
+            f = FUSED_EXPERT_FILE_KEY.match(key) if m is None else None
+            if m is None and f is None:
                 raise ValueError(f"{path}: key {key!r} is not an expert parameter")
-            if key in state:
+            if key in state or (f is not None and int(f.group(3)) in fused[f.group(1), f.group(2)]):
                 raise ValueError(f"{path}: {key!r} appears twice in the checkpoint")
+            if f is not None:
+                fused[f.group(1), f.group(2)][int(f.group(3))] = tensor
+                continue
             experts[m.group(1)].add(int(m.group(2)))
             state[key] = tensor
     for module, ids in experts.items():
         if ids != set(range(len(ids))):
             raise ValueError(f"{checkpoint_dir}: {module} has experts {sorted(ids)}, expected 0..{len(ids) - 1}")
+    state.update(stack_fused_experts(fused, checkpoint_dir))
     log.info("merged %s: %d dense tensors + %d expert files (%d MoE modules)", checkpoint_dir,
-             len(state) - sum(1 for k in state if EXPERT_KEY.match(k)), len(files), len(experts))
+             len(state) - sum(1 for k in state if EXPERT_KEY.match(k) or FUSED_EXPERT_KEY.match(k)), len(files),
+             len(experts) + len({module for module, _ in fused}))
     return state
+
+
+def stack_fused_experts(fused: dict[tuple[str, str], dict[int, torch.Tensor]], source: str | Path
+                        ) -> dict[str, torch.Tensor]:
+    """{(FFN prefix, "w1"|"w2"|"w3"): {global id: one expert's tensor}} -> {``prefix.experts.w1``: [E, ...]}.
+    ValueError when an FFN's ids are not exactly 0..E-1 or its w1/w2/w3 disagree on E."""
+    out: dict[str, torch.Tensor] = {}
+    counts: dict[str, dict[str, int]] = defaultdict(dict)
+    for (module, weight), by_id in sorted(fused.items()):
+        if set(by_id) != set(range(len(by_id))):
+            raise ValueError(f"{source}: {module}.experts.{weight} has experts {sorted(by_id)}, "
+                             f"expected 0..{len(by_id) - 1}")
+        out[f"{module}.experts.{weight}"] = torch.stack([by_id[i] for i in range(len(by_id))])
+        counts[module][weight] = len(by_id)
+    for module, per_weight in counts.items():
+        if set(per_weight) != {"w1", "w2", "w3"} or len(set(per_weight.values())) != 1:
+            raise ValueError(f"{source}: {module}: dropless expert tensors {per_weight} (expected w1, w2 and w3 "
+                             "for the same experts)")
+    return out
 
 
 def check_keys(source: str | Path, missing: list[str], unexpected: list[str], may_differ: str | None = None
