@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--capacity-factor", type=float, default=1.0, help="gshard only")
     parser.add_argument("--no-drop", action="store_true", help="gshard drop_tokens=False (capacity grows)")
     parser.add_argument("--balance", choices=["bias", "aux", "none"], default="bias", help="dropless balance")
+    parser.add_argument("--grouped-mm", nargs="+", choices=["off", "on"], default=["off", "on"],
+                        help="dropless variants to time: off = the loop, on = torch._grouped_mm")
     parser.add_argument("--stock", action="store_true", help="also time deepspeed.moe.layer.MoE as shipped")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, default=1)
@@ -159,7 +161,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             if args.stock:
                 modules["stock"] = build(args, experts, "deepspeed")
             for name, mode in DROPLESS.items():
-                if mode == "off" or grouped:
+                if mode in args.grouped_mm and (mode == "off" or grouped):
                     modules[name] = build_dropless(args, experts, mode)
             times = time_modules(modules, x, args.repeats)
             if args.profile:
@@ -167,7 +169,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             best = {name: min(values) for name, values in times.items()}
             row = {"tokens": tokens, "experts": experts,
                    "kept_fraction": kept_fraction(modules["ours"], x, args.top_k),
-                   "dropless_load_cv": load_cv(modules["dropless_loop"], x)}
+                   "dropless_load_cv": load_cv(build_dropless(args, experts, "off"), x)}
             for name in modules:
                 row[f"{name}_ms"] = 1e3 * best[name]
                 row[f"{name}_median_ms"] = 1e3 * statistics.median(times[name])
