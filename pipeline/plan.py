@@ -94,7 +94,39 @@ def activation_bytes(recipe: Any, passes: dict[str, int]) -> float:
     return float(per_layer * model_cfg.num_layers * recipe.batch.micro_batch_size)
 
 
-def make_plan(recipe: Any, engine: dict[str, Any], world_size: int) -> dict[str, Any]:
+def all_to_all_bytes(recipe: Any, passes: dict[str, int], world_size: int, ranks_per_node: int, prec: str,
+                     grad_accum: int) -> dict[str, Any] | None:
+    """Expected expert-parallel all-to-all bytes one rank sends per optimizer step (dispatch and combine, in
+    the forward and the backward), split into those to ranks of its own node and to other nodes, under
+    uniform routing; None without expert parallelism. Rows per MoE call: dropless sends one row per route
+    (K per real token, padding counted here as real: an upper bound); gshard sends its fixed [E, C, D]
+    buffers (C = capacity, about capacity_factor * K * tokens / E). EP groups are consecutive ranks
+    (DeepSpeed's layout), so an EP group spans ceil(ep / ranks_per_node) nodes."""
+    from pipeline.model.accounting import pass_modalities
+
+    model_cfg, moe = recipe.model, recipe.model.moe
+    if moe.ep_size == 1 or not model_cfg.moe_layers:
+        return None
+    per_modality = {"image": 1 + model_cfg.num_patches, "text": recipe.data.text_len,
+                    "audio": 1 + model_cfg.audio.num_patches}
+    tokens = sum(count * sum(per_modality[m] for m in modalities) for kind, count in passes.items()
+                 for modalities in [pass_modalities(model_cfg, [kind])[kind]])
+    factor = moe.top_k if moe.impl == "dropless" else moe.top_k * moe.capacity_factor
+    rows = tokens * factor * len(model_cfg.moe_layers) * recipe.batch.micro_batch_size * grad_accum
+    element = 4 if prec == "fp32" else 2
+    total = 4 * rows * model_cfg.hidden_size * element  # dispatch + combine, forward + backward
+    ep, per_node = moe.ep_size, max(1, min(ranks_per_node, world_size))
+    same_node = min(ep, per_node)  # EP peers on this rank's node, itself included
+    nodes = -(-ep // per_node)
+    limited = moe.impl == "dropless" and moe.expert_groups is not None
+    groups_per_node = max(1, moe.expert_groups // nodes) if limited else 1
+    max_nodes = min(nodes, moe.top_k, -(-moe.max_groups_per_token // groups_per_node) if limited else nodes)
+    return {"bytes_per_step": total, "to_own_node_bytes": total * (same_node - 1) / ep,
+            "to_other_nodes_bytes": total * (ep - same_node) / ep, "ep_nodes": nodes,
+            "max_nodes_per_token": max_nodes, "ranks_per_node": per_node}
+
+
+def make_plan(recipe: Any, engine: dict[str, Any], world_size: int, ranks_per_node: int = 8) -> dict[str, Any]:
     from pipeline.run.ds_config import build_ds_config, precision, zero_stage
 
     ds_config = build_ds_config(recipe, engine, world_size)
@@ -105,8 +137,11 @@ def make_plan(recipe: Any, engine: dict[str, Any], world_size: int) -> dict[str,
     offload = engine.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
     states = model_state_bytes(size.total_params - size.expert_params, size.expert_params,
                                model_cfg.moe.ep_size, world_size, stage, prec, offload)
-    acts = activation_bytes(recipe, task_passes(recipe))
+    passes = task_passes(recipe)
+    acts = activation_bytes(recipe, passes)
     train_flops = train_flops_per_sample(recipe, size)
+    comm = all_to_all_bytes(recipe, passes, world_size, ranks_per_node, prec,
+                            ds_config.get("gradient_accumulation_steps", 1))
     return {
         "task": recipe.task, "world_size": world_size, "ep_size": model_cfg.moe.ep_size, "zero_stage": stage,
         "precision": prec, "cpu_offload": offload, "moe_layers": model_cfg.moe_layers,
@@ -122,6 +157,8 @@ def make_plan(recipe: Any, engine: dict[str, Any], world_size: int) -> dict[str,
         "params_per_rank": (size.total_params - size.expert_params) + size.expert_params / model_cfg.moe.ep_size,
         "model_states_gib_per_rank": (states["dense"] + states["experts"]) / GIB,
         "activations_gib_per_rank_est": acts / GIB,
+        "moe_impl": model_cfg.moe.impl,
+        "all_to_all": comm,
     }
 
 
@@ -142,7 +179,19 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"params per rank     {m(plan['params_per_rank'])}",
         f"memory per rank     model states {plan['model_states_gib_per_rank']:.2f} GiB + activations "
         f"~{plan['activations_gib_per_rank_est']:.2f} GiB (estimate)",
+        *_format_all_to_all(plan),
     ])
+
+
+def _format_all_to_all(plan: dict[str, Any]) -> list[str]:
+    comm = plan.get("all_to_all")
+    if not comm:
+        return []
+    return [f"EP all-to-all/rank  {comm['bytes_per_step'] / 2**20:,.1f} MiB per step ({plan['moe_impl']}, uniform "
+            f"routing): {comm['to_own_node_bytes'] / 2**20:,.1f} MiB within the node, "
+            f"{comm['to_other_nodes_bytes'] / 2**20:,.1f} MiB to other nodes; an EP group spans "
+            f"{comm['ep_nodes']} node(s) of {comm['ranks_per_node']} ranks, a token's experts at most "
+            f"{comm['max_nodes_per_token']}"]
 
 
 def init_from_mismatches(model_cfg: Any, init_from: str | None) -> list[str]:
@@ -196,7 +245,7 @@ def checked_plan(recipe: Any, args: argparse.Namespace) -> dict[str, Any]:
     try:
         check_task_modalities(recipe)
         check_init_from(recipe)
-        plan = make_plan(recipe, load_engine_json(args.ds_config), args.world_size)
+        plan = make_plan(recipe, load_engine_json(args.ds_config), args.world_size, args.ranks_per_node)
     except ConfigError as exc:
         problems.append(str(exc))
     require_no_problems(problems, args.recipe)
@@ -209,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ds-config", required=True, help="engine settings JSON (ds_configs/*.json)")
     parser.add_argument("--world-size", type=int, required=True, help="total ranks (GPUs x nodes)")
     parser.add_argument("--ep-size", type=int, default=None, help="override model.moe.ep_size")
+    parser.add_argument("--ranks-per-node", type=int, default=8,
+                        help="ranks (GPUs) per node, for the all-to-all split within / across nodes (default 8)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field, e.g. --set model.num_layers=12 (repeatable)")
     parser.add_argument("--skip-input-checks", action="store_true",

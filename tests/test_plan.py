@@ -137,3 +137,37 @@ def test_activations_count_the_tokens_of_every_modality_of_a_pass():
     assert activation_bytes(recipe, {"fuse": 1}) > activation_bytes(recipe, {"audio+text": 1}) > audio > 0
     with pytest.raises(ValueError, match="unknown pass kind"):
         activation_bytes(load_recipe(REPO / "launch/recipes/text_mlm.yaml"), {"audio": 1})
+
+
+def test_all_to_all_bytes_count_the_routes_a_dropless_forward_makes_and_split_by_node():
+    """The plan's rows per step are the routes a real forward of a full (unpadded) micro-batch makes; the
+    bytes split over the node by the EP layout; a group limit bounds the nodes a token's experts span."""
+    import torch
+
+    from pipeline.model import VLMoE
+    from pipeline.model.moe import local_experts
+    from pipeline.plan import all_to_all_bytes
+    from pipeline.recipe import load_recipe
+
+    sets = ["model.hidden_size=32", "model.num_heads=2", "model.num_layers=4", "model.image_size=32",
+            "model.patch_size=8", "data.image_size=32", "model.max_text_len=8", "data.text_len=8",
+            "model.moe.impl=dropless", "model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.ep_size=4",
+            "batch.micro_batch_size=3"]
+    recipe = load_recipe(REPO / "launch/recipes/vl_pretrain.yaml", sets)
+    comm = all_to_all_bytes(recipe, {"fuse": 1}, world_size=4, ranks_per_node=8, prec="fp32", grad_accum=1)
+    rows = comm["bytes_per_step"] / (4 * 32 * 4)  # dispatch + combine, fwd + bwd; fp32
+    with local_experts():
+        model = VLMoE(recipe.model)
+    ids = torch.randint(5, 50, (3, 8))
+    model.moe_stats.reset()
+    model.fuse(torch.randn(3, 3, 32, 32), ids, torch.ones_like(ids))
+    assert rows == sum(int(c.sum()) for c in model.moe_stats.routed.values()) == 3 * (17 + 8) * 2 * 2
+    assert comm["to_other_nodes_bytes"] == 0 and comm["to_own_node_bytes"] == comm["bytes_per_step"] * 3 / 4
+    wide = load_recipe(REPO / "launch/recipes/vl_pretrain.yaml", sets + ["model.moe.ep_size=8"])
+    comm = all_to_all_bytes(wide, {"fuse": 1}, world_size=8, ranks_per_node=2, prec="bf16", grad_accum=2)
+    assert comm["ep_nodes"] == 4 and comm["max_nodes_per_token"] == 2  # top-2: at most 2 nodes
+    assert comm["to_other_nodes_bytes"] == comm["bytes_per_step"] * 6 / 8
+    limited = load_recipe(REPO / "launch/recipes/vl_pretrain.yaml", sets + [
+        "model.moe.ep_size=8", "model.moe.expert_groups=4", "model.moe.max_groups_per_token=1"])
+    comm = all_to_all_bytes(limited, {"fuse": 1}, world_size=8, ranks_per_node=2, prec="bf16", grad_accum=2)
+    assert comm["max_nodes_per_token"] == 1

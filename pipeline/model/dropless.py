@@ -156,11 +156,14 @@ class DroplessFFN(MoEFFN):
     ``balance: aux``) plus ``z_loss_coef / aux_loss_coef`` times the router z-loss, so that the trainer's
     ``aux_loss_coef`` scaling gives each its own coefficient."""
 
+    expert_parallel = False  # this class holds all E experts whatever moe.ep_size says
+
     def __init__(self, cfg: ModelConfig):
         nn.Module.__init__(self)  # not super(): DeepSpeedDroplessFFN's next base needs other arguments
         moe = cfg.moe
-        self.num_experts, self.ep_size = moe.num_experts, moe.ep_size
-        self.num_local_experts = moe.num_experts // moe.ep_size
+        # every expert on this process (exports, local_experts()), unless this is DeepSpeedDroplessFFN
+        self.num_experts, self.ep_size = moe.num_experts, moe.ep_size if self.expert_parallel else 1
+        self.num_local_experts = moe.num_experts // self.ep_size
         self.top_k, self.balance = moe.top_k, moe.balance
         self.aux_scale = moe.aux_loss_coef
         self.z_scale = moe.z_loss_coef / moe.aux_loss_coef if moe.z_loss_coef else 0.0

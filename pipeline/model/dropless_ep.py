@@ -32,6 +32,8 @@ from pipeline.model.dropless import DroplessFFN
 
 
 class DeepSpeedDroplessFFN(DroplessFFN, AutoEPMoELayer):
+    expert_parallel = True  # rows [r*E_l, (r+1)*E_l) of the experts, E_l = E / moe.ep_size
+
     def __init__(self, cfg: ModelConfig):
         DroplessFFN.__init__(self, cfg)
         self.ep_group_name = f"ep_size_{self.ep_size}"

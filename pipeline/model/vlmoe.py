@@ -103,7 +103,7 @@ class VLMoE(nn.Module):
         ep_rank = expert_parallel_rank(self.cfg.moe.ep_size)
         for ffn in self.sparse_ffns().values():
             if not isinstance(ffn, SparseFFN):  # dropless: fused [E_l, ...] tensors, same draws per expert
-                draw_experts(ffn.experts, ffn.num_experts, ep_rank,
+                draw_experts(ffn.experts, ffn.num_experts, expert_parallel_rank(ffn.ep_size),
                              lambda w: nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std))
                 continue
             local = len(ffn.experts)
