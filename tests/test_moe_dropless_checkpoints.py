@@ -24,8 +24,9 @@ D, E = 32, 4
 
 
 def tiny_cfg(**moe) -> ModelConfig:
-    return ModelConfig(hidden_size=D, num_heads=2, num_layers=4, num_fusion_layers=2, vocab_size=40, image_size=16,
-                       patch_size=8, max_text_len=8, moe=MoEConfig(**{"num_experts": E, "every": 2, "min_capacity": 1, **moe}))
+    return ModelConfig(hidden_size=D, num_heads=2, num_layers=4, num_fusion_layers=2, vocab_size=40,
+                       image_size=16, patch_size=8, max_text_len=8,
+                       moe=MoEConfig(**{"num_experts": E, "every": 2, "min_capacity": 1, **moe}))
 
 
 def build(cfg: ModelConfig, seed: int = 0):
@@ -210,3 +211,97 @@ def test_routing_recorder_draws_the_dropless_routers_top1_and_no_drops():
     assert len(set(text.expert_bn[text.expert_bn >= 0].tolist())) > 1
     picture, _ = rp.draw_routing(rp.tensor_image(inputs["pixel_values"][0]), calls, spans, ["a"] * 5, 2, "t")
     assert picture.width > 0
+    cell = {"tokens": 5, "experts": [5, 0, 0, 0], "dropped": 0}
+    stats = {"samples": 1, "num_experts": E, "dropless": True, "calls": {"layer1/image": {
+        "tokens": 5, "load": [5, 0, 0, 0], "dropped": 0, "kinds": {"image": {"patches": cell}}}}}
+    assert rp.draw_stats(stats).width < rp.draw_stats({**stats, "dropless": False}).width  # no "drop" column
+
+
+# ------------------------------------------------------------------- one EP=2 ZeRO-2 run through the launcher
+@pytest.fixture(scope="module")
+def dropless_run(tmp_path_factory, tiny_train_args):
+    """(run dir, batch, per-rank engine state and outputs): 2 steps of vl_pretrain with dropless FFNs, EP=2,
+    ZeRO-2 fp32, checkpoint at step 2; then that checkpoint loaded into the engine at EP=2 (tests/dist)."""
+    from tests.launcher import run_deepspeed
+    from tests.train_helpers import run, train_cmd
+
+    base = tmp_path_factory.mktemp("dropless_ckpt")
+    out = base / "run"
+    extra = ["--set", "model.moe.impl=dropless", "--set", "train.steps=2", "--set", "train.save_every=2",
+             "--set", "train.eval_every=0", "--set", "train.routing_images=0", "--set", "optim.lr=0.01"]
+    rc = run(train_cmd(out, tiny_train_args, extra, ds_config="ds_configs/zero2_fp32.json"), base / "log.txt")
+    assert rc == 0, (base / "log.txt").read_text()[-4000:]
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    inputs = {"pixel_values": torch.randn(4, 3, 32, 32, generator=gen),
+              "input_ids": torch.randint(5, 300, (4, 12), generator=gen), "attention_mask": mask}
+    torch.save(inputs, base / "batch.pt")
+    run_deepspeed("tests.dist.dropless_engine_state", [str(out), str(base / "batch.pt"), str(base)], timeout=180)
+    return out, inputs, [torch.load(base / f"rank{r}.pt") for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_dropless_ep2_run_merges_evaluates_exports_and_inits_at_another_ep_size(dropless_run, tmp_path):
+    from pipeline.hf import VLMoEModel
+    from pipeline.predict import main as predict
+    from pipeline.run.build import build_model, build_task, load_tokenizer
+    from pipeline.run.checkpoint import load_module_weights
+    from pipeline.run.eval_loop import load_for_eval
+    from pipeline.run.run_dir import RunDir
+    from pipeline.tasks import DistInfo
+    from tests.test_export import export_cli
+
+    run, inputs, ranks = dropless_run
+    folder = run / "checkpoints" / "step_000002"
+    assert len(list(folder.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))) == 3 * E  # 3 FFNs x 4 experts
+    merged = merge_moe_checkpoint(folder)
+    fused = sorted(k for k in merged if k.endswith(("experts.w1", "experts.w2", "experts.w3")))
+    assert len(fused) == 9 and all(merged[k].shape[0] == E for k in fused)
+    for rank, engine in enumerate(ranks):  # merge == every engine rank's weights, experts as its rows
+        assert engine["ep_size"] == [2] and engine["zero_stage"] == 2 and set(engine["ep_rank"].values()) == {rank}
+        assert set(engine["state"]) == set(merged)
+        for key, value in engine["state"].items():
+            want = merged[key][rank * 2:(rank + 1) * 2] if key in fused else merged[key]
+            assert torch.equal(value, want), f"rank {rank} {key}"
+    assert not torch.equal(merged[fused[0]][0], merged[fused[0]][2])  # the ranks' experts differ
+
+    loaded = load_for_eval(run)  # what pipeline.evaluate runs on: EP=1, one process
+    model = loaded.task.model
+    assert all(m.ep_size == 1 and m.num_local_experts == E for m in model.sparse_ffns().values())
+    got = outputs(model, inputs)
+    with torch.no_grad():
+        token_mask = model(**inputs).token_mask.bool()
+    for rank, engine in enumerate(ranks):  # EP=2 engine (all-to-all between ranks) == EP=1 in one process
+        want = {"pooled": engine["pooled"], "cls": engine["cls"], "hidden": engine["hidden"][token_mask]}
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"rank {rank} {key}")
+
+    exported = tmp_path / "export"
+    proc = export_cli("--checkpoint", run, "--output", exported)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    hf = VLMoEModel.from_pretrained(exported).eval()
+    assert json.loads((exported / "config.json").read_text())["vlmoe"]["moe"]["impl"] == "dropless"
+    assert "MoE (dropless)" in (exported / "README.md").read_text()
+    with torch.no_grad():
+        out = hf(**inputs)
+    torch.testing.assert_close(out.pooled, got["pooled"], rtol=1e-5, atol=1e-6)
+    assert predict(["--model", str(exported), "--mode", "embed", "--text", "a red circle", "--output",
+                    str(tmp_path / "emb.jsonl"), "--no-progress"]) == 0
+    row = json.loads((tmp_path / "emb.jsonl").read_text().splitlines()[0])
+    assert row and "error" not in row
+
+    # init_from: the EP=2 run into an EP=1 model, and into rank 1 of an EP=2 model (rows 2..3)
+    load_module_weights(loaded.task, run)  # strict: any missing / extra / misshapen tensor raises
+    recipe = loaded.recipe
+    ep2 = dataclasses.replace(recipe, model=dataclasses.replace(
+        recipe.model, moe=dataclasses.replace(recipe.model.moe, ep_size=2)))
+    task = build_task(ep2, load_tokenizer(recipe.data.tokenizer), DistInfo(), build_model(ep2, 7))
+    for ffn in task.model.sparse_ffns().values():
+        ffn.ep_group, ffn.ep_rank = "set by the engine", 1  # as set_deepspeed_parallelism leaves rank 1
+    assert load_module_weights(task, run) == RunDir.resolve(run)[0].checkpoint("step_000002")
+    state = task.state_dict()
+    for key in fused:
+        assert torch.equal(state[key], merged[key][2:4]), key
+    router = next(k for k in merged if k.endswith("router.gate.weight"))
+    assert torch.equal(state[router], merged[router])

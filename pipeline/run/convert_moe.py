@@ -82,13 +82,14 @@ def dropless_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     import copy
 
     recipe = copy.deepcopy(recipe)
-    moe = ((recipe.setdefault("model", {}) or {}).setdefault("moe", {})) or {}
+    model = recipe.get("model") or {}
+    moe = model.get("moe") or {}
     if moe.get("impl", "gshard") != "gshard":
         raise ConfigError(f"model.moe.impl is {moe.get('impl')!r}: only a gshard run converts to dropless")
     if moe.get("use_residual"):
         raise ConfigError("model.moe.use_residual (PR-MoE) has no dropless counterpart")
     moe["impl"] = "dropless"
-    recipe["model"]["moe"] = moe
+    model["moe"], recipe["model"] = moe, model
     return recipe
 
 
