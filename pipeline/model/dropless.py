@@ -111,10 +111,45 @@ class GroupedMLP(nn.Module):
             y_rd = torch._grouped_mm(h_rf.contiguous(), self.w2.transpose(-2, -1), offs=offs)
             y_rd = _ContiguousGrad.apply(y_rd) + b2_ed[expert_r]
         else:
-            chunks = x_rd.split(counts_e.tolist())
-            y_rd = torch.cat([F.linear(F.gelu(F.linear(chunk, self.w1[e], b1_ef[e])), self.w2[e], b2_ed[e])
-                              for e, chunk in enumerate(chunks)])
+            y_rd = _LoopExperts.apply(x_rd, self.w1, self.w2, self.w3, counts_e.tolist())
         return self.drop(y_rd)
+
+
+class _LoopExperts(torch.autograd.Function):
+    """The experts as a loop of per-expert matmuls, with a hand-written backward that writes each expert's
+    weight gradient into its rows of one [E_l, ...] buffer. Autograd through ``w1[e]`` indexing would instead
+    zero-fill and add a whole [E_l, F, D] gradient per expert (a backward quadratic in E_l: 5 s per step at 64
+    experts, BENCHMARKS). Equal to the grouped GEMM path (tests/test_moe_dropless.py)."""
+
+    @staticmethod
+    def forward(ctx, x_rd, w1, w2, w3, sizes):  # type: ignore[override]
+        ffn = w1.shape[1]
+        pre_rf = x_rd.new_empty(x_rd.shape[0], ffn)
+        y_rd = x_rd.new_empty(x_rd.shape[0], w2.shape[1])
+        for e, (x_e, pre_e, y_e) in enumerate(zip(x_rd.split(sizes), pre_rf.split(sizes), y_rd.split(sizes))):
+            torch.addmm(w3[e, 0, :ffn], x_e, w1[e].t(), out=pre_e)
+            torch.addmm(w3[e, 0, ffn:], F.gelu(pre_e), w2[e].t(), out=y_e)
+        ctx.save_for_backward(x_rd, w1, w2, pre_rf)
+        ctx.sizes = sizes
+        return y_rd
+
+    @staticmethod
+    def backward(ctx, grad_rd):  # type: ignore[override]
+        x_rd, w1, w2, pre_rf = ctx.saved_tensors
+        sizes, ffn = ctx.sizes, w1.shape[1]
+        grad_rd = grad_rd.contiguous()
+        gx_rd = torch.empty_like(x_rd)
+        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
+        gw3 = w1.new_empty(w1.shape[0], 1, ffn + w2.shape[1])
+        for e, (g_e, x_e, pre_e, gx_e) in enumerate(zip(grad_rd.split(sizes), x_rd.split(sizes),
+                                                         pre_rf.split(sizes), gx_rd.split(sizes))):
+            torch.mm(g_e.t(), F.gelu(pre_e), out=gw2[e])
+            torch.sum(g_e, 0, out=gw3[e, 0, ffn:])
+            gpre_e = torch.ops.aten.gelu_backward(g_e @ w2[e], pre_e)
+            torch.mm(gpre_e.t(), x_e, out=gw1[e])
+            torch.sum(gpre_e, 0, out=gw3[e, 0, :ffn])
+            torch.mm(gpre_e, w1[e], out=gx_e)
+        return gx_rd, gw1, gw2, gw3, None
 
 
 def draw_experts(experts: GroupedMLP, num_experts: int, ep_rank: int,
@@ -172,7 +207,7 @@ class DroplessFFN(MoEFFN):
         self.router = DroplessRouter(cfg.hidden_size, moe.num_experts, moe.top_k, moe.score_func,
                                      resolve_route_norm(moe), groups, moe.max_groups_per_token if groups else None)
         grouped = {"on": True, "off": False}.get(moe.grouped_mm, None)
-        if grouped is None:  # auto: the fused kernel on accelerators; on CPU a loop is as fast (BENCHMARKS)
+        if grouped is None:  # auto: the fused kernel on accelerators; on CPU the loop is faster (BENCHMARKS)
             grouped = has_grouped_mm() and torch.cuda.is_available()
         if grouped and not has_grouped_mm():
             raise ValueError("moe.grouped_mm: on, but this torch has no torch._grouped_mm (torch >= 2.8)")
