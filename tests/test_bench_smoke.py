@@ -64,3 +64,29 @@ def test_moe_layer_bench_times_dropless_and_counts_optimizer_tensors(tmp_path):
         assert row["dropless_grouped_ms"] > 0 or not bench_moe_layer.has_grouped_mm()
     assert [(c["gshard_tensors"], c["dropless_tensors"]) for c in result["optimizer"]["tensors"]] == [(9, 4), (33, 4)]
     assert result["optimizer"]["adamw_experts"] == 8 and result["optimizer"]["adamw_step_ms"]["dropless_fused"] > 0
+
+
+def test_moe_quality_variants_configure_the_model_they_name():
+    """Each bench_moe_quality variant, applied to the recipe, gives the MoE it is named after, and the balance
+    figures are the means over the MoE FFNs at the last log row that has them (not the final summary row)."""
+    from bench import bench_moe_quality as quality
+    from pipeline.recipe import load_recipe
+
+    want = {"dense": ("gshard", 0, None, None), "gshard_cf1": ("gshard", 2, None, 1.0),
+            "gshard_cf2": ("gshard", 2, None, 2.0), "dropless_bias": ("dropless", 2, "bias", None),
+            "dropless_aux": ("dropless", 2, "aux", None)}
+    assert set(quality.parse_args(["--quick"]).variants) == set(want)
+    for variant, (impl, every, balance, capacity) in want.items():
+        moe = load_recipe(common.VL_RECIPE, quality.variant_sets(variant, 8)).model.moe
+        assert (moe.impl, moe.every, moe.ep_size, moe.top_k) == (impl, every, 1, 1), variant
+        assert balance is None or moe.balance == balance
+        assert capacity is None or moe.capacity_factor == capacity
+        assert every == 0 or (moe.num_experts, moe.aux_loss_coef) == (8, 0.01)
+    log = [{"step": 5, "moe/layer1/image/load_cv": 9.0},
+           {"step": 10, "moe/layer1/image/load_cv": 0.5, "moe/layer1/image/dropped_frac": 0.2,
+            "moe/layer3/vl/load_cv": 1.5, "moe/layer3/vl/dropped_frac": 0.0},
+           {"step": 10, "itc_loss": 5.0}]
+    balance = quality.balance_at_last_log(log)
+    assert balance["balance_step"] == 10
+    assert balance["load_cv"] == pytest.approx(1.0) and balance["dropped_frac"] == pytest.approx(0.1)
+    assert balance["load_cv_per_ffn"] == {"layer1/image": 0.5, "layer3/vl": 1.5}
