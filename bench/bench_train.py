@@ -3,6 +3,8 @@ demo model and a larger one, through the real ``deepspeed`` launcher (2 CPU rank
 
     .venv/bin/python bench/bench_train.py                  # demo + large, fp32; demo dense in bf16 too
     .venv/bin/python bench/bench_train.py --sizes demo --experts 1 4 --bf16-experts
+    .venv/bin/python bench/bench_train.py --sizes large --experts 1 16 32 --impl gshard dropless \
+        --bf16-experts --fused-adamw-experts 1 32   # both MoE implementations; torch AdamW fused=True too
     .venv/bin/python bench/bench_train.py --quick          # smoke run: demo, few steps
 
 Each run is ``deepspeed --num_gpus 2 --module bench.rank_probe`` (= ``pipeline.train`` + a memory report)
@@ -14,8 +16,12 @@ come from the run's own ``train_log.jsonl``: step-weighted means over the steps 
   run by ``bench/peak_flops.py``: the highest of (2 concurrent single-thread processes) and (2 x one process
   alone), before and after the runs; load from other processes lowers a measured peak, so the highest is
   the conservative choice (lowest MFU).
-- MoE x dense: step time of the MoE run / the dense run of the same size and precision (dense = no MoE
-  layer: identical active parameters per token, apart from the routers).
+- MoE x dense: step time of the MoE run / the dense run of the same size, precision and optimizer (dense =
+  no MoE layer: identical active parameters per token, apart from the routers).
+- impl: ``model.moe.impl`` of the MoE runs (``--impl``: gshard = DeepSpeed's capacity MoE, one module per
+  expert; dropless = fused [E, D, F] experts); the dense baseline runs once per size and precision.
+- optim: torch AdamW as ``pipeline.run.build`` builds it, or with ``fused=True`` for the runs named by
+  ``--fused-adamw-experts`` (``bench.rank_probe`` with ``BENCH_ADAMW_FUSED=1``; bench-only).
 Prints a table; writes JSON to bench/results/train_<time>.json.
 """
 from __future__ import annotations
@@ -43,36 +49,67 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", choices=sorted(common.MODEL_SIZES), default=["demo", "large"])
     p.add_argument("--experts", nargs="+", type=int, default=[1, 4, 16], help="1 = dense baseline")
+    p.add_argument("--impl", nargs="+", choices=["gshard", "dropless"], default=["gshard"],
+                   help="MoE implementations (model.moe.impl) to run for each expert count > 1")
+    p.add_argument("--fused-adamw-experts", nargs="*", type=int, default=[],
+                   help="also run these expert counts (1 = dense; each --impl) with torch AdamW fused=True")
     p.add_argument("--precision", choices=sorted(DS_CONFIGS), default="fp32",
                    help="precision of the main runs (ds_configs/zero2_<precision>.json)")
     p.add_argument("--bf16-experts", nargs="*", type=int, default=[1],
                    help="also run the demo model in bf16 with these expert counts (none: skip)")
     p.add_argument("--nproc", type=int, default=2, help="ranks")
     p.add_argument("--measured-steps", type=int, default=None, help="override the per-size measured steps")
-    p.add_argument("--quick", action="store_true", help="smoke run: demo only, dense + 4 experts, 4 steps")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: demo only, dense + 4 experts (each --impl), 4 steps, no bf16")
     return p.parse_args(argv)
 
 
-def run_one(size: str, experts: int, precision: str, args: argparse.Namespace, captions: Path, tokenizer: Path,
-            peak_per_rank: float) -> dict[str, Any]:
+def run_plan(args: argparse.Namespace) -> list[tuple[str, int, str, str, bool]]:
+    """(size, experts, impl, precision, fused AdamW) of every run, in order: per size the dense baseline,
+    then each expert count x each impl; then the fused-AdamW repeats; then the demo bf16 runs."""
+    def grid(sizes: list[str], experts: list[int], precision: str, fused: bool) -> list:
+        out = []
+        for size in sizes:
+            for e in experts:
+                for impl in (["-"] if e <= 1 else args.impl):
+                    out.append((size, e, impl, precision, fused))
+        return out
+
+    runs = grid(args.sizes, args.experts, args.precision, False)
+    runs += grid(args.sizes, args.fused_adamw_experts, args.precision, True)
+    runs += grid(["demo"], args.bf16_experts, "bf16", False)
+    return list(dict.fromkeys(runs))
+
+
+def run_name(size: str, experts: int, impl: str, precision: str, fused: bool) -> str:
+    moe = "dense" if experts <= 1 else f"moe{experts}" + ("" if impl == "gshard" else f"_{impl}")
+    return f"{size}_{moe}_{precision}" + ("_fusedadamw" if fused else "")
+
+
+def run_one(size: str, experts: int, impl: str, precision: str, fused: bool, args: argparse.Namespace,
+            captions: Path, tokenizer: Path, peak_per_rank: float) -> dict[str, Any]:
     micro, warmup, measured = (QUICK_SCHEDULE if args.quick else SCHEDULE)[size]
     if precision == "bf16" and precision != args.precision and not args.quick:
         micro, warmup, measured = BF16_SCHEDULE
     measured = args.measured_steps or measured
     steps = warmup + measured
     log_every = warmup if measured % warmup == 0 else 1
-    model_sets = common.MODEL_SIZES[size] + common.moe_sets(experts, args.nproc)
+    model_sets = common.MODEL_SIZES[size] + common.moe_sets(experts, args.nproc, impl)
     sets = (common.data_sets(captions, tokenizer) + model_sets
             + [f"batch.micro_batch_size={micro}", f"train.steps={steps}", f"train.log_every={log_every}",
                "train.save_every=0", "train.eval_every=0", "schedule.warmup_steps=2",
                f"train.peak_tflops={peak_per_rank:.6f}"])
     ds_config = DS_CONFIGS[precision]
     plan = common.plan(model_sets + [f"batch.micro_batch_size={micro}"], args.nproc, ds_config)
-    name = f"{size}_{'dense' if experts <= 1 else f'moe{experts}'}_{precision}"
-    run = common.run_training(common.BENCH_RUNS / "train" / name, sets, args.nproc, ds_config)
+    name = run_name(size, experts, impl, precision, fused)
+    run = common.run_training(common.BENCH_RUNS / "train" / name, sets, args.nproc, ds_config,
+                              env={"BENCH_ADAMW_FUSED": "1" if fused else "0"})
+    if fused and not all(p.get("adamw_fused") for p in run["probe"]):
+        raise RuntimeError(f"{name}: the ranks did not switch to fused AdamW")
     window = common.measured_window(run["log"], warmup)
     mfu = window["samples_per_s"] * plan["train_flops_per_sample"] / (peak_per_rank * 1e12 * args.nproc)
-    return {"name": name, "size": size, "experts": experts, "precision": precision, "micro_batch": micro,
+    return {"name": name, "size": size, "experts": experts, "impl": impl, "precision": precision,
+            "adamw_fused": fused, "micro_batch": micro,
             "warmup_steps": warmup, **window, "mfu": mfu, "plan": plan, "command": run["command"],
             "phases": common.phase_means(run["probe"], warmup), "wall_s": run["wall_s"], "probe": run["probe"],
             "load_average": run["load_average"]}
@@ -89,11 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     per_rank = {d: peaks_before[d]["total"] / args.nproc for d in dtypes}
     print(f"measured matmul peak per rank (TFLOP/s, {args.nproc} concurrent): "
           + ", ".join(f"{d} {v:.3f}" for d, v in per_rank.items()) + f"; {common.load_line()}", flush=True)
-    plan_runs = [(s, e, args.precision) for s in args.sizes for e in args.experts]
-    plan_runs += [("demo", e, "bf16") for e in args.bf16_experts]
     rows = []
-    for size_name, experts, precision in plan_runs:
-        rows.append(run_one(size_name, experts, precision, args, captions, tokenizer, per_rank[precision]))
+    for size_name, experts, impl, precision, fused in run_plan(args):
+        rows.append(run_one(size_name, experts, impl, precision, fused, args, captions, tokenizer,
+                            per_rank[precision]))
         r = rows[-1]
         print(f"  {r['name']}: {r['step_time_s']:.3f} s/step, {r['samples_per_s']:.2f} samples/s, "
               f"MFU {r['mfu']:.1%} ({common.load_line()})", flush=True)
@@ -105,14 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["mfu"] = r["samples_per_s"] * r["plan"]["train_flops_per_sample"] / (best[r["precision"]] * 1e12)
         dense = next((d for d in rows if d["size"] == r["size"] and d["precision"] == r["precision"]
-                      and d["experts"] <= 1), None)
+                      and d["experts"] <= 1 and d["adamw_fused"] == r["adamw_fused"]), None)
         r["step_vs_dense"] = r["step_time_s"] / dense["step_time_s"] if dense else None
     print(f"\nvl_pretrain, {args.nproc} ranks, ZeRO-2, MoE top-1 every 2nd block (EP={args.nproc}); "
           f"peak (2 ranks) " + ", ".join(f"{d} {best[d]:.3f} TFLOP/s" for d in dtypes) + f"; {common.load_line()}")
     table = common.print_table(
-        ["model", "experts", "prec", "params total/active", "GFLOP/sample", "micro", "s/step", "samples/s",
-         "tokens/s", "MFU", "MoE x dense", "fwd/bwd/opt s", "data wait"],
-        [[r["size"], r["experts"] if r["experts"] > 1 else "dense", r["precision"],
+        ["model", "experts", "impl", "optim", "prec", "params total/active", "GFLOP/sample", "micro", "s/step",
+         "samples/s", "tokens/s", "MFU", "MoE x dense", "fwd/bwd/opt s", "data wait"],
+        [[r["size"], r["experts"] if r["experts"] > 1 else "dense", r["impl"],
+          "AdamW fused" if r["adamw_fused"] else "AdamW", r["precision"],
           f"{r['plan']['total_params'] / 1e6:.1f}M/{r['plan']['active_params_per_token'] / 1e6:.1f}M",
           r["plan"]["train_flops_per_sample"] / 1e9, r["micro_batch"], r["step_time_s"], r["samples_per_s"],
           r["tokens_per_s"], f"{r['mfu']:.1%}", f"{r['step_vs_dense']:.2f}x" if r["step_vs_dense"] else "-",

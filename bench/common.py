@@ -32,13 +32,13 @@ MODEL_SIZES: dict[str, list[str]] = {
 }
 
 
-def moe_sets(experts: int, ep_size: int) -> list[str]:
+def moe_sets(experts: int, ep_size: int, impl: str = "gshard") -> list[str]:
     """``--set`` args: dense baseline (experts <= 1: no MoE layer, same active parameters) or top-1 MoE
-    with ``experts`` experts in every other block."""
+    with ``experts`` experts in every other block, implementation ``impl`` (``model.moe.impl``)."""
     if experts <= 1:
         return ["model.moe.every=0", "model.moe.num_experts=1", "model.moe.ep_size=1"]
     return ["model.moe.every=2", f"model.moe.num_experts={experts}", "model.moe.top_k=1",
-            f"model.moe.ep_size={ep_size}"]
+            f"model.moe.ep_size={ep_size}", f"model.moe.impl={impl}"]
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -106,8 +106,9 @@ def shell_line(cmd: list[str]) -> str:
 
 
 def run_training(run_dir: Path, sets: list[str], nproc: int = 2, ds_config: str = "ds_configs/zero2_bf16.json",
-                 timeout: float = 900, recipe: str = VL_RECIPE) -> dict[str, Any]:
-    """Launch one ``pipeline.train`` run (fresh ``run_dir``); returns wall time, log rows, probe reports."""
+                 timeout: float = 900, recipe: str = VL_RECIPE, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Launch one ``pipeline.train`` run (fresh ``run_dir``); returns wall time, log rows, probe reports.
+    ``env``: extra environment variables for the launcher and its ranks (e.g. ``bench.rank_probe`` switches)."""
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -117,8 +118,8 @@ def run_training(run_dir: Path, sets: list[str], nproc: int = 2, ds_config: str 
     start = time.perf_counter()
     try:
         with (run_dir / "launcher.log").open("w") as log:
-            proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout)
+            proc = subprocess.run(cmd, cwd=REPO, env={**launcher_env(), **(env or {})}, stdout=log,
+                                  stderr=subprocess.STDOUT, timeout=timeout)
     finally:
         remove_shm_buffers(port)
     wall = time.perf_counter() - start

@@ -16,6 +16,7 @@ are not included):
   (shared memory, e.g. DeepSpeed's CPU SHM all-reduce workspace) when the final checkpoint starts.
 - ``phase_s``: wall seconds of every engine ``forward``, ``backward`` and ``step`` call on this rank, in
   order (one entry per micro-step), to split step time; timing adds two clock reads per call.
+- ``adamw_fused``: ``BENCH_ADAMW_FUSED=1`` made ``torch.optim.AdamW`` build with ``fused=True`` in this rank.
 """
 from __future__ import annotations
 
@@ -67,6 +68,19 @@ def time_engine_phases(phases: dict[str, list[float]]) -> None:
         setattr(DeepSpeedEngine, name, timed)
 
 
+def use_fused_adamw() -> None:
+    """Make ``torch.optim.AdamW`` (what ``pipeline.run.build.build_optimizer`` calls) build ``fused=True``:
+    a bench-only switch (env ``BENCH_ADAMW_FUSED=1``) to time the fused kernel without changing the pipeline."""
+    import torch
+
+    class FusedAdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("fused", True)
+            super().__init__(*args, **kwargs)
+
+    torch.optim.AdamW = FusedAdamW
+
+
 def output_dir(argv: list[str]) -> Path | None:
     for i, arg in enumerate(argv):
         if arg == "--output-dir" and i + 1 < len(argv):
@@ -99,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "step": []}
     time_engine_phases(phases)
     report["phase_s"] = phases
+    report["adamw_fused"] = os.environ.get("BENCH_ADAMW_FUSED") == "1"
+    if report["adamw_fused"]:
+        use_fused_adamw()
     rc = train.main(argv)
     report.update(peak=status_bytes()["VmHWM"], rss_at_exit=status_bytes()["VmRSS"],
                   rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),

@@ -39,6 +39,39 @@ def test_moe_sets_dense_has_no_moe_layer():
     assert "model.moe.ep_size=2" in common.moe_sets(16, 2)
 
 
+def test_train_bench_runs_dense_once_and_each_impl_per_expert_count():
+    """bench_train --impl: one dense baseline per size, each MoE count x each impl (model.moe.impl in its
+    --set args), fused-AdamW repeats after, distinct run folders; the default stays gshard only."""
+    from bench import bench_train
+    args = bench_train.parse_args(["--sizes", "large", "--experts", "1", "16", "--impl", "gshard", "dropless",
+                                   "--bf16-experts", "--fused-adamw-experts", "1", "16"])
+    runs = bench_train.run_plan(args)
+    assert runs == [("large", 1, "-", "fp32", False), ("large", 16, "gshard", "fp32", False),
+                    ("large", 16, "dropless", "fp32", False), ("large", 1, "-", "fp32", True),
+                    ("large", 16, "gshard", "fp32", True), ("large", 16, "dropless", "fp32", True)]
+    assert len({bench_train.run_name(*r) for r in runs}) == len(runs)
+    assert bench_train.run_name("large", 16, "gshard", "fp32", False) == "large_moe16_fp32"  # as before
+    assert "model.moe.impl=dropless" in common.moe_sets(16, 2, "dropless")
+    assert not any("impl" in s for s in common.moe_sets(1, 2, "dropless"))
+    default = bench_train.run_plan(bench_train.parse_args(["--sizes", "demo", "--bf16-experts"]))
+    assert {impl for _, e, impl, _, _ in default if e > 1} == {"gshard"}
+
+
+def test_probe_fused_adamw_switch(monkeypatch):
+    """BENCH_ADAMW_FUSED's patch: torch.optim.AdamW (as build_optimizer calls it) builds fused=True and is
+    still an AdamW (DeepSpeed's isinstance checks)."""
+    import torch
+    original = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", original)  # restored after the test
+    rank_probe.use_fused_adamw()
+    weight = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.AdamW([weight], lr=0.1)
+    assert opt.defaults["fused"] is True and isinstance(opt, original)
+    weight.grad = torch.ones(4)
+    opt.step()
+    assert torch.all(weight < 1)
+
+
 def test_probe_reads_own_memory():
     status = rank_probe.status_bytes()
     assert status["VmHWM"] >= status["VmRSS"] > 10 * 2**20
