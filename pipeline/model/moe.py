@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import importlib
 import logging
 from typing import Iterator
 
@@ -66,14 +67,18 @@ def expert_parallel_rank(ep_size: int) -> int:
 def sparse_ffn_class() -> type[SparseFFN]:
     """What ``SparseFFN(cfg)`` builds here: local experts inside ``local_experts()`` or without DeepSpeed,
     else DeepSpeed's MoE."""
+    return _local_or_deepspeed(LocalSparseFFN, "pipeline.model.dispatch", "DeepSpeedSparseFFN")
+
+
+def _local_or_deepspeed(local: type, module: str, name: str) -> type:
+    """``local`` inside ``local_experts()`` or when deepspeed cannot be imported, else ``module.name``."""
     if _LOCAL_EXPERTS.get():
-        return LocalSparseFFN
+        return local
     try:
-        from pipeline.model.dispatch import DeepSpeedSparseFFN
+        return getattr(importlib.import_module(module), name)
     except ImportError as exc:
         log.info("deepspeed not importable (%s): MoE FFNs run their experts locally", exc)
-        return LocalSparseFFN
-    return DeepSpeedSparseFFN
+        return local
 
 
 class MoEFFN(nn.Module):
@@ -86,9 +91,9 @@ class MoEFFN(nn.Module):
 
 
 class SparseFFN(MoEFFN):
-    """The GShard MoE FFN (``moe.impl: gshard``): ``forward(x_sd, used_s) -> (y_sd, l_aux, routed_e)``; ``deepspeed_moe.gate`` holds the
-    router ``wg`` and its settings, ``experts`` the local experts. ``SparseFFN(cfg)`` builds the subclass
-    ``sparse_ffn_class()`` names; subclasses are built directly.
+    """The GShard MoE FFN (``moe.impl: gshard``): ``forward(x_sd, used_s) -> (y_sd, l_aux, routed_e)``;
+    ``deepspeed_moe.gate`` holds the router ``wg`` and its settings, ``experts`` the local experts.
+    ``SparseFFN(cfg)`` builds the subclass ``sparse_ffn_class()`` names; subclasses are built directly.
 
     ``used_s`` (0/1 per token) keeps padding out of expert capacity with top-1; top-2 routes padding like
     any token (as DeepSpeed's top-2 gate). Every call must carry >= ``min_capacity`` tokens.
@@ -259,14 +264,7 @@ def dropless_ffn_class() -> type[MoEFFN]:
     """The dropless FFN class to build here: every expert local inside ``local_experts()`` or without
     DeepSpeed, else the expert-parallel one DeepSpeed's engine handles."""
     from pipeline.model.dropless import DroplessFFN
-    if _LOCAL_EXPERTS.get():
-        return DroplessFFN
-    try:
-        from pipeline.model.dropless_ep import DeepSpeedDroplessFFN
-    except ImportError as exc:
-        log.info("deepspeed not importable (%s): MoE FFNs run their experts locally", exc)
-        return DroplessFFN
-    return DeepSpeedDroplessFFN
+    return _local_or_deepspeed(DroplessFFN, "pipeline.model.dropless_ep", "DeepSpeedDroplessFFN")
 
 
 def run_ffn(ffn: nn.Module, x_sd: torch.Tensor, used_s: torch.Tensor | None, pad_to_capacity: bool = False

@@ -43,3 +43,31 @@ def batch(b: int, seed: int, real_lengths: list[int]) -> dict[str, torch.Tensor]
     ids = torch.where(mask.bool(), ids, torch.zeros_like(ids))
     ids[:, 0] = torch.where(mask[:, 0].bool(), 2, 0)
     return {"pixel_values": torch.randn(b, 3, 16, 16, generator=g), "input_ids": ids, "attention_mask": mask}
+
+
+def engine_of_run(run_dir: str):
+    """(engine in eval mode, its dist info): a run's task rebuilt with its own EP size and engine config (the
+    checkpoint's ``ds_config.json``: ZeRO stage and all), its newest complete checkpoint loaded into the engine."""
+    import json
+
+    from pipeline.recipe import load_recipe
+    from pipeline.run.build import build_engine, build_model, build_task, load_tokenizer
+    from pipeline.run.checkpoint import weights_only_loads
+    from pipeline.run.distributed import init_distributed
+    from pipeline.run.run_dir import RunDir
+    from pipeline.tasks import DistInfo
+
+    enable_stack_dumps()
+    torch.set_num_threads(1)
+    dist = init_distributed()
+    run, tag = RunDir.resolve(run_dir)
+    recipe = load_recipe(run.saved_recipe(run_dir), ["init_from=null", "init={}"])  # its EP size stays
+    task = build_task(recipe, load_tokenizer(recipe.data.tokenizer), DistInfo(dist.rank, dist.world_size),
+                      build_model(recipe, recipe.train.seed))
+    engine, _ = build_engine(task, recipe, json.loads(run.ds_config_of(tag).read_text()))
+    weights_only_loads(engine)
+    loaded, _ = engine.load_checkpoint(str(run.checkpoints), tag=tag, load_optimizer_states=False,
+                                       load_lr_scheduler_states=False)
+    assert loaded is not None, f"DeepSpeed could not load {run.checkpoint(tag)}"
+    engine.eval()
+    return engine, dist

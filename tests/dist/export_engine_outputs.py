@@ -9,34 +9,17 @@ the same batch in eval mode to OUT_DIR/rank{R}.pt: pooled, cls, hidden, the VQA 
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from pipeline.recipe import load_recipe
-from pipeline.run.build import build_engine, build_model, build_task, load_tokenizer
-from pipeline.run.checkpoint import weights_only_loads
-from pipeline.run.distributed import enable_stack_dumps, init_distributed, shutdown_distributed
-from pipeline.run.run_dir import RunDir
-from pipeline.tasks import DistInfo
+from pipeline.run.distributed import shutdown_distributed
+from tests.dist.common import engine_of_run
 
 
 def main(run_dir: str, batch_path: str, out_dir: str) -> None:
-    enable_stack_dumps()
-    torch.set_num_threads(1)
-    dist = init_distributed()
-    run, tag = RunDir.resolve(run_dir)
-    recipe = load_recipe(run.saved_recipe(run_dir), ["init_from=null", "init={}"])  # its EP size stays
-    task = build_task(recipe, load_tokenizer(recipe.data.tokenizer), DistInfo(dist.rank, dist.world_size),
-                      build_model(recipe, recipe.train.seed))
-    engine, _ = build_engine(task, recipe, json.loads(run.ds_config_of(tag).read_text()))
-    weights_only_loads(engine)
-    loaded, _ = engine.load_checkpoint(str(run.checkpoints), tag=tag, load_optimizer_states=False,
-                                       load_lr_scheduler_states=False)
-    assert loaded is not None, f"DeepSpeed could not load {run.checkpoint(tag)}"
-    engine.eval()
+    engine, dist = engine_of_run(run_dir)
     batch = torch.load(batch_path)
     module = engine.module
     with torch.no_grad():
