@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_memory.py                      # demo recipe (MoE 4 experts, EP 2), fp32
     .venv/bin/python bench/bench_memory.py --size large --precision bf16 --stages 1 2
     .venv/bin/python bench/bench_memory.py --quick
+    .venv/bin/python bench/bench_memory.py --impl dropless      # model.moe.impl of the MoE layers (default gshard)
 
 Each run: ``deepspeed --num_gpus 2 --module bench.rank_probe`` (= ``pipeline.train``, unchanged) with
 ``launch/recipes/vl_pretrain.yaml`` + ``ds_configs/zero{S}_{precision}.json`` on the cached synth corpus,
@@ -43,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--size", choices=sorted(common.MODEL_SIZES), default="demo")
     p.add_argument("--experts", type=int, default=4, help="experts per MoE layer, EP 2 (1 = dense)")
+    p.add_argument("--impl", choices=["gshard", "dropless"], default="gshard", help="model.moe.impl of the MoE layers")
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per run")
     p.add_argument("--split", action="store_true",
@@ -67,7 +69,7 @@ def measure_stage(stage: int, args: argparse.Namespace, model_sets: list[str], c
     sets = common.data_sets(captions, tokenizer) + model_sets + [
         f"train.steps={args.steps}", "train.log_every=1", "train.save_every=0", "train.eval_every=0",
         "schedule.warmup_steps=1", "train.peak_tflops=1.0"]
-    run = common.run_training(common.BENCH_RUNS / "memory" / f"zero{stage}{suffix}", sets, 2, ds_config)
+    run = common.run_training(common.BENCH_RUNS / "memory" / f"zero{stage}_{args.impl}{suffix}", sets, 2, ds_config)
     rows = []
     for probe in run["probe"]:
         peak = probe.get("peak_before_save", probe["peak"])
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.stages, args.steps, args.micro_batch = [2], 1, 4
     captions, tokenizer = common.ensure_synth()
-    model_sets = (common.MODEL_SIZES[args.size] + common.moe_sets(args.experts, 2)
+    impl = [f"model.moe.impl={args.impl}"] if args.experts > 1 else []
+    model_sets = (common.MODEL_SIZES[args.size] + common.moe_sets(args.experts, 2) + impl
                   + [f"batch.micro_batch_size={args.micro_batch}"])
     rows = []
     for stage in args.stages:
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         split = {"stage": stage, "per_sample_measured": per_sample,
                  "per_sample_predicted": full[0]["activations_gib"] * GIB / args.micro_batch,
                  "fixed_measured": fixed, "model_states_predicted": full[0]["model_states_gib"] * GIB}
-    model = "dense" if args.experts <= 1 else f"MoE {args.experts} experts EP 2"
+    model = "dense" if args.experts <= 1 else f"MoE {args.experts} experts EP 2, {args.impl}"
     print(f"\nvl_pretrain {args.size} ({model}), {args.precision}, 2 ranks, micro-batch {args.micro_batch}, "
           f"{args.steps} steps; GiB per rank; measured = peak RSS - baseline; {common.load_line()}")
     table = common.print_table(

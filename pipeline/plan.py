@@ -6,10 +6,14 @@ shapes differ from those of its ``init_from`` checkpoint, and the run's inputs: 
         --world-size 8 [--ep-size 4] [--set model.num_layers=12 ...] [--json]
 
 Exit status 2 with the reasons on stderr when the settings are impossible or an input is unusable
-(``--skip-input-checks`` sizes a config whose data is not on this machine). Memory figures are estimates:
-model states via DeepSpeed's ZeRO-2 estimator formula (dense params partitioned over all ranks, expert
-params over their expert-data-parallel group), activations via 34*N*D + 5*heads*N^2 bytes per layer per
-sample and model pass (Korthikanti et al. 2022, half precision, no recomputation).
+(``--skip-input-checks`` sizes a config whose data is not on this machine). Memory per rank is an estimate
+for the device the ranks run on (``--device auto|cpu|cuda``; auto: cuda when torch sees a GPU): model states
+(dense params partitioned over the data-parallel ranks = all ranks, expert params over their
+expert-data-parallel group = world / ep) + activations, 34*N*D + 5*heads*N^2 bytes per layer per sample and
+model pass (Korthikanti et al. 2022, 16-bit, no recomputation). CUDA: DeepSpeed's ZeRO estimator formula
+(accelerator memory). CPU (host memory, peak resident set): bytes per parameter measured on CPU ranks
+(``CPU_STATE_BYTES``, bench/bench_state_bytes.py), activations x ``CPU_ACTIVATION_FACTOR`` and a fixed
+``CPU_RANK_OVERHEAD_BYTES`` (bench/bench_memory.py).
 """
 from __future__ import annotations
 
@@ -25,6 +29,20 @@ from pipeline.config_utils import ConfigError
 
 GIB = 1024**3
 TRAIN_FLOPS_PER_FORWARD = 3.0  # forward + backward (twice the forward's matmuls)
+# Model-state bytes per parameter on a CPU rank, a + b / dp, by (precision, ZeRO stage); dp = the ranks the
+# parameter is partitioned over. Measured by bench/bench_state_bytes.py (peak resident set - baseline; torch
+# AdamW, DeepSpeed 0.19.8, gloo; BENCHMARKS.md "Memory per rank vs pipeline.plan"): on CPU the model is built
+# in host memory and DeepSpeed flattens it into a second buffer, so the build, the flat copies, gradients,
+# Adam m and v and AdamW's step temporaries all count. fp16 uses the bf16 row.
+CPU_STATE_BYTES: dict[tuple[str, int], tuple[float, float]] = {
+    ("fp32", 0): (24.0, 0.0), ("fp32", 1): (16.8, 17.0), ("fp32", 2): (14.6, 19.2),
+    ("bf16", 0): (26.7, 0.0), ("bf16", 1): (13.1, 23.6), ("bf16", 2): (7.7, 28.0),
+}
+# CPU ranks (bench/bench_memory.py, demo recipe ZeRO-2 fp32 at micro-batch 16 vs 1): activations measure 3x
+# the 16-bit transformer-layer estimate per sample (fp32 elements, and the conv stem and heads it leaves out),
+# and the fixed part is 0.2 GiB above the model states (allocator, autograd and communication buffers).
+CPU_ACTIVATION_FACTOR = 3.0
+CPU_RANK_OVERHEAD_BYTES = int(0.2 * GIB)
 
 
 def task_passes(recipe: Any) -> dict[str, int]:
@@ -55,11 +73,29 @@ def dense_baseline(model_cfg: Any) -> Any:
     return dataclasses.replace(model_cfg, moe=moe)
 
 
+def resolve_device(device: str) -> str:
+    """"cpu" or "cuda" for ``device`` ("auto": cuda when torch sees a GPU)."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: expected auto, cpu or cuda")
+    return device
+
+
 def model_state_bytes(dense: int, experts: int, ep_size: int, world: int, stage: int, prec: str,
-                      offload: bool) -> dict[str, float]:
-    """Bytes per rank of weights, gradients and optimizer states (AdamW, mixed precision = fp32 master)."""
+                      offload: bool, device: str = "cuda") -> dict[str, float]:
+    """Bytes per rank of weights, gradients and optimizer states (AdamW, mixed precision = fp32 master), dense
+    params over the ``world`` data-parallel ranks, ``experts`` (all experts' params) as ``experts / ep_size``
+    per rank over their ``world // ep_size`` expert-data-parallel ranks. ``device`` "cuda": accelerator memory
+    by DeepSpeed's estimator; "cpu": host memory by the measured ``CPU_STATE_BYTES`` (offload changes nothing
+    there: the optimizer states are in host memory either way)."""
 
     def per_rank(params: float, dp: int) -> float:
+        if device == "cpu":
+            a, b = CPU_STATE_BYTES[("fp32" if prec == "fp32" else "bf16", stage)]
+            return params * (a + b / dp)
         if stage == 2 and prec != "fp32":  # the accelerator-memory figure of DeepSpeed's own estimator,
             # deepspeed/runtime/zero/stage_1_and_2.py estimate_zero2_model_states_mem_needs (0.19.8): 2 bytes
             # of 16-bit weights, plus 16-bit grads, fp32 grads, master weights, Adam m and v (2+4+4+8) / dp
@@ -126,7 +162,8 @@ def all_to_all_bytes(recipe: Any, passes: dict[str, int], world_size: int, ranks
             "max_nodes_per_token": max_nodes, "ranks_per_node": per_node}
 
 
-def make_plan(recipe: Any, engine: dict[str, Any], world_size: int, ranks_per_node: int = 8) -> dict[str, Any]:
+def make_plan(recipe: Any, engine: dict[str, Any], world_size: int, ranks_per_node: int = 8,
+              device: str = "auto") -> dict[str, Any]:
     from pipeline.run.ds_config import build_ds_config, precision, zero_stage
 
     ds_config = build_ds_config(recipe, engine, world_size)
@@ -135,10 +172,14 @@ def make_plan(recipe: Any, engine: dict[str, Any], world_size: int, ranks_per_no
     dense = size_of(recipe, dense_baseline(model_cfg))
     stage, prec = zero_stage(engine), precision(engine)
     offload = engine.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+    device = resolve_device(device)
     states = model_state_bytes(size.total_params - size.expert_params, size.expert_params,
-                               model_cfg.moe.ep_size, world_size, stage, prec, offload)
+                               model_cfg.moe.ep_size, world_size, stage, prec, offload, device)
     passes = task_passes(recipe)
     acts = activation_bytes(recipe, passes)
+    if device == "cpu":
+        acts *= CPU_ACTIVATION_FACTOR
+    overhead = CPU_RANK_OVERHEAD_BYTES if device == "cpu" else 0
     train_flops = train_flops_per_sample(recipe, size)
     comm = all_to_all_bytes(recipe, passes, world_size, ranks_per_node, prec,
                             ds_config.get("gradient_accumulation_steps", 1))
@@ -155,8 +196,11 @@ def make_plan(recipe: Any, engine: dict[str, Any], world_size: int, ranks_per_no
         "train_flops_per_sample": train_flops,
         "train_flops_per_step": train_flops * ds_config["train_batch_size"],
         "params_per_rank": (size.total_params - size.expert_params) + size.expert_params / model_cfg.moe.ep_size,
+        "device": device,
         "model_states_gib_per_rank": (states["dense"] + states["experts"]) / GIB,
         "activations_gib_per_rank_est": acts / GIB,
+        "runtime_overhead_gib_per_rank": overhead / GIB,
+        "memory_per_rank_bytes": int(states["dense"] + states["experts"] + acts + overhead),
         "moe_impl": model_cfg.moe.impl,
         "all_to_all": comm,
     }
@@ -177,8 +221,10 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"train FLOPs/sample  {plan['train_flops_per_sample'] / 1e9:,.2f} GFLOP "
         f"({plan['train_flops_per_step'] / 1e12:,.2f} TFLOP per step)",
         f"params per rank     {m(plan['params_per_rank'])}",
-        f"memory per rank     model states {plan['model_states_gib_per_rank']:.2f} GiB + activations "
-        f"~{plan['activations_gib_per_rank_est']:.2f} GiB (estimate)",
+        f"memory per rank     {plan['memory_per_rank_bytes'] / GIB:.2f} GiB on {plan['device']} (estimate): model "
+        f"states {plan['model_states_gib_per_rank']:.2f} GiB + activations {plan['activations_gib_per_rank_est']:.2f}"
+        f" GiB" + (f" + runtime {plan['runtime_overhead_gib_per_rank']:.2f} GiB"
+                   if plan["runtime_overhead_gib_per_rank"] else ""),
         *_format_all_to_all(plan),
     ])
 
@@ -245,7 +291,8 @@ def checked_plan(recipe: Any, args: argparse.Namespace) -> dict[str, Any]:
     try:
         check_task_modalities(recipe)
         check_init_from(recipe)
-        plan = make_plan(recipe, load_engine_json(args.ds_config), args.world_size, args.ranks_per_node)
+        plan = make_plan(recipe, load_engine_json(args.ds_config), args.world_size, args.ranks_per_node,
+                         args.device)
     except ConfigError as exc:
         problems.append(str(exc))
     require_no_problems(problems, args.recipe)
@@ -260,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ep-size", type=int, default=None, help="override model.moe.ep_size")
     parser.add_argument("--ranks-per-node", type=int, default=8,
                         help="ranks (GPUs) per node, for the all-to-all split within / across nodes (default 8)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="what the ranks run on, for the memory estimate: cpu (host memory, measured "
+                             "coefficients) or cuda (DeepSpeed's estimator); auto: cuda when torch sees a GPU")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field, e.g. --set model.num_layers=12 (repeatable)")
     parser.add_argument("--skip-input-checks", action="store_true",

@@ -38,9 +38,10 @@ def test_base_moe_active_params_match_dense_total_is_several_times_larger(capsys
 
 
 def test_memory_per_rank_falls_with_zero_stage_and_ep_size(capsys):
+    """CUDA ranks: DeepSpeed's estimator (16-bit weights and grads on the accelerator, optimizer offloadable)."""
     def states(ds, ep):
         code, result = plan(capsys, "--ds-config", str(REPO / "ds_configs" / f"{ds}.json"), "--world-size", "8",
-                            "--ep-size", str(ep))
+                            "--ep-size", str(ep), "--device", "cuda")
         assert code == 0, result
         return result["model_states_gib_per_rank"]
     assert states("zero0_bf16", 8) > states("zero1_bf16", 8) > states("zero2_bf16", 8)
@@ -171,3 +172,54 @@ def test_all_to_all_bytes_count_the_routes_a_dropless_forward_makes_and_split_by
         "model.moe.ep_size=8", "model.moe.expert_groups=4", "model.moe.max_groups_per_token=1"])
     comm = all_to_all_bytes(limited, {"fuse": 1}, world_size=8, ranks_per_node=2, prec="bf16", grad_accum=2)
     assert comm["max_nodes_per_token"] == 1
+
+
+def test_cpu_state_bytes_fall_with_dp_for_zero1_and_2_not_zero0_and_experts_split_over_world_over_ep():
+    """CPU ranks: measured bytes per parameter (bench/bench_state_bytes.py); a ZeRO-1/2 partition shrinks as
+    the data-parallel size grows, ZeRO-0 keeps everything; expert params are ``experts / ep`` per rank
+    partitioned over ``world / ep`` ranks, i.e. exactly as a dense model of that size on ``world / ep`` ranks."""
+    from pipeline.plan import model_state_bytes
+
+    def dense(world, stage, prec="fp32"):
+        return model_state_bytes(10**6, 0, 1, world, stage, prec, False, "cpu")["dense"]
+
+    for prec in ("fp32", "bf16"):
+        assert dense(1, 0, prec) == dense(2, 0, prec) == dense(8, 0, prec) > 20 * 10**6  # > 16 B: build + flat copy
+        for stage in (1, 2):
+            assert dense(1, stage, prec) > dense(2, stage, prec) > dense(8, stage, prec)
+    assert dense(1, 2) > dense(1, 0) > dense(8, 2)  # ZeRO-2 on one rank holds more than ZeRO-0 (measured)
+    experts = model_state_bytes(0, 4 * 10**6, 2, 8, 2, "fp32", False, "cpu")["experts"]
+    assert experts == model_state_bytes(2 * 10**6, 0, 1, 4, 2, "fp32", False, "cpu")["dense"]
+    assert model_state_bytes(0, 4 * 10**6, 8, 8, 2, "fp32", False, "cpu")["experts"] == dense(1, 2) / 2
+    # offload moves nothing on a CPU rank; on CUDA it frees the optimizer states from the accelerator
+    assert model_state_bytes(10**6, 0, 1, 2, 2, "fp32", True, "cpu") == model_state_bytes(
+        10**6, 0, 1, 2, 2, "fp32", False, "cpu")
+
+
+def test_device_flag_picks_the_memory_model_and_is_printed(capsys):
+    """--device cpu: host memory by the measured coefficients (fp32 ZeRO-2 on 2 ranks: more than DeepSpeed's
+    16-bit estimator says); cuda: the estimator; auto: cuda exactly when torch sees a GPU. The plan names the
+    device, and memory_per_rank_bytes = states + activations (x3 on CPU, measured) + runtime overhead."""
+    import torch
+
+    from pipeline.plan import CPU_ACTIVATION_FACTOR
+
+    args = ["--ds-config", str(REPO / "ds_configs/zero2_fp32.json"), "--world-size", "2", "--ep-size", "2"]
+    results = {}
+    for device in ("cpu", "cuda", "auto"):
+        code, results[device] = plan(capsys, *args, "--device", device)
+        assert code == 0, results[device]
+        assert results[device]["device"] == (device if device != "auto" else
+                                             "cuda" if torch.cuda.is_available() else "cpu")
+    cpu, cuda = results["cpu"], results["cuda"]
+    assert cpu["model_states_gib_per_rank"] > 1.5 * cuda["model_states_gib_per_rank"]
+    assert cpu["activations_gib_per_rank_est"] == CPU_ACTIVATION_FACTOR * cuda["activations_gib_per_rank_est"]
+    assert cpu["runtime_overhead_gib_per_rank"] > 0
+    for result in (cpu, cuda):
+        total = (result["model_states_gib_per_rank"] + result["activations_gib_per_rank_est"]
+                 + result["runtime_overhead_gib_per_rank"]) * 2**30
+        assert abs(result["memory_per_rank_bytes"] - total) <= 1
+    assert cuda["runtime_overhead_gib_per_rank"] == 0
+    proc = subprocess.run([sys.executable, "-m", "pipeline.plan", *BASE, *args, "--device", "cpu"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "GiB on cpu" in proc.stdout, proc.stderr
