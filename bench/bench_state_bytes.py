@@ -7,8 +7,8 @@ coefficients ``pipeline.plan`` predicts CPU ranks' memory with (``CPU_STATE_BYTE
 Each cell: ``deepspeed --num_gpus DP bench/bench_state_bytes.py --worker STAGE PRECISION OUT`` (CPU, gloo, one
 thread per rank). A rank builds a 25.2M-parameter stack of 24 ``Linear(1024, 1024)`` (fp32, in host memory as
 the pipeline builds its model), ``deepspeed.initialize`` with ``torch.optim.AdamW`` (torch's default
-implementation, as ``pipeline.run.build.build_optimizer``) and ``ds_configs``-like ZeRO settings, then 2 steps
-of micro-batch 4. Measured on rank 0: peak resident set (VmHWM, reset after the imports) minus the resident
+implementation, as ``pipeline.run.build.build_optimizer``) and ``ds_configs/zero{STAGE}_{PRECISION}.json``, then
+2 steps of micro-batch 4. Measured on rank 0: peak resident set (VmHWM, reset after the imports) minus the resident
 set after the imports, per parameter: model build + DeepSpeed's flat copies + gradients + AdamW states and
 its step temporaries + allocator slack, all in host memory. Activations here are ~0 (4 rows).
 
@@ -48,12 +48,8 @@ def worker(stage: int, precision: str, out: Path) -> None:
     hwm_reset = reset_peak()
     model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)])
     params = sum(p.numel() for p in model.parameters())
-    config = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "steps_per_print": 10**9,
-              "zero_allow_untested_optimizer": True,
-              "zero_optimization": {"stage": stage, "contiguous_gradients": True, "reduce_scatter": True,
-                                    "overlap_comm": False}}
-    if precision == "bf16":
-        config["bf16"] = {"enabled": True}
+    config = {**json.loads((REPO / "ds_configs" / f"zero{stage}_{precision}.json").read_text()),
+              "train_micro_batch_size_per_gpu": MICRO_BATCH, "steps_per_print": 10**9}
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
                                       config=config)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
