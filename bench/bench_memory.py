@@ -18,7 +18,8 @@ Split (``--split``): one more run of the last stage at micro-batch 1; the differ
 measured figures / (micro-batch - 1) is the activation cost per sample, set against the plan's activation
 estimate per sample, and the micro-batch-1 figure minus one sample is the fixed part (model states,
 DeepSpeed buffers, allocator) set against the plan's model states.
-Prediction: ``memory_per_rank_bytes`` from ``pipeline.plan --json`` when it exists, otherwise
+Prediction: ``memory_per_rank_bytes`` from ``pipeline.plan --json`` (device auto: the plan's CPU model on a
+CPU host = model states + activations + runtime overhead), otherwise
 ``(model_states_gib_per_rank + activations_gib_per_rank_est)`` GiB. Target: measured within 15% of it.
 Prints a table; writes JSON to bench/results/memory_<time>.json.
 """
@@ -78,7 +79,9 @@ def measure_stage(stage: int, args: argparse.Namespace, model_sets: list[str], c
                      "peak_with_save": probe["peak"], "measured": measured, "predicted": predicted,
                      "prediction_source": source, "ratio": measured / predicted,
                      "model_states_gib": plan["model_states_gib_per_rank"],
-                     "activations_gib": plan["activations_gib_per_rank_est"], "hwm_reset": probe["hwm_reset"],
+                     "activations_gib": plan["activations_gib_per_rank_est"],
+                     "overhead_gib": plan.get("runtime_overhead_gib_per_rank", 0.0), "device": plan.get("device"),
+                     "hwm_reset": probe["hwm_reset"],
                      "rss_parts": probe.get("rss_parts_before_save", {}), "command": run["command"]})
     return rows
 
@@ -112,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nvl_pretrain {args.size} ({model}), {args.precision}, 2 ranks, micro-batch {args.micro_batch}, "
           f"{args.steps} steps; GiB per rank; measured = peak RSS - baseline; {common.load_line()}")
     table = common.print_table(
-        ["ZeRO", "rank", "baseline", "peak RSS", "measured", "predicted (states + acts)", "measured / predicted",
-         "within 15%"],
+        ["ZeRO", "rank", "baseline", "peak RSS", "measured", "predicted (states + acts + runtime)",
+         "measured / predicted", "within 15%"],
         [[f"ZeRO-{r['stage']}", r["rank"], r["baseline"] / GIB, r["peak"] / GIB, r["measured"] / GIB,
-          f"{r['predicted'] / GIB:.3f} ({r['model_states_gib']:.3f} + {r['activations_gib']:.3f})",
+          f"{r['predicted'] / GIB:.3f} ({r['model_states_gib']:.3f} + {r['activations_gib']:.3f} + "
+          f"{r['overhead_gib']:.3f})",
           f"{r['ratio']:.2f}", "yes" if abs(r["ratio"] - 1) <= 0.15 else "no"] for r in rows])
     parts = [[f"ZeRO-{r['stage']}", r["rank"], *(r["rss_parts"].get(k, 0) / 2**20 for k in
                                                    ("RssAnon", "RssFile", "RssShmem"))] for r in rows]
