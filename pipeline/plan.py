@@ -33,10 +33,11 @@ TRAIN_FLOPS_PER_FORWARD = 3.0  # forward + backward (twice the forward's matmuls
 # parameter is partitioned over. Measured by bench/bench_state_bytes.py (peak resident set - baseline; torch
 # AdamW, DeepSpeed 0.19.8, gloo; BENCHMARKS.md "Memory per rank vs pipeline.plan"): on CPU the model is built
 # in host memory and DeepSpeed flattens it into a second buffer, so the build, the flat copies, gradients,
-# Adam m and v and AdamW's step temporaries all count. fp16 uses the bf16 row.
+# Adam m and v and AdamW's step temporaries all count. fp16 uses the bf16 row. Repeats vary by up to
+# 4 bytes/param (fp32 ZeRO-1 at dp 2: 23.7-28.0 over three runs).
 CPU_STATE_BYTES: dict[tuple[str, int], tuple[float, float]] = {
-    ("fp32", 0): (24.0, 0.0), ("fp32", 1): (16.8, 17.0), ("fp32", 2): (14.6, 19.2),
-    ("bf16", 0): (26.7, 0.0), ("bf16", 1): (13.1, 23.6), ("bf16", 2): (7.7, 28.0),
+    ("fp32", 0): (23.7, 0.0), ("fp32", 1): (22.5, 11.0), ("fp32", 2): (14.2, 19.7),
+    ("bf16", 0): (24.3, 0.0), ("bf16", 1): (7.9, 27.7), ("bf16", 2): (9.6, 24.3),
 }
 # CPU ranks (bench/bench_memory.py, demo recipe ZeRO-2 fp32 at micro-batch 16 vs 1): activations measure 3x
 # the 16-bit transformer-layer estimate per sample (fp32 elements, and the conv stem and heads it leaves out),
