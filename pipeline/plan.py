@@ -12,8 +12,8 @@ for the device the ranks run on (``--device auto|cpu|cuda``; auto: cuda when tor
 expert-data-parallel group = world / ep) + activations, 34*N*D + 5*heads*N^2 bytes per layer per sample and
 model pass (Korthikanti et al. 2022, 16-bit, no recomputation). CUDA: DeepSpeed's ZeRO estimator formula
 (accelerator memory). CPU (host memory, peak resident set): bytes per parameter measured on CPU ranks
-(``CPU_STATE_BYTES``, bench/bench_state_bytes.py), activations x ``CPU_ACTIVATION_FACTOR`` and a fixed
-``CPU_RANK_OVERHEAD_BYTES`` (bench/bench_memory.py).
+(``CPU_STATE_BYTES``, bench/bench_state_bytes.py), activations in their element size plus
+``CPU_ACTIVATION_EXTRA_BYTES_PER_SAMPLE`` and a fixed ``CPU_RANK_OVERHEAD_BYTES`` (bench/bench_memory.py).
 """
 from __future__ import annotations
 
@@ -39,11 +39,12 @@ CPU_STATE_BYTES: dict[tuple[str, int], tuple[float, float]] = {
     ("fp32", 0): (23.7, 0.0), ("fp32", 1): (22.5, 11.0), ("fp32", 2): (14.2, 19.7),
     ("bf16", 0): (24.3, 0.0), ("bf16", 1): (7.9, 27.7), ("bf16", 2): (9.6, 24.3),
 }
-# CPU ranks (bench/bench_memory.py, demo recipe ZeRO-2 fp32 at micro-batch 16 vs 1): activations measure 3x
-# the 16-bit transformer-layer estimate per sample (fp32 elements, and the conv stem and heads it leaves out),
-# and the fixed part is 0.2 GiB above the model states (allocator, autograd and communication buffers).
-CPU_ACTIVATION_FACTOR = 3.0
-CPU_RANK_OVERHEAD_BYTES = int(0.2 * GIB)
+# CPU ranks (bench/bench_memory.py; vl_pretrain demo micro-batch 16 vs 1 and large 8 vs 1, ZeRO-2 fp32):
+# activations per sample = the 16-bit transformer-layer estimate x element bytes / 2, plus ~6 MiB the estimate
+# leaves out (demo 5.3, large 6.4: conv stem, embeddings, vocabulary logits); the fixed part above model states
+# and activations (allocator, autograd and communication buffers) measured 0.04-0.21 GiB: 0.15 GiB taken.
+CPU_ACTIVATION_EXTRA_BYTES_PER_SAMPLE = 6 * 2**20
+CPU_RANK_OVERHEAD_BYTES = int(0.15 * GIB)
 
 
 def task_passes(recipe: Any) -> dict[str, int]:
@@ -179,7 +180,8 @@ def make_plan(recipe: Any, engine: dict[str, Any], world_size: int, ranks_per_no
     passes = task_passes(recipe)
     acts = activation_bytes(recipe, passes)
     if device == "cpu":
-        acts *= CPU_ACTIVATION_FACTOR
+        extra = CPU_ACTIVATION_EXTRA_BYTES_PER_SAMPLE * recipe.batch.micro_batch_size
+        acts = acts * (2 if prec == "fp32" else 1) + extra
     overhead = CPU_RANK_OVERHEAD_BYTES if device == "cpu" else 0
     train_flops = train_flops_per_sample(recipe, size)
     comm = all_to_all_bytes(recipe, passes, world_size, ranks_per_node, prec,
