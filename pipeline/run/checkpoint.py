@@ -154,6 +154,8 @@ def resume(engine: Any, run_dir: Path, dist: Dist) -> dict[str, Any] | None:
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {folder}")
+    if engine.load_universal_checkpoint():
+        restore_buffers(engine.module, folder)
     rng = rng_file(folder, dist.rank)
     if rng.is_file():
         set_rng_state(safe_load(rng))
@@ -162,6 +164,18 @@ def resume(engine: Any, run_dir: Path, dist: Dist) -> dict[str, Any] | None:
     state = json.loads((folder / RUN_STATE).read_text())
     log.info("resumed from %s (step %d)", folder, state["step"])
     return state
+
+
+def restore_buffers(module: Any, folder: Path) -> None:
+    """A universal load (``"checkpoint": {"load_universal": true}``) restores parameters only (``zero/``), never
+    the module's buffers (DeepSpeed skips ``load_module_state_dict``): copy them from the folder's model file
+    (a dropless FFN's ``expert_bias``, BatchNorm running statistics)."""
+    saved = safe_load(folder / "mp_rank_00_model_states.pt", deepspeed_safe_globals())["module"]
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name in saved:
+                buffer.copy_(saved[name].to(buffer.dtype))
+    log.info("universal checkpoint %s: module buffers restored from its model file", folder)
 
 
 def load_weights(engine: Any, init_from: str | Path) -> Path:
