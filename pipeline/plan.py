@@ -157,8 +157,8 @@ def all_to_all_bytes(recipe: Any, passes: dict[str, int], world_size: int, ranks
     same_node = min(ep, per_node)  # EP peers on this rank's node, itself included
     nodes = -(-ep // per_node)
     limited = moe.impl == "dropless" and moe.expert_groups is not None
-    groups_per_node = max(1, moe.expert_groups // nodes) if limited else 1
-    max_nodes = min(nodes, moe.top_k, -(-moe.max_groups_per_token // groups_per_node) if limited else nodes)
+    nodes_per_group = -(-nodes // moe.expert_groups) if limited else nodes  # a group within one node, or spanning
+    max_nodes = min(nodes, moe.top_k, moe.max_groups_per_token * nodes_per_group if limited else nodes)
     return {"bytes_per_step": total, "to_own_node_bytes": total * (same_node - 1) / ep,
             "to_other_nodes_bytes": total * (ep - same_node) / ep, "ep_nodes": nodes,
             "max_nodes_per_token": max_nodes, "ranks_per_node": per_node}
@@ -237,10 +237,11 @@ def _format_all_to_all(plan: dict[str, Any]) -> list[str]:
     if not comm:
         return []
     return [f"EP all-to-all/rank  {comm['bytes_per_step'] / 2**20:,.1f} MiB per step ({plan['moe_impl']}, uniform "
-            f"routing): {comm['to_own_node_bytes'] / 2**20:,.1f} MiB within the node, "
+            f"routing, rows it keeps included): {comm['to_own_node_bytes'] / 2**20:,.1f} MiB within the node, "
             f"{comm['to_other_nodes_bytes'] / 2**20:,.1f} MiB to other nodes; an EP group spans "
-            f"{comm['ep_nodes']} node(s) of {comm['ranks_per_node']} ranks, a token's experts at most "
-            f"{comm['max_nodes_per_token']}"]
+            f"{comm['ep_nodes']} node(s) of {comm['ranks_per_node']} ranks, a token's experts span at most "
+            f"{comm['max_nodes_per_token']} node(s) (group limits cap the nodes a token reaches, not the bytes: "
+            "one row per route)"]
 
 
 def init_from_mismatches(model_cfg: Any, init_from: str | None) -> list[str]:

@@ -221,3 +221,14 @@ def test_dropless_ep2_equals_ep1_survives_skew_trains_under_zero_and_resumes_at_
     assert proc.stdout.count("DROPLESS_OK") == 2, proc.stdout[-3000:]
     proc = run_deepspeed("tests.dist.moe_dropless", ["universal", str(tmp_path)], nproc=2, timeout=120)
     assert proc.stdout.count("DROPLESS_UNIVERSAL_OK") == 2, proc.stdout[-3000:]
+
+
+def test_grouped_mm_on_and_off_read_from_yaml_as_written_in_the_readme():
+    """YAML 1.1 reads a bare ``on``/``off`` as a boolean: ``--set model.moe.grouped_mm=on`` must still work."""
+    from pipeline.recipe import load_recipe
+    from tests.launcher import REPO
+
+    for word in ("on", "off"):
+        recipe = load_recipe(REPO / "launch/recipes/vl_pretrain.yaml",
+                             ["model.moe.impl=dropless", f"model.moe.grouped_mm={word}"])
+        assert recipe.model.moe.grouped_mm == word

@@ -172,6 +172,10 @@ def test_all_to_all_bytes_count_the_routes_a_dropless_forward_makes_and_split_by
         "model.moe.ep_size=8", "model.moe.expert_groups=4", "model.moe.max_groups_per_token=1"])
     comm = all_to_all_bytes(limited, {"fuse": 1}, world_size=8, ranks_per_node=2, prec="bf16", grad_accum=2)
     assert comm["max_nodes_per_token"] == 1
+    two = load_recipe(REPO / "launch/recipes/vl_pretrain.yaml", sets + [
+        "model.moe.ep_size=8", "model.moe.expert_groups=4", "model.moe.max_groups_per_token=2"])
+    comm = all_to_all_bytes(two, {"fuse": 1}, world_size=8, ranks_per_node=4, prec="bf16", grad_accum=2)
+    assert comm["ep_nodes"] == 2 and comm["max_nodes_per_token"] == 2  # groups 1 and 2 sit on different nodes
 
 
 def test_cpu_state_bytes_fall_with_dp_for_zero1_and_2_not_zero0_and_experts_split_over_world_over_ep():

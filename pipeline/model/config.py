@@ -149,7 +149,7 @@ class MoEConfig:
         if self.shared_experts < 0:
             raise ValueError(f"moe.shared_experts must be >= 0, got {self.shared_experts}")
         if (self.expert_groups is None) != (self.max_groups_per_token is None):
-            raise ValueError("moe.expert_groups and moe.max_groups_per_token are set together")
+            raise ValueError("moe.expert_groups and moe.max_groups_per_token must be set together")
         if self.expert_groups is not None:
             groups, limit = self.expert_groups, self.max_groups_per_token
             if groups < 1 or self.num_experts % groups:
