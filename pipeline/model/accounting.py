@@ -33,6 +33,7 @@ from torch import nn
 from pipeline.model.audio import audio_patch_flops
 from pipeline.model.config import ModelConfig
 from pipeline.model.embeddings import patch_embed_flops
+from pipeline.model.sparse_attention import attention_pairs
 
 ONE_FUSED_PASS = {"fuse": 1}
 
@@ -121,7 +122,7 @@ def _pass_flops(model: nn.Module, segments: dict[str, int], audio_frames: int) -
     if "audio" in segments:
         flops += audio_patch_flops(cfg, audio_frames)
     for block in model.blocks:
-        flops += 2 * n * d * 4 * d + 4 * n * n * d  # qkv + proj, QK^T + AV
+        flops += 2 * n * d * 4 * d + 4 * attention_pairs(cfg, block.index, segments) * d  # qkv + proj, QK^T + AV
         if "shared" in block.ffn:
             spans = [("shared", n)]
         elif "vl" in block.ffn and len(segments) > 1:

@@ -21,6 +21,7 @@ from torch import nn
 from pipeline.model.config import ModelConfig
 from pipeline.model.moe import build_ffn, run_ffn
 from pipeline.model.moe_stats import MoEStats
+from pipeline.model.sparse_attention import LocalLayout, attention_rows, local_attention
 
 
 @dataclasses.dataclass
@@ -66,20 +67,27 @@ class Attention(nn.Module):
             self.q_norm = nn.LayerNorm(head_dim, eps=cfg.layer_norm_eps)
             self.k_norm = nn.LayerNorm(head_dim, eps=cfg.layer_norm_eps)
 
-    def forward(self, x_bnd: torch.Tensor, mask_b1nm: torch.Tensor | None, cache: LayerKV | None = None
-                ) -> torch.Tensor:
+    def forward(self, x_bnd: torch.Tensor, mask_b1nm: torch.Tensor | None, cache: LayerKV | None = None,
+                layout: LocalLayout | None = None) -> torch.Tensor:
         """``mask_b1nm``: True = query n may attend key m. With ``cache`` the keys and values of these n tokens
-        are appended to it and the queries attend to every cached key (M = cached + n)."""
+        are appended to it and the queries attend to every cached key (M = cached + n). ``layout``: local
+        attention (``pipeline.model.sparse_attention``) instead of ``mask_b1nm``, for a pass with no cached
+        keys."""
         b, n, d = x_bnd.shape
-        qkv = self.qkv(x_bnd).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        q_bhnk, k_bhnk, v_bhnk = qkv[0], qkv[1], qkv[2]
+        qkv_bn3hk = self.qkv(x_bnd).view(b, n, 3, self.num_heads, d // self.num_heads)
         if hasattr(self, "q_norm"):
-            q_bhnk, k_bhnk = self.q_norm(q_bhnk), self.k_norm(k_bhnk)
+            qkv_bn3hk = torch.stack([self.q_norm(qkv_bn3hk[:, :, 0]), self.k_norm(qkv_bn3hk[:, :, 1]),
+                                     qkv_bn3hk[:, :, 2]], dim=2)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if layout is not None:
+            if cache is not None:
+                cache.append(qkv_bn3hk[:, :, 1].transpose(1, 2), qkv_bn3hk[:, :, 2].transpose(1, 2))
+            return self.proj(local_attention(qkv_bn3hk, layout, dropout_p))
+        qkv = qkv_bn3hk.permute(2, 0, 3, 1, 4)
+        q_bhnk, k_bhnk, v_bhnk = qkv[0], qkv[1], qkv[2]
         if cache is not None:
             k_bhnk, v_bhnk = cache.append(k_bhnk, v_bhnk)
-        out_bhnk = F.scaled_dot_product_attention(
-            q_bhnk, k_bhnk, v_bhnk, attn_mask=mask_b1nm,
-            dropout_p=self.attn_dropout if self.training else 0.0)
+        out_bhnk = F.scaled_dot_product_attention(q_bhnk, k_bhnk, v_bhnk, attn_mask=mask_b1nm, dropout_p=dropout_p)
         return self.proj(out_bhnk.transpose(1, 2).reshape(b, n, d))
 
 
@@ -107,11 +115,12 @@ class Block(nn.Module):
 
     def forward(self, x_bnd: torch.Tensor, segments: list[Segment], valid_bn: torch.Tensor | None,
                 mask_b1nm: torch.Tensor | None, stats: MoEStats, cache: LayerKV | None = None,
-                fused: bool | None = None) -> torch.Tensor:
+                fused: bool | None = None, layout: LocalLayout | None = None) -> torch.Tensor:
         """``valid_bn``: [B, N] False for padding (None: no padding); each MoE call records its aux loss
         and routed / kept counts in ``stats`` as "layer{i}/{ffn key}". ``cache``/``fused``: decoding
-        (``pipeline.model.generation``); an MoE call then may carry fewer tokens than ``min_capacity``."""
-        x_bnd = x_bnd + self.drop(self.attn(self.norm1(x_bnd), mask_b1nm, cache))
+        (``pipeline.model.generation``); an MoE call then may carry fewer tokens than ``min_capacity``.
+        ``layout``: this block's local attention (``model.attention: local``), used instead of ``mask_b1nm``."""
+        x_bnd = x_bnd + self.drop(self.attn(self.norm1(x_bnd), mask_b1nm, cache, layout))
         h_bnd = self.norm2(x_bnd)
         b, _, d = h_bnd.shape
         outs = []
@@ -149,22 +158,4 @@ def attention_mask(segments: list[Segment], valid_bn: torch.Tensor | None, batch
     """
     if not causal and valid_bn is None:
         return None
-    n = segments[-1].end
-    if valid_bn is None:
-        valid_bn = torch.ones(batch, n, dtype=torch.bool, device=device)
-    allowed_bnn = valid_bn[:, None, :].expand(batch, n, n).clone()
-    if causal:
-        for seg in (s for s in segments if s.modality == "text"):
-            span = slice(seg.start, seg.end)
-            length = seg.end - seg.start
-            tri = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-            # text keys that non-text tokens see: none, or the prefix (key j < P_b: seen by every query of row b)
-            in_prefix_bl = torch.zeros(batch, length, dtype=torch.bool, device=device)
-            if text_prefix_b is not None:
-                in_prefix_bl = torch.arange(length, device=device)[None] < text_prefix_b.to(device)[:, None]
-                tri = tri[None] | in_prefix_bl[:, None, :]
-            allowed_bnn[:, span, span] &= tri
-            allowed_bnn[:, :seg.start, span] &= in_prefix_bl[:, None, :]
-            allowed_bnn[:, seg.end:, span] &= in_prefix_bl[:, None, :]
-    allowed_bnn |= torch.eye(n, dtype=torch.bool, device=device)
-    return allowed_bnn[:, None]
+    return attention_rows(segments, valid_bn, batch, causal, device, text_prefix_b)[:, None]

@@ -204,6 +204,18 @@ class ModelConfig:
         "help": "LayerNorm on each head's queries and keys before the dot product (ViT-22B, Dehghani et al. "
                 "2023; Chameleon): attention logits start at cosine x sqrt(head dim) instead of near 0, so "
                 "attention can sharpen from the first steps (effect: BENCHMARKS.md, VQA learning speed)"})
+    attention: Literal["dense", "local"] = field(default="dense", metadata={
+        "help": "self-attention of every block: dense = every token sees every token; local = image patches "
+                "attend their attention_window x attention_window window (audio patches: every frequency row "
+                "x attention_window time patches) plus the global tokens (each CLS, all text), which attend "
+                "everything (Swin / ViTDet windows; when to use which: README, Long visual sequences)"})
+    attention_window: int = field(default=8, metadata={
+        "help": "window side in patches with attention: local (a grid smaller than it is one window)"})
+    attention_shift: bool = field(default=True, metadata={
+        "help": "with attention: local, offset the windows of odd blocks by half a window (Swin's shifted "
+                "windows), so information crosses window borders"})
+    attention_global_layers: list[int] = field(default_factory=list, metadata={
+        "help": "blocks that keep dense attention with attention: local (ViTDet: a few evenly spaced blocks)"})
     pooling: Literal["cls", "mean"] = field(default="cls", metadata={
         "help": "pooled output the heads read: cls = first token (VLMo); mean = mean of the valid tokens "
                 "(open_clip pool_type='avg'; effect on small data: BENCHMARKS.md, VQA learning speed)"})
@@ -236,6 +248,11 @@ class ModelConfig:
         if self.mlp_ratio <= 0 or self.vocab_size < 1 or self.max_text_len < 1:
             raise ValueError("mlp_ratio, vocab_size and max_text_len must be positive")
         self.moe.layer_indices(self.num_layers)  # validates explicit indices
+        if self.attention_window < 1:
+            raise ValueError(f"attention_window must be >= 1, got {self.attention_window}")
+        bad = [i for i in self.attention_global_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"attention_global_layers {bad}: block indices must be in [0, {self.num_layers})")
 
     @property
     def ffn_size(self) -> int:

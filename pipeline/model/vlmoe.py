@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.model.blocks import Block, LayerKV, Segment, attention_mask, valid_tokens
+from pipeline.model.sparse_attention import attention_layouts
 from pipeline.model.config import ModelConfig
 from pipeline.model.embeddings import EMBEDDINGS
 from pipeline.model.dropless import draw_experts
@@ -161,10 +162,12 @@ class VLMoE(nn.Module):
         x_bnd = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
         batch = x_bnd.shape[0]
         valid_bn = valid_tokens(segments, batch, x_bnd.device)  # once per pass: attention, MoE, pooling
-        mask_b1nn = attention_mask(segments, valid_bn, batch, causal, x_bnd.device, text_prefix)
+        layouts = attention_layouts(self.cfg, segments, valid_bn, batch, causal, x_bnd.device, text_prefix)
+        mask_b1nn = None if all(layouts) else \
+            attention_mask(segments, valid_bn, batch, causal, x_bnd.device, text_prefix)
         for index, block in enumerate(self.blocks):
             x_bnd = block(x_bnd, segments, valid_bn, mask_b1nn, self.moe_stats,
-                          cache=None if cache is None else cache.layers[index])
+                          cache=None if cache is None else cache.layers[index], layout=layouts[index])
         if cache is not None:
             cache.valid_bm = valid_bn if valid_bn is not None else \
                 torch.ones(batch, x_bnd.shape[1], dtype=torch.bool, device=x_bnd.device)

@@ -1,0 +1,206 @@
+"""Local attention (``model.attention: local``): exact against dense attention under an independently built
+mask, whole-grid windows == dense, global tokens, padding, shifted windows, decoding and FLOP accounting."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.model.blocks import Segment
+from pipeline.model.config import ModelConfig
+from pipeline.model.sparse_attention import attention_pairs, attention_rows, build_local_layout, local_attention
+from pipeline.model.vlmoe import VLMoE
+
+CPU = torch.device("cpu")
+
+
+def tiny(attention: str = "dense", window: int = 8, **kw) -> VLMoE:
+    """No MoE layer: DeepSpeed's gate is random even in eval (top-2 Gumbel), which would hide differences."""
+    torch.manual_seed(0)
+    settings = dict(hidden_size=48, num_heads=4, num_layers=4, num_fusion_layers=1, image_size=32, patch_size=4,
+                    modalities=["image", "text", "audio"], moe={"every": 0}, attention=attention,
+                    attention_window=window, init_std=0.2)
+    cfg = ModelConfig(**{**settings, **kw})
+    return VLMoE(cfg).eval()
+
+
+def inputs() -> dict:
+    torch.manual_seed(1)
+    ids = torch.randint(5, 100, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    audio = torch.randn(2, 400, 64)
+    return {"image": (torch.randn(2, 3, 32, 32),), "text": (ids, mask), "audio": (audio, torch.tensor([400, 150]))}
+
+
+def reference_mask(cfg: ModelConfig, segments: list[Segment], valid_bn, causal: bool, prefix, shifted: bool):
+    """[B, N, N] allowed pairs written from the definition: a grid token sees the grid tokens of its window
+    (same window row and column on the shifted canvas) and the global tokens the dense rule lets it see; a
+    global token sees what the dense rule lets it see."""
+    n = segments[-1].end
+    dense = attention_rows(segments, valid_bn, 2, causal, CPU, prefix)
+    local = torch.zeros(n, dtype=torch.bool)
+    window_of = {}
+    for seg in segments:
+        if seg.modality == "text":
+            continue
+        patches = seg.end - seg.start - 1
+        rows = 4 if seg.modality == "audio" else int(patches ** 0.5)
+        cols = patches // rows
+        wr = rows if seg.modality == "audio" else min(rows, cfg.attention_window)
+        wc = min(cols, cfg.attention_window)
+        sr = wr // 2 if shifted and wr < rows else 0
+        sc = wc // 2 if shifted and wc < cols else 0
+        for t in range(patches):
+            r, c = divmod(t, cols)
+            window_of[seg.start + 1 + t] = (seg.modality, (r + sr) // wr, (c + sc) // wc)
+            local[seg.start + 1 + t] = True
+    allowed = dense.clone()
+    for q in range(n):
+        if not local[q]:
+            continue
+        for k in range(n):
+            if local[k] and window_of[k] != window_of[q]:
+                allowed[:, q, k] = False
+    return allowed
+
+
+@pytest.mark.parametrize("window,shifted,causal", [(3, False, False), (3, True, False), (2, True, True),
+                                                   (5, True, True)])
+def test_local_attention_equals_dense_attention_under_the_window_mask(window, shifted, causal):
+    """Gather-into-windows + SDPA gives exactly masked dense SDPA with the mask built from the definition,
+    outputs and gradients, with a grid not a multiple of the window, shifted windows, text and audio padding,
+    a causal prefix and two grid modalities."""
+    cfg = tiny("local", window).cfg
+    segments = [Segment("image", 0, 50, None), Segment("text", 50, 57, None), Segment("audio", 57, 78, None)]
+    valid = torch.ones(2, 78, dtype=torch.bool)
+    valid[1, 54:57] = False  # text padding
+    valid[1, 57 + 1 + 10:] = False  # audio padding (4 rows x 5 time patches, frequency-major)
+    prefix = torch.tensor([2, 3]) if causal else None
+    layout = build_local_layout(cfg, segments, valid, 2, causal, CPU, prefix, shifted)
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 78, 3, 4, 8, requires_grad=True)
+    got = local_attention(qkv, layout, 0.0)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    allowed = reference_mask(cfg, segments, valid, causal, prefix, shifted)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None]).transpose(1, 2).reshape(2, 78, 32)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(got)
+    (g_got,) = torch.autograd.grad(got, qkv, grad, retain_graph=True)
+    (g_want,) = torch.autograd.grad(want, qkv, grad)
+    torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)
+    assert layout.groups[0].index_wl.shape[1] == min(window, 7) ** 2
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_window_covering_the_whole_grid_is_dense_attention(causal):
+    """Window 30 >= the 8x8 image grid and the 25 audio time patches: image + text and audio + text passes of
+    the local model give the dense model's hidden states and gradients (text padding, audio padding, with and
+    without a causal prefix). (Two grid modalities in one pass are two windows: an image patch reaches an
+    audio patch through the global tokens only.)"""
+    dense, local = tiny(), tiny("local", 30)
+    local.load_state_dict(dense.state_dict())
+    kw = {"causal": causal, "text_prefix": torch.tensor([3, 2]) if causal else None}
+    for pair in (("image", "text"), ("audio", "text")):
+        x = {k: v for k, v in inputs().items() if k in pair}
+        a, b = dense.encode(x, **kw).hidden, local.encode(x, **kw).hidden
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        a.square().sum().backward()
+        b.square().sum().backward()
+    for (name, p), q in zip(dense.named_parameters(), local.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_global_tokens_see_everything_and_windows_see_only_their_window():
+    """One local block (no shift), window 2 on the 8x8 grid: changing the bottom-right patch changes the CLS
+    and every text token, but no patch outside its window; changing a text token changes every patch."""
+    model = tiny("local", 2, num_layers=1, num_fusion_layers=0, attention_shift=False)
+    pixels = torch.randn(1, 3, 32, 32)
+    ids = torch.randint(5, 100, (1, 5))
+    base = model.fuse(pixels, ids).hidden
+    moved = pixels.clone()
+    moved[..., 28:, 28:] += 3.0  # patch (7, 7): token 1 + 63
+    out = model.fuse(moved, ids).hidden
+    changed = (out - base).abs().amax(-1)[0] > 1e-6
+    window = {1 + r * 8 + c for r in (6, 7) for c in (6, 7)}
+    assert changed[0] and changed[65:].all()  # CLS and all text
+    assert {i for i in range(1, 65) if changed[i]} == window
+    other_ids = ids.clone()
+    other_ids[0, 2] += 1
+    out = model.fuse(pixels, other_ids).hidden
+    assert ((out - base).abs().amax(-1)[0, 1:65] > 1e-6).all()
+
+
+def test_padding_is_never_attended():
+    """Whatever the padded text tokens and padded audio patches hold, no valid token's output changes."""
+    model = tiny("local", 2)
+    x = inputs()
+    base = model.encode(x).hidden
+    ids, mask = x["text"]
+    x["text"] = (torch.where(mask.bool(), ids, torch.randint(5, 100, ids.shape)), mask)
+    audio, lengths = x["audio"]
+    x["audio"] = (torch.where(torch.arange(400)[None, :, None] < lengths[:, None, None], audio, 50.0), lengths)
+    out = model.encode(x).hidden
+    valid = model.encode(x).token_mask
+    assert not valid.all()
+    torch.testing.assert_close(out[valid], base[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_shifted_windows_carry_information_across_window_borders():
+    """Two local blocks, window 2: without shift patch (0,0) never hears patch (2,2) except through the global
+    tokens; the shifted second block puts (1,1) and (2,2) in one window, so the direct path exists. Checked
+    on the attention layouts: the shifted layout's windows straddle the unshifted ones' borders."""
+    cfg = tiny("local", 2).cfg
+    segments = [Segment("image", 0, 65, None)]
+    plain = build_local_layout(cfg, segments, None, 1, False, CPU, None, False).groups[0].index_wl
+    shifted = build_local_layout(cfg, segments, None, 1, False, CPU, None, True).groups[0].index_wl
+    token = lambda r, c: 1 + r * 8 + c  # noqa: E731
+    together = lambda idx, a, b: any(a in row and b in row for row in idx.tolist())  # noqa: E731
+    assert together(plain, token(0, 0), token(1, 1)) and not together(plain, token(1, 1), token(2, 2))
+    assert together(shifted, token(1, 1), token(2, 2)) and not together(shifted, token(0, 0), token(1, 1))
+    assert shifted.shape[0] == 25 and plain.shape[0] == 16  # 5x5 windows on the padded canvas, 4x4 without
+
+
+def test_cached_decoding_with_local_attention_matches_full_passes():
+    """Text queries are global: a decoded token attends the whole cached prefix, as the full causal pass does."""
+    from pipeline.model.generation import DecodeOptions, generate
+    from pipeline.model.heads import MLMHead
+    model = tiny("local", 2)
+    head = MLMHead(model.token_embedding).eval()
+    ids, mask = torch.tensor([[1, 5, 7], [1, 9, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    pixels = torch.randn(2, 3, 32, 32)
+    outs = [generate(model, head, {"image": (pixels,)}, ids, mask, eos_token_id=2, pad_token_id=0,
+                     options=DecodeOptions(max_new_tokens=5, min_new_tokens=5, use_cache=cache))
+            for cache in (True, False)]
+    assert torch.equal(outs[0].tokens, outs[1].tokens)
+    torch.testing.assert_close(outs[0].scores, outs[1].scores, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_pairs_and_flops_follow_the_option():
+    from pipeline.model.accounting import count_parameters
+    tokens = {"image": 1 + 32 * 32, "text": 32}
+    n = sum(tokens.values())
+    dense = ModelConfig(image_size=256, patch_size=8)
+    local = ModelConfig(image_size=256, patch_size=8, attention="local", attention_window=8,
+                        attention_global_layers=[5])
+    assert attention_pairs(dense, 0, tokens) == n * n
+    g = 1 + 32
+    assert attention_pairs(local, 0, tokens) == g * n + 1024 * (64 + g)  # 16 windows of 8x8, no padding
+    assert attention_pairs(local, 1, tokens) == g * n + 25 * 64 * (64 + g)  # shifted: 5x5 windows on a 40x40 canvas
+    assert attention_pairs(local, 5, tokens) == n * n  # a global layer
+    whole = ModelConfig(image_size=256, patch_size=8, attention="local", attention_window=32)
+    assert attention_pairs(whole, 1, tokens) == n * n  # one window: the dense count
+    f_dense = count_parameters(dense).forward_flops_per_sample
+    f_local = count_parameters(local).forward_flops_per_sample
+    assert f_local < f_dense
+    d = dense.hidden_size
+    saved = 4 * d * sum(n * n - attention_pairs(local, i, tokens) for i in range(6))
+    assert f_dense - f_local == pytest.approx(saved, rel=1e-9)
+
+
+def test_bad_attention_settings_are_refused():
+    with pytest.raises(ValueError, match="attention_global_layers"):
+        ModelConfig(num_layers=4, attention="local", attention_global_layers=[4])
+    with pytest.raises(ValueError, match="attention_window"):
+        ModelConfig(attention="local", attention_window=0)
