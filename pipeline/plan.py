@@ -121,15 +121,21 @@ def activation_bytes(recipe: Any, passes: dict[str, int]) -> float:
     """Activation bytes per rank of one micro-batch through ``passes`` ({kind: count}; a kind is a modality,
     modalities joined by '+', or "fuse": pipeline.model.accounting.pass_modalities)."""
     from pipeline.model.accounting import pass_modalities
+    from pipeline.model.sparse_attention import attention_pairs
 
     model_cfg = recipe.model
     per_modality = {"image": 1 + model_cfg.num_patches, "text": recipe.data.text_len,
                     "audio": 1 + model_cfg.audio.num_patches}
-    tokens = {kind: sum(per_modality[m] for m in modalities)
-              for kind, modalities in pass_modalities(model_cfg, list(passes)).items()}
+    kinds = pass_modalities(model_cfg, list(passes))
     d, heads = model_cfg.hidden_size, model_cfg.num_heads
-    per_layer = sum(count * (34 * tokens[kind] * d + 5 * heads * tokens[kind] ** 2) for kind, count in passes.items())
-    return float(per_layer * model_cfg.num_layers * recipe.batch.micro_batch_size)
+    total = 0
+    for kind, count in passes.items():
+        tokens = {m: per_modality[m] for m in kinds[kind]}
+        n = sum(tokens.values())
+        # Korthikanti et al. 2022: 34 s d + 5 a s^2 per layer; s^2 = the (query, key) pairs attention computes
+        total += count * sum(34 * n * d + 5 * heads * attention_pairs(model_cfg, i, tokens)
+                             for i in range(model_cfg.num_layers))
+    return float(total * recipe.batch.micro_batch_size)
 
 
 def all_to_all_bytes(recipe: Any, passes: dict[str, int], world_size: int, ranks_per_node: int, prec: str,
@@ -206,7 +212,20 @@ def make_plan(recipe: Any, engine: dict[str, Any], world_size: int, ranks_per_no
         "memory_per_rank_bytes": int(states["dense"] + states["experts"] + acts + overhead),
         "moe_impl": model_cfg.moe.impl,
         "all_to_all": comm,
+        "attention": _attention_summary(recipe, size),
     }
+
+
+def _attention_summary(recipe: Any, size: Any) -> dict[str, Any]:
+    """The attention option and the forward FLOPs it saves against dense attention in every block."""
+    cfg = recipe.model
+    summary: dict[str, Any] = {"kind": cfg.attention}
+    if cfg.attention != "dense":
+        dense = size_of(recipe, dataclasses.replace(cfg, attention="dense"))
+        summary.update(window=cfg.attention_window, shift=cfg.attention_shift,
+                       dense_blocks=list(cfg.attention_global_layers),
+                       forward_flops_vs_dense_attention=size.forward_flops_per_sample / dense.forward_flops_per_sample)
+    return summary
 
 
 def format_plan(plan: dict[str, Any]) -> str:
@@ -228,8 +247,18 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"states {plan['model_states_gib_per_rank']:.2f} GiB + activations {plan['activations_gib_per_rank_est']:.2f}"
         f" GiB" + (f" + runtime {plan['runtime_overhead_gib_per_rank']:.2f} GiB"
                    if plan["runtime_overhead_gib_per_rank"] else ""),
+        *_format_attention(plan),
         *_format_all_to_all(plan),
     ])
+
+
+def _format_attention(plan: dict[str, Any]) -> list[str]:
+    att = plan.get("attention") or {"kind": "dense"}
+    if att["kind"] == "dense":
+        return ["attention           dense in every block"]
+    shift = ", shifted on odd blocks" if att["shift"] else ""
+    return [f"attention           {att['kind']}: window {att['window']}{shift}, dense blocks {att['dense_blocks']}; "
+            f"forward FLOPs {att['forward_flops_vs_dense_attention']:.2f}x the same model with dense attention"]
 
 
 def _format_all_to_all(plan: dict[str, Any]) -> list[str]:

@@ -228,3 +228,24 @@ def test_device_flag_picks_the_memory_model_and_is_printed(capsys):
     proc = subprocess.run([sys.executable, "-m", "pipeline.plan", *BASE, *args, "--device", "cpu"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "GiB on cpu" in proc.stdout, proc.stderr
+
+
+def test_local_attention_lowers_flops_and_activations_and_is_reported(capsys):
+    """At 224 px / patch 16 (14x14 patches), 7x7 windows: fewer attention pairs -> fewer FLOPs and activation
+    bytes than dense; a dense block listed in attention_global_layers costs what dense does; the plan names it."""
+    args = ["--ds-config", str(REPO / "ds_configs/zero2_bf16.json"), "--world-size", "8"]
+    code, dense = plan(capsys, *args)
+    assert code == 0, dense
+    local_args = [*args, "--set", "model.attention=local", "--set", "model.attention_window=7"]
+    code, local = plan(capsys, *local_args)
+    assert code == 0, local
+    code, half = plan(capsys, *local_args, "--set", "model.attention_global_layers=[0, 2, 4, 6, 8, 10]")
+    assert code == 0, half
+    assert local["train_flops_per_sample"] < half["train_flops_per_sample"] < dense["train_flops_per_sample"]
+    assert local["activations_gib_per_rank_est"] < half["activations_gib_per_rank_est"] \
+        < dense["activations_gib_per_rank_est"]
+    ratio = local["attention"]["forward_flops_vs_dense_attention"]
+    assert ratio == pytest.approx(local["train_flops_per_sample"] / dense["train_flops_per_sample"])
+    assert dense["attention"] == {"kind": "dense"}
+    assert plan_main([*BASE, *local_args]) == 0
+    assert "attention           local: window 7" in capsys.readouterr().out

@@ -34,13 +34,18 @@ def inputs() -> dict:
 
 
 def reference_mask(cfg: ModelConfig, segments: list[Segment], valid_bn, causal: bool, prefix, shifted: bool):
-    """[B, N, N] allowed pairs written from the definition: a grid token sees the grid tokens of its window
-    (same window row and column on the shifted canvas) and the global tokens the dense rule lets it see; a
-    global token sees what the dense rule lets it see."""
-    n = segments[-1].end
+    """[B, N, N] allowed pairs written from the definition: a grid token sees the grid tokens of its group and
+    the global tokens the dense rule lets it see; a global token sees what the dense rule lets it see. Group
+    (Swin): on the canvas padded to window multiples and rolled back by the shift, the same window and, within
+    it, the same region (Swin's slices [0, -w), [-w, -s), [-s, end) of each axis)."""
     dense = attention_rows(segments, valid_bn, 2, causal, CPU, prefix)
-    local = torch.zeros(n, dtype=torch.bool)
-    window_of = {}
+    group_of = {}
+
+    def axis(pos: int, size: int, win: int, shift: int) -> tuple[int, int]:
+        padded = -(-size // win) * win
+        rolled = (pos - shift) % padded
+        return rolled // win, int(rolled >= padded - win) + int(shift > 0 and rolled >= padded - shift)
+
     for seg in segments:
         if seg.modality == "text":
             continue
@@ -53,14 +58,11 @@ def reference_mask(cfg: ModelConfig, segments: list[Segment], valid_bn, causal: 
         sc = wc // 2 if shifted and wc < cols else 0
         for t in range(patches):
             r, c = divmod(t, cols)
-            window_of[seg.start + 1 + t] = (seg.modality, (r + sr) // wr, (c + sc) // wc)
-            local[seg.start + 1 + t] = True
+            group_of[seg.start + 1 + t] = (seg.modality, axis(r, rows, wr, sr), axis(c, cols, wc, sc))
     allowed = dense.clone()
-    for q in range(n):
-        if not local[q]:
-            continue
-        for k in range(n):
-            if local[k] and window_of[k] != window_of[q]:
+    for q, group in group_of.items():
+        for k, other in group_of.items():
+            if other != group:
                 allowed[:, q, k] = False
     return allowed
 
@@ -148,18 +150,28 @@ def test_padding_is_never_attended():
 
 
 def test_shifted_windows_carry_information_across_window_borders():
-    """Two local blocks, window 2: without shift patch (0,0) never hears patch (2,2) except through the global
-    tokens; the shifted second block puts (1,1) and (2,2) in one window, so the direct path exists. Checked
-    on the attention layouts: the shifted layout's windows straddle the unshifted ones' borders."""
+    """Window 2 on the 8x8 grid: unshifted, patch (1,1) shares a window with (0,0), not with (2,2); shifted
+    (cyclic, by 1), (1,1) attends (2,2) and no longer (0,0), and the wrapped-around corner keeps (0,0) apart
+    from (7,7), which share a window slot-wise. Both use 16 windows (a cyclic shift adds none)."""
     cfg = tiny("local", 2).cfg
     segments = [Segment("image", 0, 65, None)]
-    plain = build_local_layout(cfg, segments, None, 1, False, CPU, None, False).groups[0].index_wl
-    shifted = build_local_layout(cfg, segments, None, 1, False, CPU, None, True).groups[0].index_wl
     token = lambda r, c: 1 + r * 8 + c  # noqa: E731
-    together = lambda idx, a, b: any(a in row and b in row for row in idx.tolist())  # noqa: E731
-    assert together(plain, token(0, 0), token(1, 1)) and not together(plain, token(1, 1), token(2, 2))
-    assert together(shifted, token(1, 1), token(2, 2)) and not together(shifted, token(0, 0), token(1, 1))
-    assert shifted.shape[0] == 25 and plain.shape[0] == 16  # 5x5 windows on the padded canvas, 4x4 without
+    sees = {}
+    for shifted in (False, True):
+        layout = build_local_layout(cfg, segments, None, 1, False, CPU, None, shifted)
+        (group,) = layout.groups
+        assert group.index_wl.shape == (16, 4)
+        allowed = set()
+        for w, slots in enumerate(group.index_wl.tolist()):
+            for i, q in enumerate(slots):
+                for j, k in enumerate(slots):
+                    if group.mask_bwlm is None or group.mask_bwlm[0, w, i, j]:
+                        allowed.add((q, k))
+        sees[shifted] = allowed
+    assert (token(1, 1), token(0, 0)) in sees[False] and (token(1, 1), token(2, 2)) not in sees[False]
+    assert (token(1, 1), token(2, 2)) in sees[True] and (token(1, 1), token(0, 0)) not in sees[True]
+    assert (token(0, 0), token(7, 7)) not in sees[True] and (token(0, 7), token(0, 0)) not in sees[True]
+    assert (token(0, 0), token(0, 0)) in sees[True]
 
 
 def test_cached_decoding_with_local_attention_matches_full_passes():
@@ -187,7 +199,9 @@ def test_attention_pairs_and_flops_follow_the_option():
     assert attention_pairs(dense, 0, tokens) == n * n
     g = 1 + 32
     assert attention_pairs(local, 0, tokens) == g * n + 1024 * (64 + g)  # 16 windows of 8x8, no padding
-    assert attention_pairs(local, 1, tokens) == g * n + 25 * 64 * (64 + g)  # shifted: 5x5 windows on a 40x40 canvas
+    assert attention_pairs(local, 1, tokens) == g * n + 1024 * (64 + g)  # shifted: as many windows (cyclic)
+    odd = ModelConfig(image_size=240, patch_size=8, attention="local", attention_window=8)  # 30x30: padded to 32
+    assert attention_pairs(odd, 1, {"image": 901, "text": 32}) == g * 933 + 1024 * (64 + g)
     assert attention_pairs(local, 5, tokens) == n * n  # a global layer
     whole = ModelConfig(image_size=256, patch_size=8, attention="local", attention_window=32)
     assert attention_pairs(whole, 1, tokens) == n * n  # one window: the dense count

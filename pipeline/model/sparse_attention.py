@@ -13,10 +13,11 @@ instead of P x N.
 
 Windows (Swin, Liu et al. 2021): the image grid is cut into ``attention_window`` x ``attention_window``
 squares; the audio grid into every frequency row x ``attention_window`` time columns (1-D windows along
-time). With ``attention_shift`` the windows of odd blocks are offset by half a window along each axis the
-grid is larger than the window on, so information crosses window borders every other block. A grid that is
-not a multiple of the window (or a shifted one) is padded with slots that are never attended; the padding
-of a modality (``valid`` False) is never attended either.
+time). With ``attention_shift`` the windows of odd blocks are shifted by half a window along each axis the
+grid is larger than the window on (Swin's cyclic shift: same number of windows, wrapped regions masked from
+each other), so information crosses window borders every other block. A grid that is not a multiple of the
+window is padded with slots that are never attended; the padding of a modality (``valid`` False) is never
+attended either.
 
 Real work, not a dense mask: the window tokens are gathered into [B*W, H, L, K] and one
 ``scaled_dot_product_attention`` call runs over them with their G global keys appended; the G global
@@ -79,16 +80,31 @@ def window_shape(cfg: ModelConfig, modality: str, grid: tuple[int, int], shifted
     return win, shift  # type: ignore[return-value]
 
 
-def window_partition(grid: tuple[int, int], win: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
-    """[W, L] grid index (row-major) of every window slot, -1 for padding: the grid is placed ``shift``
-    slots from the top-left of a padded canvas whose sides are multiples of the window, and the canvas is
-    cut into windows."""
+def window_partition(grid: tuple[int, int], win: tuple[int, int], shift: tuple[int, int]
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([W, L] grid index (row-major) of every window slot, -1 for padding; [W, L] region of every slot, or
+    None without shift). As Swin does: the grid is padded at the bottom and right to multiples of the window,
+    rolled up and left by ``shift`` (cyclic shift: as many windows as without shift) and cut into windows; a
+    window that wraps around holds tokens of up to 4 regions of the canvas, and a token attends only the
+    tokens of its own region (Swin's attention mask: slices [0, -w), [-w, -s), [-s, end) of each axis)."""
     (rows, cols), (wr, wc), (sr, sc) = grid, win, shift
-    canvas_r, canvas_c = -(-(rows + sr) // wr) * wr, -(-(cols + sc) // wc) * wc
+    canvas_r, canvas_c = -(-rows // wr) * wr, -(-cols // wc) * wc
     canvas = torch.full((canvas_r, canvas_c), -1, dtype=torch.long)
-    canvas[sr:sr + rows, sc:sc + cols] = torch.arange(rows * cols).view(rows, cols)
-    windows = canvas.view(canvas_r // wr, wr, canvas_c // wc, wc).permute(0, 2, 1, 3).reshape(-1, wr * wc)
-    return windows[(windows >= 0).any(dim=1)]
+    canvas[:rows, :cols] = torch.arange(rows * cols).view(rows, cols)
+
+    def cut(x: torch.Tensor) -> torch.Tensor:
+        return x.view(canvas_r // wr, wr, canvas_c // wc, wc).permute(0, 2, 1, 3).reshape(-1, wr * wc)
+
+    if not (sr or sc):
+        windows = cut(canvas)
+        return windows[(windows >= 0).any(dim=1)], None
+    canvas = torch.roll(canvas, shifts=(-sr, -sc), dims=(0, 1))
+    r, c = torch.arange(canvas_r), torch.arange(canvas_c)
+    region_r = (r >= canvas_r - wr).long() + (sr > 0) * (r >= canvas_r - sr).long()
+    region_c = (c >= canvas_c - wc).long() + (sc > 0) * (c >= canvas_c - sc).long()
+    windows, regions = cut(canvas), cut(region_r[:, None] * 3 + region_c[None, :])
+    keep = (windows >= 0).any(dim=1)
+    return windows[keep], regions[keep]
 
 
 def attention_rows(segments: list[Segment], valid_bn: torch.Tensor | None, batch: int, causal: bool,
@@ -130,8 +146,8 @@ def build_local_layout(cfg: ModelConfig, segments: list[Segment], valid_bn: torc
         if grid is None or grid[0] * grid[1] == 0:
             continue
         win, shift = window_shape(cfg, seg.modality, grid, shifted)
-        slots_wl = window_partition(grid, win, shift)
-        windows.append(torch.where(slots_wl >= 0, slots_wl + seg.start + 1, -1))
+        slots_wl, region_wl = window_partition(grid, win, shift)
+        windows.append((torch.where(slots_wl >= 0, slots_wl + seg.start + 1, -1), region_wl))
         is_local_n[seg.start + 1:seg.end] = True
     if not windows:
         return None
@@ -146,7 +162,7 @@ def build_local_layout(cfg: ModelConfig, segments: list[Segment], valid_bn: torc
     groups, offset = [], len(global_g)
     inverse_n = torch.empty(n, dtype=torch.long)
     inverse_n[global_g] = torch.arange(len(global_g))
-    for slots_wl in windows:
+    for slots_wl, region_wl in windows:
         real_wl = slots_wl >= 0
         inverse_n[slots_wl[real_wl]] = offset + real_wl.flatten().nonzero().squeeze(1)
         offset += slots_wl.numel()
@@ -156,10 +172,14 @@ def build_local_layout(cfg: ModelConfig, segments: list[Segment], valid_bn: torc
         if valid_bn is not None:
             key_ok_bwl = key_ok_bwl & valid_bn[:, index_wl]
         mask = None
-        if not (bool(key_ok_bwl.all()) and bool(global_ok_bg.all())):
+        if region_wl is not None or not (bool(key_ok_bwl.all()) and bool(global_ok_bg.all())):
             w, L = index_wl.shape
-            mask = torch.cat([key_ok_bwl[:, :, None, :].expand(batch, w, L, L),
-                              global_ok_bg[:, None, None, :].expand(batch, w, L, len(global_g))], dim=3).clone()
+            window_bwll = key_ok_bwl[:, :, None, :].expand(batch, w, L, L)
+            if region_wl is not None:
+                region_wl = region_wl.to(device)
+                window_bwll = window_bwll & (region_wl[:, :, None] == region_wl[:, None, :])[None]
+            mask = torch.cat([window_bwll, global_ok_bg[:, None, None, :].expand(batch, w, L, len(global_g))],
+                             dim=3).clone()
             mask[..., :L] |= torch.eye(L, dtype=torch.bool, device=device)  # a slot sees itself: no empty row
         groups.append(WindowGroup(index_wl, mask))
     return LocalLayout(global_g.to(device), global_mask, groups, inverse_n.to(device))
@@ -217,7 +237,7 @@ def attention_pairs(cfg: ModelConfig, index: int, tokens: dict[str, int]) -> int
     pairs = g * n
     for seg, grid in grids:
         win, shift = window_shape(cfg, seg.modality, grid, shifted=cfg.attention_shift and index % 2 == 1)
-        slots = window_partition(grid, win, shift).numel()
+        slots = window_partition(grid, win, shift)[0].numel()
         pairs += slots * (win[0] * win[1] + g)
     return pairs
 
