@@ -123,3 +123,20 @@ def test_moe_quality_variants_configure_the_model_they_name():
     assert balance["balance_step"] == 10
     assert balance["load_cv"] == pytest.approx(1.0) and balance["dropped_frac"] == pytest.approx(0.1)
     assert balance["load_cv_per_ffn"] == {"layer1/image": 0.5, "layer3/vl": 1.5}
+
+
+def test_attention_bench_times_and_measures_local_and_dense(tmp_path):
+    """bench_attention --quick on one 8x8 grid (window 4: 4 windows): every variant is timed, the memory child
+    reports a peak growth after its reset, local computes fewer pairs than dense, and a whole-grid window gives
+    dense's output (the bench drives the real local path)."""
+    from bench import bench_attention
+    assert bench_attention.parse_args(["--quick"]).quick
+    bench_attention.main(["--quick", "--grids", "8", "--variants", "dense_mask", "local", "--out", str(tmp_path)])
+    result = json.loads(next(tmp_path.glob("attention_*.json")).read_text())
+    (times,) = result["times"]
+    assert times["n"] == 1 + 8 * 8 + 32
+    assert times["local"]["pass_s"] > 0 and times["dense_mask"]["setup_s"] > 0
+    assert {m["variant"] for m in result["memory"]} == {"dense_mask", "local"}
+    assert all(m["hwm_reset"] and m["growth_mib"] > 0 for m in result["memory"])
+    assert result["pairs"]["97"][0] < 97 * 97
+    assert result["whole_grid_max_abs_diff"] < 1e-5
