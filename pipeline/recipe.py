@@ -44,7 +44,9 @@ class DataConfig:
     train: list[SourceConfig] = _f(help="training sources (resampled shards, mixed by weight)")
     tokenizer: str = _f(help="Hugging Face tokenizer folder (data_prep tokenizer output)")
     eval: SourceConfig | None = _f(None, help="evaluation source, read exactly once per eval")
-    image_size: int = _f(64, help="every image becomes image_size x image_size")
+    image_size: int = _f(64, help="every image becomes image_size x image_size (a multiple of model.patch_size; "
+                                  "another size than model.image_size interpolates the position embeddings, e.g. to "
+                                  "fine-tune at a higher resolution)")
     text_len: int = _f(32, help="every text is padded/truncated to this many tokens")
     num_workers: int = _f(1, help="DataLoader workers per rank")
     shuffle_buffer: int = _f(1000, help="samples in the training shuffle buffer")
@@ -193,6 +195,12 @@ class Recipe:
             raise ConfigError(f"task: {exc}") from exc
         self.objectives = task_class.resolve_objectives(self.objectives)
         task_class.parse_options(self.task_options)  # checked here, typed again where the task is built
+        if self.data.text_len > self.model.max_text_len:
+            raise ConfigError(f"data.text_len={self.data.text_len} exceeds model.max_text_len={self.model.max_text_len} "
+                              "(text positions are learned up to it)")
+        if "image" in self.model.modalities and self.data.image_size % self.model.patch_size:
+            raise ConfigError(f"data.image_size={self.data.image_size} is not a multiple of model.patch_size="
+                              f"{self.model.patch_size}")
         if self.init.active and self.init_from:
             raise ConfigError(f"init (init.vit / init.bert / init.ast) and init_from={self.init_from} are both set: "
                               "init_from already gives every weight (the earlier stage's); drop the init section")

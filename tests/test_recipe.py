@@ -84,3 +84,16 @@ def test_resolved_recipe_round_trips(tmp_path):
 def test_task_options_of_a_task_without_options_are_refused():
     with pytest.raises(ConfigError, match=r"task_options: task gqa takes no options, got \['answer_count'\]"):
         load_recipe(REPO / "launch/recipes/gqa.yaml", ["init_from=null", "task_options.answer_count=3"])
+
+
+def test_data_sizes_are_checked_against_the_model_before_launch():
+    """A larger image than the model's positions were learned for is allowed (they are interpolated: fine-tuning
+    at a higher resolution); a size that is not a multiple of the patch, or text longer than the learned text
+    positions, is refused when the recipe loads (before any rank starts)."""
+    path = REPO / "launch/recipes/vl_pretrain.yaml"
+    recipe = load_recipe(path, ["data.image_size=256", "model.image_size=64", "model.patch_size=16"])
+    assert recipe.data.image_size == 256
+    with pytest.raises(ConfigError, match="data.image_size=100 is not a multiple of model.patch_size=16"):
+        load_recipe(path, ["data.image_size=100", "model.patch_size=16"])
+    with pytest.raises(ConfigError, match="data.text_len=64 exceeds model.max_text_len=32"):
+        load_recipe(path, ["data.text_len=64", "model.max_text_len=32"])

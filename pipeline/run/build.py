@@ -32,8 +32,6 @@ def build_task(recipe: Any, tokenizer: Any, dist: DistInfo, model: nn.Module | N
     if len(tokenizer) > recipe.model.vocab_size:
         raise ConfigError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's "
                           f"{len(tokenizer)} tokens: set model.vocab_size >= {len(tokenizer)}")
-    if recipe.data.text_len > recipe.model.max_text_len or recipe.data.image_size > recipe.model.image_size:
-        raise ConfigError("data.text_len/image_size exceed model.max_text_len/image_size")
     # the training data's vocabulary sizes the heads; eval data is scored against it, never sizes them
     train_path = Path(recipe.data.train[0].path)
     data_dir = train_path if train_path.is_dir() else None
