@@ -306,8 +306,18 @@ def check_task_modalities(recipe: Any) -> None:
 
 
 def check_init_from(recipe: Any) -> None:
-    from pipeline.recipe import init_from_shape_error
+    from pipeline.recipe import build_model_config, init_from_shape_error, read_yaml
+    from pipeline.run.run_dir import RunDir
 
+    if recipe.init_from and recipe.model.moe_layers:
+        previous = build_model_config(read_yaml(RunDir.of(recipe.init_from).saved_recipe("init_from")).get("model", {}))
+        old, new = previous.moe.impl, recipe.model.moe.impl
+        if previous.moe_layers and old != new:
+            how = (f"convert it first: python -m pipeline.run.convert_moe {recipe.init_from} --output NEW_RUN, then "
+                   "init_from: NEW_RUN" if (old, new) == ("gshard", "dropless") else
+                   f"there is no {old} -> {new} converter: keep model.moe.impl={old}")
+            raise ConfigError(f"init_from {recipe.init_from}: its experts are model.moe.impl={old} tensors and this "
+                              f"recipe's model has impl={new} (other parameter names); {how}")
     mismatched = init_from_mismatches(recipe.model, recipe.init_from)
     if mismatched:
         raise init_from_shape_error(recipe.init_from, mismatched)

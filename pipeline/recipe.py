@@ -196,8 +196,8 @@ class Recipe:
         self.objectives = task_class.resolve_objectives(self.objectives)
         task_class.parse_options(self.task_options)  # checked here, typed again where the task is built
         if self.data.text_len > self.model.max_text_len:
-            raise ConfigError(f"data.text_len={self.data.text_len} exceeds model.max_text_len={self.model.max_text_len} "
-                              "(text positions are learned up to it)")
+            raise ConfigError(f"data.text_len={self.data.text_len} exceeds model.max_text_len="
+                              f"{self.model.max_text_len} (text positions are learned up to it)")
         if "image" in self.model.modalities and self.data.image_size % self.model.patch_size:
             raise ConfigError(f"data.image_size={self.data.image_size} is not a multiple of model.patch_size="
                               f"{self.model.patch_size}")

@@ -85,6 +85,15 @@ def test_fine_tune_whose_model_cannot_load_init_from_is_rejected_before_launch(t
     err = capsys.readouterr().err
     assert "init_from" in err and "embeddings.image.position: init_from [1, 17, 64] vs this recipe [1, 65, 64]" in err
     assert plan_main(vqa) == 0
+    # another MoE implementation: other tensor names, which the shape check does not see; the plan names the
+    # converter (gshard -> dropless) or says there is none
+    assert plan_main([*vqa, "--set", "model.moe.impl=dropless"]) == 2
+    assert f"python -m pipeline.run.convert_moe {run} --output NEW_RUN" in capsys.readouterr().err
+    (run / "resolved_recipe.yaml").write_text((run / "resolved_recipe.yaml").read_text().replace(
+        "vocab_size: 1000}", "vocab_size: 1000, moe: {impl: dropless}}"))
+    assert plan_main(vqa) == 0  # the fine-tune's model inherits impl: dropless from init_from
+    assert plan_main([*vqa, "--set", "model.moe.impl=gshard"]) == 2
+    assert "there is no dropless -> gshard converter" in capsys.readouterr().err
 
 
 def test_input_problems_and_an_impossible_engine_are_listed_together(tmp_path, capsys):
