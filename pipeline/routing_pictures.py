@@ -138,13 +138,17 @@ class RoutingRecorder:
 
     def run(self, inputs: dict[str, tuple[Any, ...]]) -> tuple[list[MoECall], dict[str, tuple[int, int]]]:
         """(MoE calls in call order, modality -> span) of one pass over ``inputs`` (``VLMoE.encode``, no grad).
-        Collective under expert parallelism (the MoE all-to-all): every rank runs it on same-shaped inputs."""
+        Collective under expert parallelism (the MoE all-to-all): every rank runs it on same-shaped inputs.
+        The pass runs without token merging (``model.token_merge``), so every image token is one patch: the
+        blocks after a merge show the routing of the unmerged sequence."""
         import torch
+
+        from pipeline.model.token_merge import merging_off
 
         self.raw = []
         handles = self._install()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), merging_off(self.vlmoe):
                 out = self.vlmoe.encode(inputs)
         finally:
             for handle in handles:

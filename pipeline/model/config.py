@@ -64,6 +64,11 @@ class AudioConfig:
         return freq * time
 
 
+#: MoEConfig fields only ``impl: dropless`` reads; set to other than their default under gshard they are refused
+DROPLESS_ONLY = ("score_func", "route_norm", "balance", "bias_update_rate", "z_loss_coef", "expert_ffn_size",
+                 "shared_experts", "expert_groups", "max_groups_per_token", "grouped_mm")
+
+
 @dataclasses.dataclass
 class MoEConfig:
     """Sparse Mixture-of-Experts FFNs (``deepspeed.moe.layer.MoE``), one router per modality."""
@@ -127,6 +132,12 @@ class MoEConfig:
             raise ValueError(f"moe.top_k must be 1 or 2 with moe.impl gshard, got {self.top_k}")
         if self.impl == "dropless":
             self._check_dropless()
+        else:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            ignored = [name for name in DROPLESS_ONLY if getattr(self, name) != defaults[name]]
+            if ignored:
+                raise ValueError(f"moe.{', moe.'.join(ignored)} apply to moe.impl: dropless only (gshard would ignore "
+                                 "them); set moe.impl: dropless or drop them")
         if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
             raise ValueError("moe.capacity_factor and moe.eval_capacity_factor must be > 0")
         if self.min_capacity < 0:
@@ -216,6 +227,18 @@ class ModelConfig:
                 "windows), so information crosses window borders"})
     attention_global_layers: list[int] = field(default_factory=list, metadata={
         "help": "blocks that keep dense attention with attention: local (ViTDet: a few evenly spaced blocks)"})
+    token_merge: int = field(default=0, metadata={
+        "help": "image patch tokens merged away after each block of token_merge_layers (ToMe's r, Bolya et al. "
+                "2022: bipartite soft matching, size-weighted averages; never the CLS, text or audio tokens); "
+                "a fixed count, so the MoE calls keep their token counts; 0 = off (when to use: README, Long "
+                "visual sequences)"})
+    token_merge_layers: list[int] | None = field(default=None, metadata={
+        "help": "blocks after which token_merge patches are merged (each merge at most half of the patches "
+                "left); default: every block but the last (ToMe). Blocks after the first merge need dense "
+                "attention (attention_global_layers with attention: local): merged patches are no grid"})
+    token_merge_proportional: bool = field(default=True, metadata={
+        "help": "with token_merge, proportional attention: a merged token's attention logit gets log(its "
+                "patches), so it weighs as the tokens it replaced (ToMe eq. 1)"})
     pooling: Literal["cls", "mean"] = field(default="cls", metadata={
         "help": "pooled output the heads read: cls = first token (VLMo); mean = mean of the valid tokens "
                 "(open_clip pool_type='avg'; effect on small data: BENCHMARKS.md, VQA learning speed)"})
@@ -253,6 +276,35 @@ class ModelConfig:
         bad = [i for i in self.attention_global_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"attention_global_layers {bad}: block indices must be in [0, {self.num_layers})")
+        self._check_token_merge()
+
+    def _check_token_merge(self) -> None:
+        if self.token_merge < 0:
+            raise ValueError(f"token_merge must be >= 0, got {self.token_merge}")
+        layers = self.token_merge_layers or []
+        bad = [i for i in layers if not 0 <= i < self.num_layers - 1]
+        if bad:
+            raise ValueError(f"token_merge_layers {bad}: merges happen after a block and before the next, so "
+                             f"indices must be in [0, {self.num_layers - 1}) (num_layers {self.num_layers})")
+        if not self.token_merge:
+            return
+        if not self.token_merge_blocks:
+            raise ValueError("token_merge > 0 needs at least one block in token_merge_layers")
+        patches = self.num_patches
+        for index in self.token_merge_blocks:
+            if self.token_merge > patches // 2:
+                raise ValueError(f"token_merge ({self.token_merge}) after block {index}: only {patches} image "
+                                 f"patches are left there (image_size {self.image_size}, patch_size "
+                                 f"{self.patch_size}, token_merge_layers {self.token_merge_blocks}) and one merge "
+                                 f"takes at most half; lower token_merge or merge after fewer blocks")
+            patches -= self.token_merge
+        first = self.token_merge_blocks[0]
+        local = [i for i in range(first + 1, self.num_layers)
+                 if self.attention == "local" and i not in self.attention_global_layers]
+        if local:
+            raise ValueError(f"attention: local in blocks {local}, after the first token merge (block {first} of "
+                             f"token_merge_layers): merged patches are no longer a grid; add them to "
+                             f"attention_global_layers, or merge only after the last local block")
 
     @property
     def ffn_size(self) -> int:
@@ -266,6 +318,23 @@ class ModelConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def token_merge_blocks(self) -> list[int]:
+        """Sorted blocks after which image patches are merged ([] with token_merge 0)."""
+        if not self.token_merge:
+            return []
+        layers = range(self.num_layers - 1) if self.token_merge_layers is None else self.token_merge_layers
+        return sorted(set(layers))
+
+    def merged_after(self, patches: int) -> list[int]:
+        """Image patch tokens merged away after each block for an image of ``patches`` patches: token_merge
+        after each merging block, fewer where under 2 x token_merge are left (a merge takes at most half)."""
+        merged = [0] * self.num_layers
+        for index in self.token_merge_blocks:
+            merged[index] = min(self.token_merge, patches // 2)
+            patches -= merged[index]
+        return merged
 
     @property
     def moe_layers(self) -> list[int]:

@@ -27,6 +27,7 @@ from pipeline.model.embeddings import EMBEDDINGS
 from pipeline.model.dropless import draw_experts
 from pipeline.model.moe import MoEFFN, SparseFFN, expert_parallel_rank
 from pipeline.model.moe_stats import MoEStats
+from pipeline.model.token_merge import MergedKeys, merge_after_block
 
 
 def _init_module(module: nn.Module, std: float) -> None:
@@ -39,9 +40,13 @@ def _init_module(module: nn.Module, std: float) -> None:
         nn.init.zeros_(module.bias)
 
 
-def masked_mean(hidden_bnd: torch.Tensor, mask_bn: torch.Tensor) -> torch.Tensor:
-    """Mean over the tokens where ``mask_bn`` is True: [B, N, D] -> [B, D]."""
+def masked_mean(hidden_bnd: torch.Tensor, mask_bn: torch.Tensor, size_bn: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """Mean over the tokens where ``mask_bn`` is True: [B, N, D] -> [B, D]; ``size_bn``: each token weighs as
+    the patches it holds (token merging)."""
     weights_bn1 = mask_bn.to(hidden_bnd.dtype)[..., None]
+    if size_bn is not None:
+        weights_bn1 = weights_bn1 * size_bn.to(hidden_bnd.dtype)[..., None]
     return (hidden_bnd * weights_bn1).sum(1) / weights_bn1.sum(1).clamp(min=1)
 
 
@@ -49,10 +54,11 @@ def masked_mean(hidden_bnd: torch.Tensor, mask_bn: torch.Tensor) -> torch.Tensor
 class EncoderOutput:
     hidden: torch.Tensor  # [B, N, D] final (normed) hidden states, modalities in cfg order
     cls: torch.Tensor  # [B, D] first token: the CLS of the first modality present (cfg.modalities order)
-    num_image_tokens: int  # image tokens at the start of ``hidden`` (0 without image)
+    num_image_tokens: int  # image tokens in ``hidden`` (0 without image; after token merging: the merged count)
     token_mask: torch.Tensor  # [B, N] bool, False for padding
     spans: dict[str, tuple[int, int]]  # modality -> [start, end) in ``hidden``
     pooled: torch.Tensor  # [B, D] what heads read: ``cls``, or the mean of valid tokens (cfg.pooling)
+    token_sizes: torch.Tensor | None = None  # [B, N] patches each token holds after token merging (None: none)
 
 
 @dataclasses.dataclass
@@ -62,6 +68,9 @@ class DecodeCache:
     layers: list[LayerKV]  # one per block: keys and values of every token so far
     valid_bm: torch.Tensor | None = None  # [B, M] bool: the cached tokens a new token may attend (not padding)
     fused: bool = False  # the prefix holds more than one modality: text tokens use the fusion blocks' VL-FFN
+    # block index -> its cached keys when it runs after a token merge (blocks between two merges share one);
+    # the other blocks use ``valid_bm``
+    merged: dict[int, MergedKeys] = dataclasses.field(default_factory=dict)
 
     def select(self, index_b: torch.Tensor) -> None:
         """Keep (and repeat / reorder) batch rows ``index_b``."""
@@ -69,6 +78,8 @@ class DecodeCache:
             layer.select(index_b)
         if self.valid_bm is not None:
             self.valid_bm = self.valid_bm[index_b]
+        for keys in {id(k): k for k in self.merged.values()}.values():
+            keys.select(index_b)
 
 
 class VLMoE(nn.Module):
@@ -165,13 +176,25 @@ class VLMoE(nn.Module):
         layouts = attention_layouts(self.cfg, segments, valid_bn, batch, causal, x_bnd.device, text_prefix)
         mask_b1nn = None if all(layouts) else \
             attention_mask(segments, valid_bn, batch, causal, x_bnd.device, text_prefix)
-        for index, block in enumerate(self.blocks):
-            x_bnd = block(x_bnd, segments, valid_bn, mask_b1nn, self.moe_stats,
-                          cache=None if cache is None else cache.layers[index], layout=layouts[index])
         if cache is not None:
             cache.valid_bm = valid_bn if valid_bn is not None else \
                 torch.ones(batch, x_bnd.shape[1], dtype=torch.bool, device=x_bnd.device)
             cache.fused = len(segments) > 1
+        image = next((s for s in segments if s.modality == "image"), None)
+        merged_after = self.cfg.merged_after(image.end - image.start - 1) if image is not None \
+            else [0] * len(self.blocks)
+        size_bn, merged_keys = None, None
+        for index, block in enumerate(self.blocks):
+            if cache is not None and merged_keys is not None:
+                cache.merged[index] = merged_keys
+            x_bnd = block(x_bnd, segments, valid_bn, mask_b1nn, self.moe_stats,
+                          cache=None if cache is None else cache.layers[index], layout=layouts[index])
+            if merged_after[index]:  # config: the blocks after it are dense (layout None)
+                x_bnd, size_bn, segments, valid_bn, mask_b1nn = merge_after_block(
+                    x_bnd, size_bn, segments, merged_after[index], causal, text_prefix,
+                    self.cfg.token_merge_proportional)
+                if cache is not None:
+                    merged_keys = MergedKeys.of(valid_bn, size_bn, self.cfg.token_merge_proportional)
         hidden = self.norm(x_bnd)
         token_mask = valid_bn if valid_bn is not None else \
             torch.ones(batch, x_bnd.shape[1], dtype=torch.bool, device=hidden.device)
@@ -183,8 +206,8 @@ class VLMoE(nn.Module):
             cols_n = torch.arange(hidden.shape[1], device=hidden.device)[None]
             after_prefix = (cols_n >= text_start + text_prefix.to(hidden.device)[:, None]) & (cols_n < text_end)
             pool_mask = token_mask & ~after_prefix
-        pooled = hidden[:, 0] if self.cfg.pooling == "cls" else masked_mean(hidden, pool_mask)
-        return EncoderOutput(hidden, hidden[:, 0], num_image, token_mask, spans, pooled)
+        pooled = hidden[:, 0] if self.cfg.pooling == "cls" else masked_mean(hidden, pool_mask, size_bn)
+        return EncoderOutput(hidden, hidden[:, 0], num_image, token_mask, spans, pooled, size_bn)
 
     def decode_step(self, input_ids_bn: torch.Tensor, positions_bn: torch.Tensor, cache: DecodeCache
                     ) -> torch.Tensor:
@@ -201,9 +224,12 @@ class VLMoE(nn.Module):
         cache.valid_bm = torch.cat([cache.valid_bm, new_valid], dim=1)
         allowed_bnm = cache.valid_bm[:, None, :].expand(batch, n, cached + n).clone()
         allowed_bnm[:, :, cached:] &= torch.ones(n, n, dtype=torch.bool, device=x_bnd.device).tril()
+        shared = {id(keys): keys for keys in cache.merged.values()}  # blocks between two merges share one
+        masks = {key: keys.extend(n, x_bnd.dtype) for key, keys in shared.items()}
         segments = [Segment("text", 0, n, None)]
         for index, block in enumerate(self.blocks):
-            x_bnd = block(x_bnd, segments, None, allowed_bnm[:, None], self.moe_stats, cache=cache.layers[index],
+            mask_b1nm = masks[id(cache.merged[index])] if index in cache.merged else allowed_bnm[:, None]
+            x_bnd = block(x_bnd, segments, None, mask_b1nm, self.moe_stats, cache=cache.layers[index],
                           fused=cache.fused)
         return self.norm(x_bnd)
 
