@@ -216,6 +216,15 @@ def test_bad_dropless_settings_are_refused_with_the_field_named(moe, message):
         MoEConfig(impl="dropless", **moe)
 
 
+def test_dropless_only_settings_under_gshard_are_refused_not_ignored():
+    """A gshard MoE would silently ignore them (a user asking for sigmoid routing or the z-loss would not get it)."""
+    with pytest.raises(ValueError, match=r"moe.score_func, moe.z_loss_coef apply to moe.impl: dropless only"):
+        MoEConfig(score_func="sigmoid", z_loss_coef=0.1)
+    with pytest.raises(ValueError, match=r"moe.shared_experts apply"):
+        MoEConfig(impl="gshard", shared_experts=1)
+    MoEConfig(impl="gshard", top_k=2, capacity_factor=2.0)  # its own settings pass
+
+
 def test_dropless_ep2_equals_ep1_survives_skew_trains_under_zero_and_resumes_at_ep1(tmp_path):
     proc = run_deepspeed("tests.dist.moe_dropless", ["all", str(tmp_path)], nproc=2, timeout=240)
     assert proc.stdout.count("DROPLESS_OK") == 2, proc.stdout[-3000:]
