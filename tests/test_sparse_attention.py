@@ -98,9 +98,9 @@ def test_local_attention_equals_dense_attention_under_the_window_mask(window, sh
 def test_a_window_covering_the_whole_grid_is_dense_attention(causal):
     """Window 30 >= the 8x8 image grid and the 25 audio time patches: image + text and audio + text passes of
     the local model give the dense model's hidden states and gradients (text padding, audio padding, with and
-    without a causal prefix). (Two grid modalities in one pass are two windows: an image patch reaches an
+    without a causal prefix; with qk_norm). (Two grid modalities in one pass are two windows: an image patch reaches an
     audio patch through the global tokens only.)"""
-    dense, local = tiny(), tiny("local", 30)
+    dense, local = tiny(qk_norm=True), tiny("local", 30, qk_norm=True)
     local.load_state_dict(dense.state_dict())
     kw = {"causal": causal, "text_prefix": torch.tensor([3, 2]) if causal else None}
     for pair in (("image", "text"), ("audio", "text")):

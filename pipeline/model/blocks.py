@@ -75,16 +75,18 @@ class Attention(nn.Module):
         keys."""
         b, n, d = x_bnd.shape
         qkv_bn3hk = self.qkv(x_bnd).view(b, n, 3, self.num_heads, d // self.num_heads)
-        if hasattr(self, "q_norm"):
-            qkv_bn3hk = torch.stack([self.q_norm(qkv_bn3hk[:, :, 0]), self.k_norm(qkv_bn3hk[:, :, 1]),
-                                     qkv_bn3hk[:, :, 2]], dim=2)
         dropout_p = self.attn_dropout if self.training else 0.0
         if layout is not None:
+            if hasattr(self, "q_norm"):
+                qkv_bn3hk = torch.stack([self.q_norm(qkv_bn3hk[:, :, 0]), self.k_norm(qkv_bn3hk[:, :, 1]),
+                                         qkv_bn3hk[:, :, 2]], dim=2)
             if cache is not None:
                 cache.append(qkv_bn3hk[:, :, 1].transpose(1, 2), qkv_bn3hk[:, :, 2].transpose(1, 2))
             return self.proj(local_attention(qkv_bn3hk, layout, dropout_p))
         qkv = qkv_bn3hk.permute(2, 0, 3, 1, 4)
         q_bhnk, k_bhnk, v_bhnk = qkv[0], qkv[1], qkv[2]
+        if hasattr(self, "q_norm"):
+            q_bhnk, k_bhnk = self.q_norm(q_bhnk), self.k_norm(k_bhnk)
         if cache is not None:
             k_bhnk, v_bhnk = cache.append(k_bhnk, v_bhnk)
         out_bhnk = F.scaled_dot_product_attention(q_bhnk, k_bhnk, v_bhnk, attn_mask=mask_b1nm, dropout_p=dropout_p)
