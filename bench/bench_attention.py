@@ -31,8 +31,9 @@ layout, q/k/v, the attention's saved tensors and workspace, and the gradients of
 Train step (``--train-step``): ``pipeline.train`` (``bench/rank_probe.py``, the real ``deepspeed`` launcher) with
 ``vl_pretrain`` on the cached synth corpus, the large model with dense FFNs (no MoE: attention's share is what
 changes), ``model.image_size=256 model.patch_size=8`` (32 x 32 = 1,024 patches), micro-batch ``--train-micro``,
-``--train-ranks`` ranks, ZeRO-2 fp32; dense then local then dense again (a drift check); step time from each
-run's ``train_log.jsonl`` after the warm-up steps.
+``--train-ranks`` ranks, ZeRO-2 fp32; runs alternate dense, local, dense, local (``--train-order``: the repeat
+shows the load drift); step time from each run's ``train_log.jsonl`` after the warm-up steps; ratio = mean dense /
+mean local step time.
 Prints tables; writes JSON to bench/results/attention_<time>.json.
 """
 from __future__ import annotations
@@ -77,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-only", action="store_true", help="only the training step")
     p.add_argument("--train-micro", type=int, default=2, help="micro-batch per rank of the training step")
     p.add_argument("--train-ranks", type=int, default=1)
+    p.add_argument("--train-order", nargs="+", choices=["dense", "local"], default=["dense", "local", "dense", "local"],
+                   help="runs in this order (alternating: load drift shows as dense vs dense)")
     p.add_argument("--train-steps", type=int, nargs=2, default=[1, 3], metavar=("WARMUP", "MEASURED"))
     p.add_argument("--quick", action="store_true", help="smoke run: g = 4, 8 (or --grids), 1 repeat, window 4")
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "GRID"), help=argparse.SUPPRESS)
@@ -226,7 +229,7 @@ def train_step(args: argparse.Namespace) -> list[dict[str, Any]]:
         f"model.image_size={image}", "model.patch_size=8", f"data.image_size={image}",
         f"model.attention_window={args.window}"]
     rows = []
-    for attention in ("dense", "local", "dense"):
+    for attention in args.train_order:
         sets = (common.data_sets(captions, tokenizer) + model_sets
                 + [f"model.attention={attention}", f"batch.micro_batch_size={args.train_micro}",
                    f"train.steps={warmup + measured}", "train.log_every=1", "train.save_every=0",
@@ -299,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
             [[r["attention"], r["step_time_s"], r["samples_per_s"],
               "/".join(f"{r['phases'].get(k, float('nan')):.2f}" for k in ("forward_s", "backward_s", "step_s")),
               r["peak_rss_gib"], f"{train[0]['step_time_s'] / r['step_time_s']:.2f}x"] for r in train]))
+        means = {a: statistics.mean(r["step_time_s"] for r in train if r["attention"] == a) for a in ("dense", "local")
+                 if any(r["attention"] == a for r in train)}
+        if len(means) == 2:
+            print(f"mean s/step: dense {means['dense']:.2f}, local {means['local']:.2f}: "
+                  f"dense / local {means['dense'] / means['local']:.2f}x")
         result["train"] = train
     result["table"] = "\n\n".join(tables)
     write_result(args.out, result)
