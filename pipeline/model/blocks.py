@@ -83,8 +83,7 @@ class Attention(nn.Module):
             if cache is not None:
                 cache.append(qkv_bn3hk[:, :, 1].transpose(1, 2), qkv_bn3hk[:, :, 2].transpose(1, 2))
             return self.proj(local_attention(qkv_bn3hk, layout, dropout_p))
-        qkv = qkv_bn3hk.permute(2, 0, 3, 1, 4)
-        q_bhnk, k_bhnk, v_bhnk = qkv[0], qkv[1], qkv[2]
+        q_bhnk, k_bhnk, v_bhnk = qkv_bn3hk.permute(2, 0, 3, 1, 4).unbind(0)  # unbind: no zero-filled grads
         if hasattr(self, "q_norm"):
             q_bhnk, k_bhnk = self.q_norm(q_bhnk), self.k_norm(k_bhnk)
         if cache is not None:

@@ -186,28 +186,29 @@ def build_local_layout(cfg: ModelConfig, segments: list[Segment], valid_bn: torc
 
 
 def local_attention(qkv_bn3hk: torch.Tensor, layout: LocalLayout, dropout_p: float) -> torch.Tensor:
-    """Attention of the packed projections [B, N, 3, H, K] under ``layout`` -> [B, N, D]."""
+    """Attention of the packed projections [B, N, 3, H, K] under ``layout`` -> [B, N, D]. Tensors are split
+    with ``unbind`` and gathered once per group: the backward of a select or an index allocates and zero-fills
+    a full-size gradient for each, which cost a fifth of the pass (BENCHMARKS.md, "Long visual sequences")."""
     b, n, _, h, k = qkv_bn3hk.shape
     g = len(layout.global_g)
-    qkv_3bhnk = qkv_bn3hk.permute(2, 0, 3, 1, 4)
-    q_bhnk, k_bhnk, v_bhnk = qkv_3bhnk[0], qkv_3bhnk[1], qkv_3bhnk[2]
     outs = []
     if g:
-        kv_g = qkv_bn3hk[:, layout.global_g, 1:].permute(2, 0, 3, 1, 4)  # [2, B, H, G, K]
-        out_bhgk = F.scaled_dot_product_attention(q_bhnk[:, :, layout.global_g], k_bhnk, v_bhnk,
+        q_bnhk, k_bnhk, v_bnhk = qkv_bn3hk.unbind(2)
+        q_ghk, k_ghk, v_ghk = (t.permute(0, 2, 1, 3) for t in qkv_bn3hk[:, layout.global_g].unbind(2))
+        out_bhgk = F.scaled_dot_product_attention(q_ghk, k_bnhk.transpose(1, 2), v_bnhk.transpose(1, 2),
                                                   attn_mask=layout.global_mask_b1gn, dropout_p=dropout_p)
         outs.append(out_bhgk.transpose(1, 2).reshape(b, g, h * k))
     for group in layout.groups:
         w, L = group.index_wl.shape
-        win = qkv_bn3hk[:, group.index_wl].permute(3, 0, 1, 4, 2, 5)  # [3, B, W, H, L, K]
-        q_whlk = win[0].reshape(b * w, h, L, k)
-        k_whlk, v_whlk = win[1], win[2]
+        q_bwlhk, k_bwlhk, v_bwlhk = qkv_bn3hk[:, group.index_wl].unbind(3)  # [B, W, L, H, K] each
+        q_whlk = q_bwlhk.permute(0, 1, 3, 2, 4).reshape(b * w, h, L, k)
+        k_bwhlk, v_bwhlk = k_bwlhk.permute(0, 1, 3, 2, 4), v_bwlhk.permute(0, 1, 3, 2, 4)
         if g:
-            k_whlk = torch.cat([k_whlk, kv_g[0][:, None].expand(b, w, h, g, k)], dim=3)
-            v_whlk = torch.cat([v_whlk, kv_g[1][:, None].expand(b, w, h, g, k)], dim=3)
+            k_bwhlk = torch.cat([k_bwhlk, k_ghk[:, None].expand(b, w, h, g, k)], dim=3)
+            v_bwhlk = torch.cat([v_bwhlk, v_ghk[:, None].expand(b, w, h, g, k)], dim=3)
         mask = None if group.mask_bwlm is None else group.mask_bwlm.reshape(b * w, 1, L, L + g)
-        out = F.scaled_dot_product_attention(q_whlk, k_whlk.reshape(b * w, h, L + g, k),
-                                             v_whlk.reshape(b * w, h, L + g, k), attn_mask=mask,
+        out = F.scaled_dot_product_attention(q_whlk, k_bwhlk.reshape(b * w, h, L + g, k),
+                                             v_bwhlk.reshape(b * w, h, L + g, k), attn_mask=mask,
                                              dropout_p=dropout_p)
         outs.append(out.view(b, w, h, L, k).permute(0, 1, 3, 2, 4).reshape(b, w * L, h * k))
     return torch.cat(outs, dim=1)[:, layout.inverse_n]
