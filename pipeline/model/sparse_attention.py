@@ -46,6 +46,7 @@ class WindowGroup:
 
     index_wl: torch.Tensor
     mask_bwlm: torch.Tensor | None
+    keys_wm: torch.Tensor | None = None  # [W, L+G]: index_wl then the global tokens (the keys of each window)
 
 
 @dataclasses.dataclass
@@ -181,35 +182,37 @@ def build_local_layout(cfg: ModelConfig, segments: list[Segment], valid_bn: torc
             mask = torch.cat([window_bwll, global_ok_bg[:, None, None, :].expand(batch, w, L, len(global_g))],
                              dim=3).clone()
             mask[..., :L] |= torch.eye(L, dtype=torch.bool, device=device)  # a slot sees itself: no empty row
-        groups.append(WindowGroup(index_wl, mask))
+        keys_wm = torch.cat([index_wl, global_g.to(device)[None].expand(len(index_wl), -1)], dim=1)
+        groups.append(WindowGroup(index_wl, mask, keys_wm))
     return LocalLayout(global_g.to(device), global_mask, groups, inverse_n.to(device))
 
 
 def local_attention(qkv_bn3hk: torch.Tensor, layout: LocalLayout, dropout_p: float) -> torch.Tensor:
-    """Attention of the packed projections [B, N, 3, H, K] under ``layout`` -> [B, N, D]. Tensors are split
-    with ``unbind`` and gathered once per group: the backward of a select or an index allocates and zero-fills
-    a full-size gradient for each, which cost a fifth of the pass (BENCHMARKS.md, "Long visual sequences")."""
+    """Attention of the packed projections [B, N, 3, H, K] under ``layout`` -> [B, N, D]. Each window group is
+    one gather of its window tokens and the global tokens ([B, W, L+G, 3, H, K]); the queries are its first L
+    slots and the keys/values all L+G, as strided views (no concatenation). Tensors are split with ``unbind``:
+    the backward of a select allocates and zero-fills a full-size gradient, which cost a fifth of the pass
+    (BENCHMARKS.md, "Long visual sequences")."""
     b, n, _, h, k = qkv_bn3hk.shape
     g = len(layout.global_g)
     outs = []
     if g:
-        q_bnhk, k_bnhk, v_bnhk = qkv_bn3hk.unbind(2)
-        q_ghk, k_ghk, v_ghk = (t.permute(0, 2, 1, 3) for t in qkv_bn3hk[:, layout.global_g].unbind(2))
-        out_bhgk = F.scaled_dot_product_attention(q_ghk, k_bnhk.transpose(1, 2), v_bnhk.transpose(1, 2),
-                                                  attn_mask=layout.global_mask_b1gn, dropout_p=dropout_p)
+        _, k_bnhk, v_bnhk = qkv_bn3hk.unbind(2)
+        q_bghk = qkv_bn3hk[:, layout.global_g, 0]
+        out_bhgk = F.scaled_dot_product_attention(q_bghk.transpose(1, 2), k_bnhk.transpose(1, 2),
+                                                  v_bnhk.transpose(1, 2), attn_mask=layout.global_mask_b1gn,
+                                                  dropout_p=dropout_p)
         outs.append(out_bhgk.transpose(1, 2).reshape(b, g, h * k))
     for group in layout.groups:
         w, L = group.index_wl.shape
-        q_bwlhk, k_bwlhk, v_bwlhk = qkv_bn3hk[:, group.index_wl].unbind(3)  # [B, W, L, H, K] each
-        q_whlk = q_bwlhk.permute(0, 1, 3, 2, 4).reshape(b * w, h, L, k)
-        k_bwhlk, v_bwhlk = k_bwlhk.permute(0, 1, 3, 2, 4), v_bwlhk.permute(0, 1, 3, 2, 4)
-        if g:
-            k_bwhlk = torch.cat([k_bwhlk, k_ghk[:, None].expand(b, w, h, g, k)], dim=3)
-            v_bwhlk = torch.cat([v_bwhlk, v_ghk[:, None].expand(b, w, h, g, k)], dim=3)
-        mask = None if group.mask_bwlm is None else group.mask_bwlm.reshape(b * w, 1, L, L + g)
-        out = F.scaled_dot_product_attention(q_whlk, k_bwhlk.reshape(b * w, h, L + g, k),
-                                             v_bwhlk.reshape(b * w, h, L + g, k), attn_mask=mask,
-                                             dropout_p=dropout_p)
+        keys_wm = group.keys_wm if group.keys_wm is not None else group.index_wl
+        m = keys_wm.shape[1]
+        q_bwmhk, k_bwmhk, v_bwmhk = qkv_bn3hk[:, keys_wm].unbind(3)  # [B, W, L+G, H, K] each
+        q_whlk = q_bwmhk[:, :, :L].permute(0, 1, 3, 2, 4).reshape(b * w, h, L, k)
+        k_whmk = k_bwmhk.permute(0, 1, 3, 2, 4).reshape(b * w, h, m, k)
+        v_whmk = v_bwmhk.permute(0, 1, 3, 2, 4).reshape(b * w, h, m, k)
+        mask = None if group.mask_bwlm is None else group.mask_bwlm.reshape(b * w, 1, L, m)
+        out = F.scaled_dot_product_attention(q_whlk, k_whmk, v_whmk, attn_mask=mask, dropout_p=dropout_p)
         outs.append(out.view(b, w, h, L, k).permute(0, 1, 3, 2, 4).reshape(b, w * L, h * k))
     return torch.cat(outs, dim=1)[:, layout.inverse_n]
 
