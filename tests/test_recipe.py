@@ -97,3 +97,8 @@ def test_data_sizes_are_checked_against_the_model_before_launch():
         load_recipe(path, ["data.image_size=100", "model.patch_size=16"])
     with pytest.raises(ConfigError, match="data.text_len=64 exceeds model.max_text_len=32"):
         load_recipe(path, ["data.text_len=64", "model.max_text_len=32"])
+    # token merging is sized for the data's images, not model.image_size: fine-tuning at 128 px merges more
+    sets = ["model.image_size=64", "model.patch_size=16", "model.token_merge=16", "model.token_merge_layers=[0, 1]"]
+    assert load_recipe(path, [*sets, "data.image_size=128"]).model.token_merge == 16
+    with pytest.raises(ConfigError, match=r"token_merge \(16\) after block 0: only 16 image patches .*data.image_size"):
+        load_recipe(path, [*sets, "data.image_size=64"])

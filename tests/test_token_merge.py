@@ -153,10 +153,12 @@ def test_cached_decoding_with_merging_gives_the_tokens_of_recomputing(beams, bid
 
 
 def test_config_errors_name_the_fields():
-    with pytest.raises(ValueError, match="token_merge \\(9\\) after block 0: only 16 image patches"):
-        ModelConfig(**TINY, token_merge=9)
-    with pytest.raises(ValueError, match="token_merge \\(5\\) after block 2: only 6"):
-        ModelConfig(**TINY, token_merge=5)  # 16 -> 11 -> 6: a third merge of 5 would take more than half
+    side = ModelConfig(**TINY).image_size
+    assert "token_merge (9) after block 0: only 16 image patches" in ModelConfig(**TINY, token_merge=9) \
+        .token_merge_problem(side)
+    # 16 -> 11 -> 6: a third merge of 5 would take more than half
+    assert "token_merge (5) after block 2: only 6" in ModelConfig(**TINY, token_merge=5).token_merge_problem(side)
+    assert ModelConfig(**TINY, token_merge=9).token_merge_problem(2 * side) is None  # 64 patches fit
     with pytest.raises(ValueError, match="token_merge_layers \\[3\\]"):
         ModelConfig(**TINY, token_merge=1, token_merge_layers=[0, 3])
     with pytest.raises(ValueError, match="needs at least one block"):

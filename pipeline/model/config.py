@@ -290,14 +290,6 @@ class ModelConfig:
             return
         if not self.token_merge_blocks:
             raise ValueError("token_merge > 0 needs at least one block in token_merge_layers")
-        patches = self.num_patches
-        for index in self.token_merge_blocks:
-            if self.token_merge > patches // 2:
-                raise ValueError(f"token_merge ({self.token_merge}) after block {index}: only {patches} image "
-                                 f"patches are left there (image_size {self.image_size}, patch_size "
-                                 f"{self.patch_size}, token_merge_layers {self.token_merge_blocks}) and one merge "
-                                 f"takes at most half; lower token_merge or merge after fewer blocks")
-            patches -= self.token_merge
         first = self.token_merge_blocks[0]
         local = [i for i in range(first + 1, self.num_layers)
                  if self.attention == "local" and i not in self.attention_global_layers]
@@ -326,6 +318,20 @@ class ModelConfig:
             return []
         layers = range(self.num_layers - 1) if self.token_merge_layers is None else self.token_merge_layers
         return sorted(set(layers))
+
+    def token_merge_problem(self, image_size: int) -> str | None:
+        """Why ``token_merge`` does not fit images of ``image_size`` (a merge takes at most half of the patches
+        left: more would silently merge fewer), or None. The recipe checks it for ``data.image_size``; a model
+        run on other sizes merges min(token_merge, half) (``merged_after``)."""
+        patches = (image_size // self.patch_size) ** 2
+        for index in self.token_merge_blocks:
+            if self.token_merge > patches // 2:
+                return (f"token_merge ({self.token_merge}) after block {index}: only {patches} image patches are "
+                        f"left there (image_size {image_size}, patch_size {self.patch_size}, token_merge_layers "
+                        f"{self.token_merge_blocks}) and one merge takes at most half; lower token_merge or merge "
+                        "after fewer blocks")
+            patches -= self.token_merge
+        return None
 
     def merged_after(self, patches: int) -> list[int]:
         """Image patch tokens merged away after each block for an image of ``patches`` patches: token_merge
