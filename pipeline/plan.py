@@ -117,6 +117,22 @@ def model_state_bytes(dense: int, experts: int, ep_size: int, world: int, stage:
     return {"dense": per_rank(dense, world), "experts": per_rank(local_experts, world // ep_size)}
 
 
+def layer_tokens(recipe: Any, modalities: list[str]) -> list[dict[str, int]]:
+    """Tokens of each modality (in sequence order) entering each block in a pass over ``modalities``: images of
+    ``data.image_size``, fewer image tokens after each token merge (``ModelConfig.merged_after``)."""
+    cfg = recipe.model
+    patches = (recipe.data.image_size // cfg.patch_size) ** 2
+    per_modality = {"image": 1 + patches, "text": recipe.data.text_len, "audio": 1 + cfg.audio.num_patches}
+    tokens = {m: per_modality[m] for m in modalities}
+    merged = cfg.merged_after(patches) if "image" in tokens else [0] * cfg.num_layers
+    layers = []
+    for index in range(cfg.num_layers):
+        layers.append(dict(tokens))
+        if merged[index]:
+            tokens["image"] -= merged[index]
+    return layers
+
+
 def activation_bytes(recipe: Any, passes: dict[str, int]) -> float:
     """Activation bytes per rank of one micro-batch through ``passes`` ({kind: count}; a kind is a modality,
     modalities joined by '+', or "fuse": pipeline.model.accounting.pass_modalities)."""
@@ -124,17 +140,13 @@ def activation_bytes(recipe: Any, passes: dict[str, int]) -> float:
     from pipeline.model.sparse_attention import attention_pairs
 
     model_cfg = recipe.model
-    per_modality = {"image": 1 + model_cfg.num_patches, "text": recipe.data.text_len,
-                    "audio": 1 + model_cfg.audio.num_patches}
     kinds = pass_modalities(model_cfg, list(passes))
     d, heads = model_cfg.hidden_size, model_cfg.num_heads
     total = 0
     for kind, count in passes.items():
-        tokens = {m: per_modality[m] for m in kinds[kind]}
-        n = sum(tokens.values())
         # Korthikanti et al. 2022: 34 s d + 5 a s^2 per layer; s^2 = the (query, key) pairs attention computes
-        total += count * sum(34 * n * d + 5 * heads * attention_pairs(model_cfg, i, tokens)
-                             for i in range(model_cfg.num_layers))
+        total += count * sum(34 * sum(tokens.values()) * d + 5 * heads * attention_pairs(model_cfg, i, tokens)
+                             for i, tokens in enumerate(layer_tokens(recipe, kinds[kind])))
     return float(total * recipe.batch.micro_batch_size)
 
 
@@ -151,12 +163,10 @@ def all_to_all_bytes(recipe: Any, passes: dict[str, int], world_size: int, ranks
     model_cfg, moe = recipe.model, recipe.model.moe
     if moe.ep_size == 1 or not model_cfg.moe_layers:
         return None
-    per_modality = {"image": 1 + model_cfg.num_patches, "text": recipe.data.text_len,
-                    "audio": 1 + model_cfg.audio.num_patches}
-    tokens = sum(count * sum(per_modality[m] for m in modalities) for kind, count in passes.items()
-                 for modalities in [pass_modalities(model_cfg, [kind])[kind]])
+    tokens = sum(count * sum(layer_tokens(recipe, pass_modalities(model_cfg, [kind])[kind])[i].values())
+                 for kind, count in passes.items() for i in model_cfg.moe_layers)  # summed over the MoE layers
     factor = moe.top_k if moe.impl == "dropless" else moe.top_k * moe.capacity_factor
-    rows = tokens * factor * len(model_cfg.moe_layers) * recipe.batch.micro_batch_size * grad_accum
+    rows = tokens * factor * recipe.batch.micro_batch_size * grad_accum
     element = 4 if prec == "fp32" else 2
     total = 4 * rows * model_cfg.hidden_size * element  # dispatch + combine, forward + backward
     ep, per_node = moe.ep_size, max(1, min(ranks_per_node, world_size))

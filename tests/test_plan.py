@@ -258,3 +258,20 @@ def test_local_attention_lowers_flops_and_activations_and_is_reported(capsys):
     assert dense["attention"] == {"kind": "dense"}
     assert plan_main([*BASE, *local_args]) == 0
     assert "attention           local: window 7" in capsys.readouterr().out
+
+
+def test_activations_follow_the_data_image_size_and_token_merging(capsys):
+    """The plan sizes the images the run feeds (data.image_size, not model.image_size) and counts the image
+    tokens token merging leaves in later blocks."""
+    from pipeline.plan import activation_bytes, layer_tokens
+    from pipeline.recipe import load_recipe
+
+    path = REPO / "launch/recipes/vl_pretrain.yaml"
+    base = ["model.image_size=64", "model.patch_size=8", "data.image_size=64"]
+    small, large = load_recipe(path, base), load_recipe(path, [*base, "data.image_size=128"])
+    assert layer_tokens(large, ["image"])[0] == {"image": 1 + 256}
+    assert activation_bytes(large, {"image": 1}) > 3 * activation_bytes(small, {"image": 1})
+    merged = load_recipe(path, [*base, "data.image_size=128", "model.token_merge=32",
+                                "model.token_merge_layers=[0, 1]"])
+    assert [t["image"] for t in layer_tokens(merged, ["image", "text"])] == [257, 225, 193, 193]
+    assert activation_bytes(merged, {"fuse": 1}) < activation_bytes(large, {"fuse": 1})
