@@ -23,13 +23,11 @@ import torch.distributed as dist
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
-from pipeline.model import VLMoE
 from pipeline.model.config import ModelConfig, MoEConfig
-from pipeline.model.heads import ITCHead
 from pipeline.model.moe import build_ffn
 from pipeline.run.checkpoint import restore_buffers
-from tests.dist.common import batch, init_dist, setup_expert_parallel, tiny_cfg
-from tests.dist.moe_ep_equivalence import losses
+from tests.dist.common import init_dist, setup_expert_parallel
+from tests.dist.moe_ep_equivalence import check
 
 B = 3  # per rank
 VARIANTS = [dict(impl="dropless", top_k=1), dict(impl="dropless", top_k=2, balance="aux", z_loss_coef=1e-3),
@@ -47,37 +45,9 @@ def rows(key: str, value: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def check_equivalence(variant: dict, rank: int, world: int, alone) -> None:
-    torch.manual_seed(0)
-    ref, ref_head = VLMoE(tiny_cfg(ep_size=1, **variant)), ITCHead(32)
-    torch.manual_seed(0)
-    ep, ep_head = VLMoE(tiny_cfg(ep_size=world, **variant)), ITCHead(32)
-    setup_expert_parallel(ep)
-    ref_state = ref.state_dict()
-    for key, value in ep.state_dict().items():  # same seed -> same model whatever the EP layout
-        assert torch.equal(value, rows(key, ref_state[key], rank, world)), key
-    ep_head.load_state_dict(ref_head.state_dict())
-    global_batch = batch(B * world, seed=1, real_lengths=[8, 5, 1, 0, 3, 8])
-    mine = {k: v[rank * B:(rank + 1) * B] for k, v in global_batch.items()}
-    ref_fused, ref_counts, ref_loss = losses(ref, ref_head, global_batch, alone)
-    ref_loss.backward()
-    ep_fused, ep_counts, ep_loss = losses(ep, ep_head, mine, None)
-    (ep_loss / world).backward()
-    torch.testing.assert_close(ep_fused.hidden, ref_fused.hidden[rank * B:(rank + 1) * B], atol=1e-5, rtol=1e-4)
-    total = ep_loss.detach().clone()
-    dist.all_reduce(total)
-    torch.testing.assert_close(total / world, ref_loss.detach(), atol=1e-5, rtol=1e-5)
-    assert set(ep_counts) == set(ref_counts) and ep_counts
-    for key, count in ep_counts.items():
-        summed = count.clone()
-        dist.all_reduce(summed)
-        assert torch.equal(summed, ref_counts[key]), (key, summed, ref_counts[key])
-    ref_params = dict(ref.named_parameters())
-    for name, param in ep.named_parameters():
-        grad = param.grad.clone()
-        if not name.endswith(EXPERT_TENSORS):
-            dist.all_reduce(grad)
-        torch.testing.assert_close(grad, rows(name, ref_params[name].grad, rank, world), atol=1e-5, rtol=1e-4,
-                                   msg=lambda m: f"{variant} {name}: {m}")
+    """tests.dist.moe_ep_equivalence's check, with this rank's rows of the fused expert tensors."""
+    check(variant, rank, world, alone, reference=lambda name, tensors: rows(name, tensors[name], rank, world),
+          is_expert=lambda name: name.endswith(EXPERT_TENSORS))
 
 
 def small_ffn(ep_size: int) -> nn.Module:

@@ -43,18 +43,25 @@ def ep_key(key: str, rank: int, local: int) -> str:
                   key)
 
 
-def check(variant: dict, rank: int, world: int, alone) -> None:
-    """``alone``: a process group of this rank only, so the reference ITC communicates with nobody."""
+def check(variant: dict, rank: int, world: int, alone, reference=None, is_expert=None) -> None:
+    """``alone``: a process group of this rank only, so the reference ITC communicates with nobody.
+    ``reference(name, tensors)``: the EP=1 counterpart of the EP=``world`` tensor ``name`` in ``tensors`` (a
+    state dict or gradients by name); ``is_expert(name)``: a parameter of this rank's own experts, whose
+    gradient is not averaged over ranks. Defaults: gshard's per-expert modules (local expert j on rank r is
+    global expert r*local+j); tests.dist.moe_dropless passes the fused tensors' row slices."""
+    if reference is None:
+        local = 4 // world
+        reference = lambda name, tensors: tensors[ep_key(name, rank, local)]  # noqa: E731
+        is_expert = lambda name: "deepspeed_experts" in name  # noqa: E731
     torch.manual_seed(0)
     ref, ref_head = VLMoE(tiny_cfg(ep_size=1, **variant)), ITCHead(32)
     torch.manual_seed(0)
     ep, ep_head = VLMoE(tiny_cfg(ep_size=world, **variant)), ITCHead(32)
     setup_expert_parallel(ep)
-    local = 4 // world
     ref_state = ref.state_dict()
     for key, value in ep.state_dict().items():  # same seed -> same model whatever the EP layout
-        assert torch.equal(value, ref_state[ep_key(key, rank, local)]), key
-    ep.load_state_dict({k: ref_state[ep_key(k, rank, local)] for k in ep.state_dict()})
+        assert torch.equal(value, reference(key, ref_state)), key
+    ep.load_state_dict({k: reference(k, ref_state) for k in ep.state_dict()})
     ep_head.load_state_dict(ref_head.state_dict())
     lengths = [8, 5, 1, 0, 3, 8]  # rank 1's texts: one fully padded, different real-token counts
     global_batch = batch(B * world, seed=1, real_lengths=lengths)
@@ -74,15 +81,14 @@ def check(variant: dict, rank: int, world: int, alone) -> None:
         summed = count.clone()
         dist.all_reduce(summed)
         assert torch.equal(summed, ref_counts[key]), (key, summed, ref_counts[key])
-    ref_params = dict(ref.named_parameters())
+    ref_grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in ref.named_parameters()}
     for name, param in ep.named_parameters():
         grad = param.grad if param.grad is not None else torch.zeros_like(param)
-        if "deepspeed_experts" not in name:
+        if not is_expert(name):
             grad = grad.clone()
             dist.all_reduce(grad)
-        want = ref_params[ep_key(name, rank, local)].grad
-        torch.testing.assert_close(grad, want if want is not None else torch.zeros_like(grad),
-                                   atol=1e-5, rtol=1e-4, msg=lambda m: f"{variant} {name}: {m}")
+        torch.testing.assert_close(grad, reference(name, ref_grads), atol=1e-5, rtol=1e-4,
+                                   msg=lambda m: f"{variant} {name}: {m}")
     for name, param in ep_head.named_parameters():
         grad = param.grad.clone()
         dist.all_reduce(grad)
