@@ -55,6 +55,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], float]] = {
     "local128_noshift": ({"image_size": 128, "attention": "local", "attention_window": 4,
                           "attention_shift": False}, 1.0),
     "local128_w8": ({"image_size": 128, "attention": "local", "attention_window": 8}, 1.0),
+    # control: one window over the whole grid is dense attention computed by the local path (same maths, other
+    # float rounding), so its gap to dense128 is the run-to-run noise of this bench at one seed
+    "local128_w16": ({"image_size": 128, "attention": "local", "attention_window": 16}, 1.0),
     # ToMe: 64 patches merged away after blocks 0, 1, 2 (the default token_merge_layers with 4 blocks), so the
     # blocks see 256 / 192 / 128 / 64 patches: 0.62x the patch tokens of dense over the 4 blocks
     "merge128": ({"image_size": 128, "token_merge": 64}, 1.0),
