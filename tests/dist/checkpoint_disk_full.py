@@ -2,7 +2,8 @@
 by pipeline.run.checkpoint.save_checkpoint into RUN_DIR at step 1, then at step 2 with every file write past
 FSIZE_LIMIT bytes failing (RLIMIT_FSIZE: EFBIG). Prints one JSON line: the size estimate and the real size of
 step 1, the error of step 2 and what is left on disk.
-Run: RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=P python -m tests.dist.checkpoint_disk_full RUN_DIR
+Run: RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=P \\
+    python -m tests.dist.checkpoint_disk_full RUN_DIR
 """
 from __future__ import annotations
 

@@ -13,5 +13,6 @@ gathered = [torch.zeros(1) for _ in range(dist.world_size)]
 tdist.all_gather(gathered, torch.tensor([float(dist.rank)]))
 backend = __import__("deepspeed").comm.comm.cdb
 print(f"rank {dist.rank} sum {x[0].item():.0f} gathered {[int(g.item()) for g in gathered]} "
-      f"shm_op {backend.shm_comm_op is not None} inference_op {hasattr(torch.ops.deepspeed, 'inference_all_reduce_')}", flush=True)
+      f"shm_op {backend.shm_comm_op is not None} "
+      f"inference_op {hasattr(torch.ops.deepspeed, 'inference_all_reduce_')}", flush=True)
 shutdown_distributed()  # as pipeline.train does: no gloo abort (exit 250) at teardown

@@ -1,6 +1,6 @@
 """Rank-side check: ranks whose tokens go to different numbers of experts (rank 0: all to expert 0;
-rank 1: half to expert 1, half to expert 2; expert 3 gets none) train through a real DeepSpeed engine (bf16) under ZeRO-1 and
-ZeRO-2, both dispatch settings, EP=1 and EP=2, and their replicated weights stay equal.
+rank 1: half to expert 1, half to expert 2; expert 3 gets none) train through a real DeepSpeed engine (bf16)
+under ZeRO-1 and ZeRO-2, both dispatch settings, EP=1 and EP=2, and their replicated weights stay equal.
 Run: deepspeed --num_gpus 2 --module tests.dist.moe_zero_tokens
 """
 from __future__ import annotations
