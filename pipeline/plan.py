@@ -121,16 +121,9 @@ def layer_tokens(recipe: Any, modalities: list[str]) -> list[dict[str, int]]:
     """Tokens of each modality (in sequence order) entering each block in a pass over ``modalities``: images of
     ``data.image_size``, fewer image tokens after each token merge (``ModelConfig.merged_after``)."""
     cfg = recipe.model
-    patches = (recipe.data.image_size // cfg.patch_size) ** 2
-    per_modality = {"image": 1 + patches, "text": recipe.data.text_len, "audio": 1 + cfg.audio.num_patches}
-    tokens = {m: per_modality[m] for m in modalities}
-    merged = cfg.merged_after(patches) if "image" in tokens else [0] * cfg.num_layers
-    layers = []
-    for index in range(cfg.num_layers):
-        layers.append(dict(tokens))
-        if merged[index]:
-            tokens["image"] -= merged[index]
-    return layers
+    per_modality = {"image": 1 + (recipe.data.image_size // cfg.patch_size) ** 2, "text": recipe.data.text_len,
+                    "audio": 1 + cfg.audio.num_patches}
+    return cfg.block_tokens({m: per_modality[m] for m in modalities})
 
 
 def activation_bytes(recipe: Any, passes: dict[str, int]) -> float:
@@ -283,17 +276,23 @@ def _format_all_to_all(plan: dict[str, Any]) -> list[str]:
             "one row per route)"]
 
 
+def init_from_model(init_from: str) -> Any:
+    """The ModelConfig ``init_from``'s run was trained with (its resolved_recipe.yaml)."""
+    from pipeline.recipe import build_model_config, read_yaml
+    from pipeline.run.run_dir import RunDir
+
+    return build_model_config(read_yaml(RunDir.of(init_from).saved_recipe("init_from")).get("model", {}))
+
+
 def init_from_mismatches(model_cfg: Any, init_from: str | None) -> list[str]:
     """Model tensors whose shapes differ between ``model_cfg`` and the model ``init_from`` was trained with
     (its resolved_recipe.yaml), both built on the meta device: such a fine-tune cannot load its weights."""
     if not init_from:
         return []
     from pipeline.model.accounting import build_meta_model
-    from pipeline.recipe import build_model_config, read_yaml
     from pipeline.run.checkpoint_merge import MODALITY_TYPE, modality_rows
-    from pipeline.run.run_dir import RunDir
 
-    previous = build_model_config(read_yaml(RunDir.of(init_from).saved_recipe("init_from")).get("model", {}))
+    previous = init_from_model(init_from)
     old, new = build_meta_model(previous).state_dict(), build_meta_model(model_cfg).state_dict()
     return [f"{key}: init_from {list(old[key].shape)} vs this recipe {list(tensor.shape)}"
             for key, tensor in new.items() if key in old and old[key].shape != tensor.shape
@@ -316,11 +315,10 @@ def check_task_modalities(recipe: Any) -> None:
 
 
 def check_init_from(recipe: Any) -> None:
-    from pipeline.recipe import build_model_config, init_from_shape_error, read_yaml
-    from pipeline.run.run_dir import RunDir
+    from pipeline.recipe import init_from_shape_error
 
     if recipe.init_from and recipe.model.moe_layers:
-        previous = build_model_config(read_yaml(RunDir.of(recipe.init_from).saved_recipe("init_from")).get("model", {}))
+        previous = init_from_model(recipe.init_from)
         old, new = previous.moe.impl, recipe.model.moe.impl
         if previous.moe_layers and old != new:
             how = (f"convert it first: python -m pipeline.run.convert_moe {recipe.init_from} --output NEW_RUN, then "

@@ -198,12 +198,13 @@ class Recipe:
         if self.data.text_len > self.model.max_text_len:
             raise ConfigError(f"data.text_len={self.data.text_len} exceeds model.max_text_len="
                               f"{self.model.max_text_len} (text positions are learned up to it)")
-        if "image" in self.model.modalities and self.data.image_size % self.model.patch_size:
-            raise ConfigError(f"data.image_size={self.data.image_size} is not a multiple of model.patch_size="
-                              f"{self.model.patch_size}")
-        problem = self.model.token_merge_problem(self.data.image_size) if "image" in self.model.modalities else None
-        if problem:
-            raise ConfigError(f"model: {problem} (data.image_size)")
+        if "image" in self.model.modalities:
+            if self.data.image_size % self.model.patch_size:
+                raise ConfigError(f"data.image_size={self.data.image_size} is not a multiple of model.patch_size="
+                                  f"{self.model.patch_size}")
+            problem = self.model.token_merge_problem(self.data.image_size)
+            if problem:
+                raise ConfigError(f"model: {problem} (data.image_size)")
         if self.init.active and self.init_from:
             raise ConfigError(f"init (init.vit / init.bert / init.ast) and init_from={self.init_from} are both set: "
                               "init_from already gives every weight (the earlier stage's); drop the init section")

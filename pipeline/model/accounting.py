@@ -113,31 +113,30 @@ def _active_by_modality(model: nn.Module) -> dict[str, int]:
 
 
 def _pass_flops(model: nn.Module, segments: dict[str, int], audio_frames: int) -> float:
-    """Forward FLOPs of one pass over one sample; ``segments``: modality -> tokens (the image's shrink after each
-    token merge, ``cfg.merged_after``: later blocks count the merged tokens)."""
+    """Forward FLOPs of one pass over one sample; ``segments``: modality -> tokens entering the first block
+    (``cfg.block_tokens``: later blocks count the image tokens token merging leaves)."""
     cfg = model.cfg
-    d, n = cfg.hidden_size, sum(segments.values())
+    d = cfg.hidden_size
     flops = 0.0
     if "image" in segments:
         flops += patch_embed_flops(cfg, math.isqrt(segments["image"] - 1) * cfg.patch_size)
     if "audio" in segments:
         flops += audio_patch_flops(cfg, audio_frames)
     merged_after = cfg.merged_after(segments["image"] - 1) if "image" in segments else [0] * cfg.num_layers
-    for block in model.blocks:
-        flops += 2 * n * d * 4 * d + 4 * attention_pairs(cfg, block.index, segments) * d  # qkv + proj, QK^T + AV
+    for block, tokens in zip(model.blocks, cfg.block_tokens(segments)):
+        n = sum(tokens.values())
+        flops += 2 * n * d * 4 * d + 4 * attention_pairs(cfg, block.index, tokens) * d  # qkv + proj, QK^T + AV
         if "shared" in block.ffn:
             spans = [("shared", n)]
-        elif "vl" in block.ffn and len(segments) > 1:
+        elif "vl" in block.ffn and len(tokens) > 1:
             spans = [("vl", n)]
         else:
-            spans = list(segments.items())
-        for key, tokens in spans:
-            flops += 2 * tokens * _ffn_active_matmul(block.ffn[key])
-        if merged_after[block.index]:  # token merging: the matching's similarities, then fewer image tokens
-            patches = segments["image"] - 1
+            spans = list(tokens.items())
+        for key, count in spans:
+            flops += 2 * count * _ffn_active_matmul(block.ffn[key])
+        if merged_after[block.index]:  # token merging after this block: the matching's similarities
+            patches = tokens["image"] - 1
             flops += 2 * ((patches + 1) // 2) * (patches // 2) * d
-            segments = {**segments, "image": segments["image"] - merged_after[block.index]}
-            n -= merged_after[block.index]
     return flops
 
 

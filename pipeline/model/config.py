@@ -291,8 +291,7 @@ class ModelConfig:
         if not self.token_merge_blocks:
             raise ValueError("token_merge > 0 needs at least one block in token_merge_layers")
         first = self.token_merge_blocks[0]
-        local = [i for i in range(first + 1, self.num_layers)
-                 if self.attention == "local" and i not in self.attention_global_layers]
+        local = [i for i in range(first + 1, self.num_layers) if self.local_attention_block(i)]
         if local:
             raise ValueError(f"attention: local in blocks {local}, after the first token merge (block {first} of "
                              f"token_merge_layers): merged patches are no longer a grid; add them to "
@@ -319,18 +318,27 @@ class ModelConfig:
         layers = range(self.num_layers - 1) if self.token_merge_layers is None else self.token_merge_layers
         return sorted(set(layers))
 
+    def local_attention_block(self, index: int) -> bool:
+        """Block ``index`` runs local attention (``attention: local`` and not in ``attention_global_layers``)."""
+        return self.attention == "local" and index not in self.attention_global_layers
+
+    def shifted_attention_block(self, index: int) -> bool:
+        """Block ``index``'s windows are shifted (odd blocks with ``attention_shift``; Swin)."""
+        return self.attention_shift and index % 2 == 1
+
     def token_merge_problem(self, image_size: int) -> str | None:
         """Why ``token_merge`` does not fit images of ``image_size`` (a merge takes at most half of the patches
         left: more would silently merge fewer), or None. The recipe checks it for ``data.image_size``; a model
         run on other sizes merges min(token_merge, half) (``merged_after``)."""
         patches = (image_size // self.patch_size) ** 2
+        merged = self.merged_after(patches)
         for index in self.token_merge_blocks:
-            if self.token_merge > patches // 2:
-                return (f"token_merge ({self.token_merge}) after block {index}: only {patches} image patches are "
+            if merged[index] < self.token_merge:
+                left = patches - sum(merged[:index])
+                return (f"token_merge ({self.token_merge}) after block {index}: only {left} image patches are "
                         f"left there (image_size {image_size}, patch_size {self.patch_size}, token_merge_layers "
                         f"{self.token_merge_blocks}) and one merge takes at most half; lower token_merge or merge "
                         "after fewer blocks")
-            patches -= self.token_merge
         return None
 
     def merged_after(self, patches: int) -> list[int]:
@@ -341,6 +349,17 @@ class ModelConfig:
             merged[index] = min(self.token_merge, patches // 2)
             patches -= merged[index]
         return merged
+
+    def block_tokens(self, tokens: dict[str, int]) -> list[dict[str, int]]:
+        """Tokens of each modality (``tokens``: modality -> count, the image's CLS included) entering each block:
+        fewer image tokens after each token merge."""
+        merged = self.merged_after(tokens["image"] - 1) if "image" in tokens else [0] * self.num_layers
+        blocks, current = [], dict(tokens)
+        for index in range(self.num_layers):
+            blocks.append(dict(current))
+            if merged[index]:
+                current["image"] -= merged[index]
+        return blocks
 
     @property
     def moe_layers(self) -> list[int]:

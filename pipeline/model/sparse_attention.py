@@ -42,11 +42,12 @@ if TYPE_CHECKING:
 class WindowGroup:
     """The windows of one grid segment: ``index_wl`` [W, L] token of the joint sequence in each window slot
     (padding slots hold token 0 and are masked), ``mask_bwlm`` [B, W, L, L+G] True = may attend (window
-    keys, then the global keys), None when every slot may attend every key."""
+    keys, then the global keys), None when every slot may attend every key; ``keys_wm`` [W, L+G]: index_wl
+    then the global tokens (the keys of each window)."""
 
     index_wl: torch.Tensor
     mask_bwlm: torch.Tensor | None
-    keys_wm: torch.Tensor | None = None  # [W, L+G]: index_wl then the global tokens (the keys of each window)
+    keys_wm: torch.Tensor
 
 
 @dataclasses.dataclass
@@ -205,9 +206,8 @@ def local_attention(qkv_bn3hk: torch.Tensor, layout: LocalLayout, dropout_p: flo
         outs.append(out_bhgk.transpose(1, 2).reshape(b, g, h * k))
     for group in layout.groups:
         w, L = group.index_wl.shape
-        keys_wm = group.keys_wm if group.keys_wm is not None else group.index_wl
-        m = keys_wm.shape[1]
-        q_bwmhk, k_bwmhk, v_bwmhk = qkv_bn3hk[:, keys_wm].unbind(3)  # [B, W, L+G, H, K] each
+        m = group.keys_wm.shape[1]
+        q_bwmhk, k_bwmhk, v_bwmhk = qkv_bn3hk[:, group.keys_wm].unbind(3)  # [B, W, L+G, H, K] each
         q_whlk = q_bwmhk[:, :, :L].permute(0, 1, 3, 2, 4).reshape(b * w, h, L, k)
         k_whmk = k_bwmhk.permute(0, 1, 3, 2, 4).reshape(b * w, h, m, k)
         v_whmk = v_bwmhk.permute(0, 1, 3, 2, 4).reshape(b * w, h, m, k)
@@ -217,17 +217,13 @@ def local_attention(qkv_bn3hk: torch.Tensor, layout: LocalLayout, dropout_p: flo
     return torch.cat(outs, dim=1)[:, layout.inverse_n]
 
 
-def is_local_block(cfg: ModelConfig, index: int) -> bool:
-    return cfg.attention == "local" and index not in cfg.attention_global_layers
-
-
 def attention_pairs(cfg: ModelConfig, index: int, tokens: dict[str, int]) -> int:
     """(query, key) pairs block ``index`` computes for one sample of ``tokens`` (modality -> count, in
     sequence order): N^2 dense; local: G x N for the global queries plus W x L x (L + G) per grid (padding
     slots included: they are computed)."""
     from pipeline.model.blocks import Segment
     n = sum(tokens.values())
-    if not is_local_block(cfg, index):
+    if not cfg.local_attention_block(index):
         return n * n
     segments, start = [], 0
     for modality, count in tokens.items():
@@ -240,7 +236,7 @@ def attention_pairs(cfg: ModelConfig, index: int, tokens: dict[str, int]) -> int
     g = n - sum(grid[0] * grid[1] for _, grid in grids)
     pairs = g * n
     for seg, grid in grids:
-        win, shift = window_shape(cfg, seg.modality, grid, shifted=cfg.attention_shift and index % 2 == 1)
+        win, shift = window_shape(cfg, seg.modality, grid, shifted=cfg.shifted_attention_block(index))
         slots = window_partition(grid, win, shift)[0].numel()
         pairs += slots * (win[0] * win[1] + g)
     return pairs
@@ -253,10 +249,10 @@ def attention_layouts(cfg: ModelConfig, segments: list[Segment], valid_bn: torch
     cache: dict[bool, LocalLayout | None] = {}
     layouts: list[LocalLayout | None] = []
     for index in range(cfg.num_layers):
-        if not is_local_block(cfg, index):
+        if not cfg.local_attention_block(index):
             layouts.append(None)
             continue
-        shifted = cfg.attention_shift and index % 2 == 1
+        shifted = cfg.shifted_attention_block(index)
         if shifted not in cache:
             cache[shifted] = build_local_layout(cfg, segments, valid_bn, batch, causal, device, text_prefix_b,
                                                 shifted)
