@@ -82,3 +82,22 @@ def test_classification_eval_folder_with_other_classes(tmp_path, tokenizer):
     assert labels == [-1, -1, 1, 1, 2, 2]  # dog, owl by name in the training classes; yak unknown
     logits = torch.nn.functional.one_hot(torch.tensor(labels).clamp(min=0), 3).float()
     assert task.metrics({"logits": logits, "label": torch.tensor(labels)})["top1"] == pytest.approx(4 / 6)
+
+
+def test_a_task_builds_for_images_larger_than_the_model_was_sized_for(tmp_path, tokenizer):
+    """Fine-tuning at a higher resolution: data.image_size 64 on a model whose positions were learned at 32 px
+    (they interpolate). build_task used to refuse it after the ranks had started; the task's samples then come
+    at 64 px and the model encodes them (8 x 8 patches)."""
+    import torch
+
+    from pipeline.model import VLMoE
+    from pipeline.model.config import ModelConfig
+
+    model = {**TINY_MODEL, "moe": {**TINY_MODEL["moe"], "ep_size": 1}}
+    recipe = recipe_from_dict({"task": "vl_pretrain", "model": model,
+                               "data": {**DATA, "image_size": 64, "train": [{"path": str(tmp_path), "split": "train"}],
+                                        "tokenizer": "unused"}})
+    task = build_task(recipe, tokenizer, DistInfo())
+    assert task.ctx.image_size == 64
+    out = VLMoE(ModelConfig(**{**model, "moe": {**model["moe"], "every": 0}})).encode_image(torch.zeros(1, 3, 64, 64))
+    assert out.num_image_tokens == 1 + 64
