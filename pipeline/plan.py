@@ -121,8 +121,8 @@ def layer_tokens(recipe: Any, modalities: list[str]) -> list[dict[str, int]]:
     """Tokens of each modality (in sequence order) entering each block in a pass over ``modalities``: images of
     ``data.image_size``, fewer image tokens after each token merge (``ModelConfig.merged_after``)."""
     cfg = recipe.model
-    per_modality = {"image": 1 + (recipe.data.image_size // cfg.patch_size) ** 2, "text": recipe.data.text_len,
-                    "audio": 1 + cfg.audio.num_patches}
+    per_modality = {"image": cfg.lead_tokens + (recipe.data.image_size // cfg.patch_size) ** 2,
+                    "text": recipe.data.text_len, "audio": cfg.lead_tokens + cfg.audio.num_patches}
     return cfg.block_tokens({m: per_modality[m] for m in modalities})
 
 
@@ -226,7 +226,7 @@ def _attention_summary(recipe: Any, size: Any) -> dict[str, Any]:
     if cfg.attention != "dense":
         dense = size_of(recipe, dataclasses.replace(cfg, attention="dense"))
         summary.update(window=cfg.attention_window, shift=cfg.attention_shift,
-                       dense_blocks=list(cfg.attention_global_layers),
+                       dense_blocks=list(cfg.attention_global_layers), summary_tokens=cfg.summary_tokens,
                        forward_flops_vs_dense_attention=size.forward_flops_per_sample / dense.forward_flops_per_sample)
     return summary
 
@@ -260,7 +260,9 @@ def _format_attention(plan: dict[str, Any]) -> list[str]:
     if att["kind"] == "dense":
         return ["attention           dense in every block"]
     shift = ", shifted on odd blocks" if att["shift"] else ""
-    return [f"attention           {att['kind']}: window {att['window']}{shift}, dense blocks {att['dense_blocks']}; "
+    summary = f", {att['summary_tokens']} summary tokens" if att.get("summary_tokens") else ""
+    return [f"attention           {att['kind']}: window {att['window']}{shift}{summary}, dense blocks "
+            f"{att['dense_blocks']}; "
             f"forward FLOPs {att['forward_flops_vs_dense_attention']:.2f}x the same model with dense attention"]
 
 

@@ -279,7 +279,7 @@ def draw_routing(image: Image.Image, calls: list[MoECall], spans: dict[str, tupl
         draw.text((x0, y), f"MoE layer {col['layer']}", fill=(0, 0, 0), font=fnt)
         draw.text((x0, y + 16), keys, fill=(90, 90, 90), font=small)
         y += head_h
-        draw_patches(canvas, image, col["image"][1:], grid, x0, y, cell)
+        draw_patches(canvas, image, col["image"][-grid * grid:], grid, x0, y, cell)  # after CLS, summary tokens
         entry = {"layer": col["layer"], "keys": [c.key for c in col["calls"]], "panel": [x0, y, cell], "boxes": []}
         y += side + 10
         experts = col["image"][:1] + col["text"]

@@ -117,3 +117,23 @@ def test_plan_lets_an_added_modality_through_but_not_another_size(vl_run, synth_
     wider = tiny_recipe("vla_pretrain", synth_av, [f"init_from={run}", *AUDIO_SETS, "model.hidden_size=96"])
     assert any(m.startswith("modality_type.weight: init_from [2, 64] vs this recipe [3, 96]")
                for m in init_from_mismatches(wider.model, str(run)))
+
+
+def test_init_from_adds_summary_tokens(vl_run, synth_av, caplog):
+    """A run without summary tokens seeds a model with model.summary_tokens: every saved tensor loads, the
+    summary tokens keep their fresh init and the log says so; a different count is refused before launch."""
+    run, saved = vl_run
+    task = build(tiny_recipe("vl_pretrain", synth_av, [f"init_from={run}", "model.summary_tokens=2"]), seed=2)
+    fresh = task.state_dict()["model.summary.image"].clone()
+    with caplog.at_level(logging.INFO, logger="pipeline.run.checkpoint"):
+        load_module_weights(task, run)
+    loaded = task.state_dict()
+    assert set(loaded) - set(saved) == {"model.summary.image"}
+    assert all(torch.equal(loaded[key], value) for key, value in saved.items())
+    assert torch.equal(loaded["model.summary.image"], fresh)
+    assert "no summary tokens (model.summary_tokens); fresh init for model.summary.image" in caplog.text
+    with_two = run.parent / "with_summary" / "run"
+    save_run(loaded, dump_recipe(tiny_recipe("vl_pretrain", synth_av, ["init_from=null", "model.summary_tokens=2"])),
+             with_two)
+    other = tiny_recipe("vl_pretrain", synth_av, [f"init_from={with_two}", "model.summary_tokens=3"]).model
+    assert [line.split(":")[0] for line in init_from_mismatches(other, str(with_two))] == ["summary.image"]

@@ -258,6 +258,11 @@ def test_local_attention_lowers_flops_and_activations_and_is_reported(capsys):
     assert dense["attention"] == {"kind": "dense"}
     assert plan_main([*BASE, *local_args]) == 0
     assert "attention           local: window 7" in capsys.readouterr().out
+    code, summary = plan(capsys, *local_args, "--set", "model.summary_tokens=4")  # 4 more global tokens per image
+    assert code == 0, summary
+    assert summary["train_flops_per_sample"] > local["train_flops_per_sample"]
+    assert summary["activations_gib_per_rank_est"] > local["activations_gib_per_rank_est"]
+    assert summary["attention"]["summary_tokens"] == 4
 
 
 def test_activations_follow_the_data_image_size_and_token_merging(capsys):

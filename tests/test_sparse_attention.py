@@ -49,7 +49,7 @@ def reference_mask(cfg: ModelConfig, segments: list[Segment], valid_bn, causal: 
     for seg in segments:
         if seg.modality == "text":
             continue
-        patches = seg.end - seg.start - 1
+        patches = seg.end - seg.start - cfg.lead_tokens
         rows = 4 if seg.modality == "audio" else int(patches ** 0.5)
         cols = patches // rows
         wr = rows if seg.modality == "audio" else min(rows, cfg.attention_window)
@@ -58,7 +58,7 @@ def reference_mask(cfg: ModelConfig, segments: list[Segment], valid_bn, causal: 
         sc = wc // 2 if shifted and wc < cols else 0
         for t in range(patches):
             r, c = divmod(t, cols)
-            group_of[seg.start + 1 + t] = (seg.modality, axis(r, rows, wr, sr), axis(c, cols, wc, sc))
+            group_of[seg.start + cfg.lead_tokens + t] = (seg.modality, axis(r, rows, wr, sr), axis(c, cols, wc, sc))
     allowed = dense.clone()
     for q, group in group_of.items():
         for k, other in group_of.items():
@@ -67,25 +67,28 @@ def reference_mask(cfg: ModelConfig, segments: list[Segment], valid_bn, causal: 
     return allowed
 
 
-@pytest.mark.parametrize("window,shifted,causal", [(3, False, False), (3, True, False), (2, True, True),
-                                                   (5, True, True)])
-def test_local_attention_equals_dense_attention_under_the_window_mask(window, shifted, causal):
+@pytest.mark.parametrize("window,shifted,causal,summary", [(3, False, False, 0), (3, True, False, 0),
+                                                           (2, True, True, 0), (5, True, True, 0), (3, True, True, 2)])
+def test_local_attention_equals_dense_attention_under_the_window_mask(window, shifted, causal, summary):
     """Gather-into-windows + SDPA gives exactly masked dense SDPA with the mask built from the definition,
     outputs and gradients, with a grid not a multiple of the window, shifted windows, text and audio padding,
-    a causal prefix and two grid modalities."""
-    cfg = tiny("local", window).cfg
-    segments = [Segment("image", 0, 50, None), Segment("text", 50, 57, None), Segment("audio", 57, 78, None)]
-    valid = torch.ones(2, 78, dtype=torch.bool)
-    valid[1, 54:57] = False  # text padding
-    valid[1, 57 + 1 + 10:] = False  # audio padding (4 rows x 5 time patches, frequency-major)
+    a causal prefix, two grid modalities and summary tokens (global, after each CLS)."""
+    cfg = tiny("local", window, summary_tokens=summary).cfg
+    lead = 1 + summary
+    image, text = lead + 49, lead + 49 + 7  # ends: 7x7 image patches, 7 text tokens, then 4x5 audio patches
+    n = text + lead + 20
+    segments = [Segment("image", 0, image, None), Segment("text", image, text, None), Segment("audio", text, n, None)]
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[1, image + 4:text] = False  # text padding
+    valid[1, text + lead + 10:] = False  # audio padding (4 rows x 5 time patches, frequency-major)
     prefix = torch.tensor([2, 3]) if causal else None
     layout = build_local_layout(cfg, segments, valid, 2, causal, CPU, prefix, shifted)
     torch.manual_seed(0)
-    qkv = torch.randn(2, 78, 3, 4, 8, requires_grad=True)
+    qkv = torch.randn(2, n, 3, 4, 8, requires_grad=True)
     got = local_attention(qkv, layout, 0.0)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
     allowed = reference_mask(cfg, segments, valid, causal, prefix, shifted)
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None]).transpose(1, 2).reshape(2, 78, 32)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None]).transpose(1, 2).reshape(2, n, 32)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     grad = torch.randn_like(got)
     (g_got,) = torch.autograd.grad(got, qkv, grad, retain_graph=True)
@@ -94,13 +97,14 @@ def test_local_attention_equals_dense_attention_under_the_window_mask(window, sh
     assert layout.groups[0].index_wl.shape[1] == min(window, 7) ** 2
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_a_window_covering_the_whole_grid_is_dense_attention(causal):
+@pytest.mark.parametrize("causal,summary", [(False, 0), (True, 0), (False, 2)])
+def test_a_window_covering_the_whole_grid_is_dense_attention(causal, summary):
     """Window 30 >= the 8x8 image grid and the 25 audio time patches: image + text and audio + text passes of
     the local model give the dense model's hidden states and gradients (text padding, audio padding, with and
-    without a causal prefix; with qk_norm). (Two grid modalities in one pass are two windows: an image patch reaches an
-    audio patch through the global tokens only.)"""
-    dense, local = tiny(qk_norm=True), tiny("local", 30, qk_norm=True)
+    without a causal prefix; with qk_norm; with summary tokens). (Two grid modalities in one pass are two windows:
+    an image patch reaches an audio patch through the global tokens only.)"""
+    dense = tiny(qk_norm=True, summary_tokens=summary)
+    local = tiny("local", 30, qk_norm=True, summary_tokens=summary)
     local.load_state_dict(dense.state_dict())
     kw = {"causal": causal, "text_prefix": torch.tensor([3, 2]) if causal else None}
     for pair in (("image", "text"), ("audio", "text")):
@@ -132,6 +136,25 @@ def test_global_tokens_see_everything_and_windows_see_only_their_window():
     other_ids[0, 2] += 1
     out = model.fuse(pixels, other_ids).hidden
     assert ((out - base).abs().amax(-1)[0, 1:65] > 1e-6).all()
+
+
+def test_summary_tokens_see_every_patch_and_every_patch_sees_them():
+    """One local block (window 2, no shift), image only, 2 summary tokens after the CLS (tokens 1, 2): moving
+    the bottom-right patch changes the CLS and both summary tokens but no patch outside its window; changing a
+    summary token's learned vector changes every patch."""
+    model = tiny("local", 2, num_layers=1, num_fusion_layers=0, attention_shift=False, summary_tokens=2)
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        base = model.encode_image(pixels).hidden
+        assert base.shape[1] == 3 + 64
+        moved = pixels.clone()
+        moved[..., 28:, 28:] += 3.0  # patch (7, 7): token 3 + 63
+        changed = (model.encode_image(moved).hidden - base).abs().amax(-1)[0] > 1e-6
+        assert changed[:3].all()
+        assert {i for i in range(3, 67) if changed[i]} == {3 + r * 8 + c for r in (6, 7) for c in (6, 7)}
+        model.summary["image"][:, 1] += torch.randn(48)  # not a constant: LayerNorm would remove that
+        changed = (model.encode_image(pixels).hidden - base).abs().amax(-1)[0] > 1e-6
+        assert changed.all()
 
 
 def test_padding_is_never_attended():
@@ -218,3 +241,5 @@ def test_bad_attention_settings_are_refused():
         ModelConfig(num_layers=4, attention="local", attention_global_layers=[4])
     with pytest.raises(ValueError, match="attention_window"):
         ModelConfig(attention="local", attention_window=0)
+    with pytest.raises(ValueError, match="summary_tokens"):
+        ModelConfig(summary_tokens=-1)

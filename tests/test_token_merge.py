@@ -109,6 +109,17 @@ def test_r0_is_no_merge_and_text_and_audio_passes_are_untouched():
     torch.testing.assert_close(fused.token_mask[:, fused.spans["text"][0]:], mask.bool())
 
 
+def test_summary_tokens_are_never_merged():
+    """The image's CLS and summary tokens keep size 1 and their place; the patches after them hold all 16."""
+    ids, mask = text()
+    model = model_of(token_merge=4, summary_tokens=2)
+    with torch.no_grad():
+        out = model.fuse(torch.randn(2, 3, 32, 32), ids, mask)
+    n_img = out.num_image_tokens
+    assert n_img < 3 + 16 and out.token_sizes[:, :3].eq(1).all()
+    assert out.token_sizes[:, 3:n_img].sum(1).eq(16).all() and out.token_sizes[:, 3:n_img].gt(1).any()
+
+
 def test_audio_is_never_merged():
     model = model_of(token_merge=4, modalities=["image", "text", "audio"],
                      audio={"num_mel_bins": 16, "max_frames": 32, "patch_time": 8, "patch_freq": 8,

@@ -127,3 +127,22 @@ def test_tokens_in_counts_the_audio_patches_of_real_frames():
     assert _tokens_in(batch, cfg) == 15 + 3 * (1 + audio.num_patches)
     images = {**text, "pixel_values": torch.zeros(3, 3, 16, 16)}
     assert _tokens_in(images, cfg) == 15 + 3 * (1 + 4)
+
+
+def test_tokens_in_equals_the_tokens_the_model_attends():
+    """Images larger than model.image_size (a higher-resolution fine-tune) and summary tokens: the count is
+    what the encoder builds, not 1 + model.num_patches."""
+    from pipeline.model.config import ModelConfig
+    from pipeline.model.vlmoe import VLMoE
+    from pipeline.run.trainer import _tokens_in
+
+    cfg = ModelConfig(hidden_size=16, num_layers=2, num_heads=2, image_size=16, patch_size=8, vocab_size=16,
+                      summary_tokens=3, modalities=["image", "text", "audio"])
+    audio = cfg.audio
+    batch = {"input_ids": torch.zeros(2, 5, dtype=torch.long),
+             "attention_mask": torch.tensor([[1] * 5, [1] * 3 + [0] * 2]), "pixel_values": torch.zeros(2, 3, 32, 32),
+             "audio_values": torch.zeros(2, audio.max_frames, audio.num_mel_bins),
+             "audio_lengths": torch.tensor([audio.max_frames, 20])}
+    out = VLMoE(cfg).encode({"image": (batch["pixel_values"],), "text": (batch["input_ids"], batch["attention_mask"]),
+                             "audio": (batch["audio_values"], batch["audio_lengths"])})
+    assert _tokens_in(batch, cfg) == int(out.token_mask.sum()) == 8 + 2 * (4 + 16) + (4 + 4 * 25) + (4 + 4 * 2)

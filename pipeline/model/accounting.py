@@ -104,6 +104,8 @@ def _active_by_modality(model: nn.Module) -> dict[str, int]:
     result = {}
     for modality in model.cfg.modalities:
         count = _numel(model.embeddings[modality]) + model.cfg.hidden_size + _numel(model.norm)
+        if model.summary is not None and modality in model.summary:
+            count += model.summary[modality].numel()
         for block in model.blocks:
             count += _numel(block.norm1) + _numel(block.attn) + _numel(block.norm2)
             key = modality if modality in block.ffn else "shared"
@@ -119,10 +121,11 @@ def _pass_flops(model: nn.Module, segments: dict[str, int], audio_frames: int) -
     d = cfg.hidden_size
     flops = 0.0
     if "image" in segments:
-        flops += patch_embed_flops(cfg, math.isqrt(segments["image"] - 1) * cfg.patch_size)
+        flops += patch_embed_flops(cfg, math.isqrt(segments["image"] - cfg.lead_tokens) * cfg.patch_size)
     if "audio" in segments:
         flops += audio_patch_flops(cfg, audio_frames)
-    merged_after = cfg.merged_after(segments["image"] - 1) if "image" in segments else [0] * cfg.num_layers
+    merged_after = cfg.merged_after(segments["image"] - cfg.lead_tokens) if "image" in segments \
+        else [0] * cfg.num_layers
     for block, tokens in zip(model.blocks, cfg.block_tokens(segments)):
         n = sum(tokens.values())
         flops += 2 * n * d * 4 * d + 4 * attention_pairs(cfg, block.index, tokens) * d  # qkv + proj, QK^T + AV
@@ -135,7 +138,7 @@ def _pass_flops(model: nn.Module, segments: dict[str, int], audio_frames: int) -
         for key, count in spans:
             flops += 2 * count * _ffn_active_matmul(block.ffn[key])
         if merged_after[block.index]:  # token merging after this block: the matching's similarities
-            patches = tokens["image"] - 1
+            patches = tokens["image"] - cfg.lead_tokens
             flops += 2 * ((patches + 1) // 2) * (patches // 2) * d
     return flops
 
@@ -192,8 +195,8 @@ def count_parameters(cfg: ModelConfig, image_size: int | None = None, text_len: 
     experts = sum(_numel(m.experts) for m in model.modules() if isinstance(m, MoEFFN))
     active = _active_by_modality(model)
     freq, time = cfg.audio.grid(audio_frames)
-    tokens = {"image": 1 + (image_size // cfg.patch_size) ** 2, "text": text_len or cfg.max_text_len,
-              "audio": 1 + freq * time}
+    tokens = {"image": cfg.lead_tokens + (image_size // cfg.patch_size) ** 2, "text": text_len or cfg.max_text_len,
+              "audio": cfg.lead_tokens + freq * time}
     forward = 0.0
     for kind, count in passes.items():
         forward += count * _pass_flops(model, {m: tokens[m] for m in kinds[kind]}, audio_frames)

@@ -13,6 +13,7 @@ from typing import Literal
 
 KNOWN_MODALITIES = ("image", "text", "audio")  # modalities with an embedding implemented
 DEFAULT_MODALITIES = ("image", "text")
+GRID_MODALITIES = ("image", "audio")  # patches on a grid after a CLS (and summary tokens)
 
 
 @dataclasses.dataclass
@@ -227,6 +228,11 @@ class ModelConfig:
                 "windows), so information crosses window borders"})
     attention_global_layers: list[int] = field(default_factory=list, metadata={
         "help": "blocks that keep dense attention with attention: local (ViTDet: a few evenly spaced blocks)"})
+    summary_tokens: int = field(default=0, metadata={
+        "help": "learned summary tokens after the CLS of each grid modality (image, audio): global tokens, so with "
+                "attention: local every window reaches every other through them in one block (the summary "
+                "tokens of global-local attention; registers, Darcet et al. 2023); no position embedding, "
+                "never merged, routed to the modality's experts like its CLS; 0 = none"})
     token_merge: int = field(default=0, metadata={
         "help": "image patch tokens merged away after each block of token_merge_layers (ToMe's r, Bolya et al. "
                 "2022: bipartite soft matching, size-weighted averages; never the CLS, text or audio tokens); "
@@ -273,6 +279,8 @@ class ModelConfig:
         self.moe.layer_indices(self.num_layers)  # validates explicit indices
         if self.attention_window < 1:
             raise ValueError(f"attention_window must be >= 1, got {self.attention_window}")
+        if self.summary_tokens < 0:
+            raise ValueError(f"summary_tokens must be >= 0, got {self.summary_tokens}")
         bad = [i for i in self.attention_global_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"attention_global_layers {bad}: block indices must be in [0, {self.num_layers})")
@@ -309,6 +317,11 @@ class ModelConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def lead_tokens(self) -> int:
+        """Tokens of a grid modality (image, audio) before its patches: its CLS, then ``summary_tokens``."""
+        return 1 + self.summary_tokens
 
     @property
     def token_merge_blocks(self) -> list[int]:
@@ -351,9 +364,9 @@ class ModelConfig:
         return merged
 
     def block_tokens(self, tokens: dict[str, int]) -> list[dict[str, int]]:
-        """Tokens of each modality (``tokens``: modality -> count, the image's CLS included) entering each block:
-        fewer image tokens after each token merge."""
-        merged = self.merged_after(tokens["image"] - 1) if "image" in tokens else [0] * self.num_layers
+        """Tokens of each modality (``tokens``: modality -> count, the image's CLS and summary tokens included)
+        entering each block: fewer image tokens after each token merge."""
+        merged = self.merged_after(tokens["image"] - self.lead_tokens) if "image" in tokens else [0] * self.num_layers
         blocks, current = [], dict(tokens)
         for index in range(self.num_layers):
             blocks.append(dict(current))

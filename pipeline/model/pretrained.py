@@ -10,7 +10,8 @@ Recipes reach these through ``init:`` (pipeline.model.init_recipe: checks before
 Upcycling (arXiv 2212.05055): every expert of an MoE FFN starts as a copy of the dense FFN it replaces
 (residual MoE: its dense branch too; a dropless FFN's fused experts ``experts.w1[e] = fc1.weight``,
 ``w2[e] = fc2.weight``, ``w3[e, 0] = cat(fc1.bias, fc2.bias)``, its shared experts as the dense branch);
-routers, residual coefficients and the dropless expert bias keep their fresh init. FFNs with no
+routers, residual coefficients and the dropless expert bias keep their fresh init, and so do summary tokens
+(``model.summary_tokens``) the source lacks. FFNs with no
 dense source of their own (text / vl / shared from a ViT) copy the first modality's FFN (image).
 With ``upcycle=False`` the experts keep their from-scratch init (each drawn independently) instead.
 Image position embeddings of another grid are interpolated (bicubic); anything else that does not fit
@@ -47,6 +48,7 @@ _VIT_TOP = {"embeddings.cls_token": "embeddings.image.cls",
 _FFN_PARAM = re.compile(r"^blocks\.(\d+)\.ffn\.([a-z_]+)\.(.+)$")
 _FRESH = re.compile(r"(deepspeed_moe\.gate\.wg\.|\.coefficient\.|\.router\.gate\.|\.expert_bias$)")  # routers
 _EXPERT = re.compile(r"\.deepspeed_moe\.experts\.|\.experts\.w[123]$")  # gshard or dropless experts
+_SUMMARY = re.compile(r"^summary\.\w+$")  # model.summary_tokens: new when the source has none
 _FUSED = re.compile(r"^(blocks\.\d+\.ffn\.[a-z_]+)\.experts\.(w[123])$")  # dropless: [E_l, ...] per FFN
 _VIT_HEADS = ("pooler.", "classifier.")  # ViTModel pooler, ViTForImageClassification head: not the encoder
 
@@ -148,7 +150,7 @@ def load_upcycled(model: nn.Module, dense: dict[str, torch.Tensor], keep_fresh: 
             fresh.append(key)
             consumed.add(src)
             continue
-        if src is None or (src not in dense and key.startswith(keep_fresh)):
+        if src is None or (src not in dense and (key.startswith(keep_fresh) or _SUMMARY.match(key))):
             fresh.append(key)
             continue
         if src not in dense:

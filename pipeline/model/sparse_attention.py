@@ -4,8 +4,9 @@ Shapes: B batch, N tokens of the joint sequence, H heads, K head dim, D = H*K, G
 W windows of one grid, L tokens per window (window rows x window columns).
 
 Which tokens are local: the patches of a grid modality (image: side x side patches, row-major; audio:
-frequency x time patches, frequency-major), each segment's tokens after its CLS. Every other token is
-global: the CLS of each grid modality and all text tokens (the text of a fused pass is short and is what
+frequency x time patches, frequency-major), each segment's tokens after its CLS and its
+``summary_tokens``. Every other token is global: the CLS and summary tokens of each grid modality and all
+text tokens (the text of a fused pass is short and is what
 the patches must reach). A global query attends every token it may (the rows of ``attention_rows``, the
 dense mask); a local query attends the tokens of its window and the global keys it may see. So a window
 covering the whole grid is dense attention, and the cost of a grid of P patches is P x (L + G) pairs
@@ -61,8 +62,8 @@ class LocalLayout:
 
 
 def token_grid(cfg: ModelConfig, segment: Segment) -> tuple[int, int] | None:
-    """(rows, columns) of the patches after a grid modality's CLS; None for text."""
-    patches = segment.end - segment.start - 1
+    """(rows, columns) of the patches after a grid modality's CLS and summary tokens; None for text."""
+    patches = segment.end - segment.start - cfg.lead_tokens
     if segment.modality == "image":
         side = math.isqrt(patches)
         return side, side
@@ -149,8 +150,9 @@ def build_local_layout(cfg: ModelConfig, segments: list[Segment], valid_bn: torc
             continue
         win, shift = window_shape(cfg, seg.modality, grid, shifted)
         slots_wl, region_wl = window_partition(grid, win, shift)
-        windows.append((torch.where(slots_wl >= 0, slots_wl + seg.start + 1, -1), region_wl))
-        is_local_n[seg.start + 1:seg.end] = True
+        first = seg.start + cfg.lead_tokens
+        windows.append((torch.where(slots_wl >= 0, slots_wl + first, -1), region_wl))
+        is_local_n[first:seg.end] = True
     if not windows:
         return None
     global_g = (~is_local_n).nonzero().squeeze(1)

@@ -3,10 +3,10 @@
 Shapes: B batch, N tokens of the joint sequence, D hidden, P image patch tokens before a merge, R tokens merged
 away by it, A / Z the two halves of the patches (A: even positions, Z: odd), K the A tokens kept.
 
-After each block of ``cfg.token_merge_blocks`` the image patches (never the image CLS, text or audio tokens)
-lose R = ``cfg.token_merge`` tokens by bipartite soft matching: each A token's edge goes to its most similar
-Z token (cosine of the block's output hidden states, no gradient); the R A tokens with the most similar edges
-are averaged into their Z partners, weighted by size (the patches a token holds), and the other A tokens
+After each block of ``cfg.token_merge_blocks`` the image patches (never the image CLS or summary tokens, text or
+audio tokens) lose R = ``cfg.token_merge`` tokens by bipartite soft matching: each A token's edge goes to its
+most similar Z token (cosine of the block's output hidden states, no gradient); the R A tokens with the most
+similar edges are averaged into their Z partners, weighted by size (the patches a token holds), and the other A tokens
 stay. The merged sequence is: kept A tokens in their order, then the Z tokens. R depends only on the shapes
 (``ModelConfig.merged_after``), never on the data, so every rank makes the same MoE calls with the same token
 counts (``pipeline.model.blocks``), and the routing statistics of later blocks count the merged tokens.
@@ -54,14 +54,15 @@ def bipartite_merge(x_bpd: torch.Tensor, size_bp: torch.Tensor, r: int) -> tuple
     return x_new, size_new
 
 
-def merge_image_tokens(x_bnd: torch.Tensor, size_bn: torch.Tensor, segments: list[Segment], r: int
+def merge_image_tokens(x_bnd: torch.Tensor, size_bn: torch.Tensor, segments: list[Segment], r: int, lead: int = 1
                        ) -> tuple[torch.Tensor, torch.Tensor, list[Segment]]:
-    """Merge ``r`` image patches of the joint sequence away (the image CLS and every other segment kept):
-    the new hidden states, token sizes [B, N'] and segments (later segments shifted)."""
+    """Merge ``r`` image patches of the joint sequence away (the image's ``lead`` tokens before its patches,
+    CLS and summary tokens, and every other segment kept): the new hidden states, token sizes [B, N'] and
+    segments (later segments shifted)."""
     image = next(s for s in segments if s.modality == "image")
     if image.valid is not None:
         raise ValueError("token merging needs an image segment without padding")
-    first = image.start + 1  # the image CLS stays
+    first = image.start + lead  # the image CLS and summary tokens stay
     patches_bpd, size_bp = bipartite_merge(x_bnd[:, first:image.end], size_bn[:, first:image.end], r)
     merged = image.end - first - patches_bpd.shape[1]
     x_bnd = torch.cat([x_bnd[:, :first], patches_bpd, x_bnd[:, image.end:]], dim=1)
@@ -86,14 +87,15 @@ def merged_attention_mask(segments: list[Segment], valid_bn: torch.Tensor | None
 
 
 def merge_after_block(x_bnd: torch.Tensor, size_bn: torch.Tensor | None, segments: list[Segment], r: int,
-                      causal: bool, text_prefix_b: torch.Tensor | None, proportional: bool
+                      causal: bool, text_prefix_b: torch.Tensor | None, proportional: bool, lead: int = 1
                       ) -> tuple[torch.Tensor, torch.Tensor, list[Segment], torch.Tensor | None, torch.Tensor | None]:
     """One merge between two blocks of ``VLMoE.encode``: (hidden states, token sizes (None before the first
-    merge: all 1), segments, valid mask, attention mask) of the sequence with ``r`` image patches fewer."""
+    merge: all 1), segments, valid mask, attention mask) of the sequence with ``r`` image patches fewer
+    (``lead``: the image tokens before its patches, never merged: ``cfg.lead_tokens``)."""
     batch = x_bnd.shape[0]
     if size_bn is None:
         size_bn = torch.ones(batch, x_bnd.shape[1], device=x_bnd.device)
-    x_bnd, size_bn, segments = merge_image_tokens(x_bnd, size_bn, segments, r)
+    x_bnd, size_bn, segments = merge_image_tokens(x_bnd, size_bn, segments, r, lead)
     valid_bn = valid_tokens(segments, batch, x_bnd.device)
     mask = merged_attention_mask(segments, valid_bn, size_bn, batch, causal, text_prefix_b, proportional, x_bnd.dtype)
     return x_bnd, size_bn, segments, valid_bn, mask

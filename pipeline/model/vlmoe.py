@@ -22,7 +22,7 @@ from torch import nn
 
 from pipeline.model.blocks import Block, LayerKV, Segment, attention_mask, valid_tokens
 from pipeline.model.sparse_attention import attention_layouts
-from pipeline.model.config import ModelConfig
+from pipeline.model.config import GRID_MODALITIES, ModelConfig
 from pipeline.model.embeddings import EMBEDDINGS
 from pipeline.model.dropless import draw_experts
 from pipeline.model.moe import MoEFFN, SparseFFN, expert_parallel_rank
@@ -88,6 +88,10 @@ class VLMoE(nn.Module):
         self.cfg = cfg
         self.embeddings = nn.ModuleDict({m: EMBEDDINGS[m](cfg) for m in cfg.modalities})
         self.modality_type = nn.Embedding(len(cfg.modalities), cfg.hidden_size)
+        # model.summary_tokens: [1, R, D] per grid modality, inserted after its CLS (encode)
+        self.summary = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, cfg.summary_tokens, cfg.hidden_size))
+                                         for m in cfg.modalities if m in GRID_MODALITIES}) \
+            if cfg.summary_tokens else None
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_layers)])
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.moe_stats = MoEStats()  # every MoE call of every pass records here (pipeline.model.moe_stats)
@@ -109,9 +113,9 @@ class VLMoE(nn.Module):
         for module in self.modules():
             if id(module) not in expert_modules:
                 _init_module(module, std)
-        for emb in self.embeddings.values():
-            for param in emb.parameters(recurse=False):
-                nn.init.trunc_normal_(param, std=std, a=-2 * std, b=2 * std)
+        own = [p for emb in self.embeddings.values() for p in emb.parameters(recurse=False)]
+        for param in own + list(self.summary.values() if self.summary is not None else []):
+            nn.init.trunc_normal_(param, std=std, a=-2 * std, b=2 * std)
         ep_rank = expert_parallel_rank(self.cfg.moe.ep_size)
         for ffn in self.sparse_ffns().values():
             if not isinstance(ffn, SparseFFN):  # dropless: fused [E_l, ...] tensors, same draws per expert
@@ -164,6 +168,8 @@ class VLMoE(nn.Module):
             if modality not in inputs:
                 continue
             x_bnd, valid_bn = self.embeddings[modality](*inputs[modality])
+            if self.summary is not None and modality in self.summary:
+                x_bnd, valid_bn = self._with_summary(x_bnd, valid_bn, self.summary[modality])
             x_bnd = x_bnd + self.modality_type.weight[type_id]
             tokens.append(x_bnd)
             segments.append(Segment(modality, start, start + x_bnd.shape[1], valid_bn))
@@ -181,7 +187,7 @@ class VLMoE(nn.Module):
                 torch.ones(batch, x_bnd.shape[1], dtype=torch.bool, device=x_bnd.device)
             cache.fused = len(segments) > 1
         image = next((s for s in segments if s.modality == "image"), None)
-        merged_after = self.cfg.merged_after(image.end - image.start - 1) if image is not None \
+        merged_after = self.cfg.merged_after(image.end - image.start - self.cfg.lead_tokens) if image is not None \
             else [0] * len(self.blocks)
         size_bn, merged_keys = None, None
         for index, block in enumerate(self.blocks):
@@ -192,7 +198,7 @@ class VLMoE(nn.Module):
             if merged_after[index]:  # config: the blocks after it are dense (layout None)
                 x_bnd, size_bn, segments, valid_bn, mask_b1nn = merge_after_block(
                     x_bnd, size_bn, segments, merged_after[index], causal, text_prefix,
-                    self.cfg.token_merge_proportional)
+                    self.cfg.token_merge_proportional, self.cfg.lead_tokens)
                 if cache is not None:
                     merged_keys = MergedKeys.of(valid_bn, size_bn, self.cfg.token_merge_proportional)
         hidden = self.norm(x_bnd)
@@ -208,6 +214,18 @@ class VLMoE(nn.Module):
             pool_mask = token_mask & ~after_prefix
         pooled = hidden[:, 0] if self.cfg.pooling == "cls" else masked_mean(hidden, pool_mask, size_bn)
         return EncoderOutput(hidden, hidden[:, 0], num_image, token_mask, spans, pooled, size_bn)
+
+    @staticmethod
+    def _with_summary(x_bnd: torch.Tensor, valid_bn: torch.Tensor | None, summary_1rd: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A grid modality's tokens [B, 1+P, D] -> [B, 1+R+P, D]: the summary tokens after the CLS (valid)."""
+        batch, r = x_bnd.shape[0], summary_1rd.shape[1]
+        summary_brd = summary_1rd.to(x_bnd.dtype).expand(batch, -1, -1)
+        x_bnd = torch.cat([x_bnd[:, :1], summary_brd, x_bnd[:, 1:]], dim=1)
+        if valid_bn is not None:
+            ones_br = torch.ones(batch, r, dtype=torch.bool, device=valid_bn.device)
+            valid_bn = torch.cat([valid_bn[:, :1], ones_br, valid_bn[:, 1:]], dim=1)
+        return x_bnd, valid_bn
 
     def decode_step(self, input_ids_bn: torch.Tensor, positions_bn: torch.Tensor, cache: DecodeCache
                     ) -> torch.Tensor:

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.run.checkpoint_merge import (EXPERT_KEY, FUSED_EXPERT_KEY, MODALITY_KEY, MODALITY_TYPE, check_keys,
-                                          expert_key, modality_of, modality_rows, safe_load, state_modalities,
-                                          summarize_keys)
+from pipeline.run.checkpoint_merge import (EXPERT_KEY, FUSED_EXPERT_KEY, MODALITY_KEY, MODALITY_TYPE, SUMMARY_KEY,
+                                          check_keys, expert_key, modality_of, modality_rows, safe_load,
+                                          state_modalities, summarize_keys)
 from pipeline.run.disk_space import (CheckpointSaveError, FileWriteError, describe_write_error, engine_share_bytes,
                                  room_problem, save_torch)
 from pipeline.run.distributed import Dist, barrier, gather_objects
@@ -195,8 +195,8 @@ def load_module_weights(module: Any, init_from: str | Path) -> Path:
     experts picked out. Only task heads (keys under ``heads.``) may be missing (a new task's heads keep their
     fresh init) or unused (the old task's), and a modality the model ADDS (e.g. audio on an image-text run)
     keeps the fresh init of its embedding and FFNs/experts, its ``modality_type`` row too (the saved rows
-    are copied by modality name); any other model tensor missing, extra or of another shape is a
-    ConfigError. Returns the checkpoint folder."""
+    are copied by modality name), and so do summary tokens (``model.summary_tokens``) the checkpoint lacks;
+    any other model tensor missing, extra or of another shape is a ConfigError. Returns the checkpoint folder."""
     from pipeline.run.checkpoint_merge import merge_moe_checkpoint
     from pipeline.recipe import init_from_shape_error
 
@@ -222,7 +222,8 @@ def load_module_weights(module: Any, init_from: str | Path) -> Path:
     used = {_global_expert_key(module, k) for k in state}
     missing = sorted(set(current) - set(state))
     new = [k for k in missing if modality_of(k) in added]
-    missing = [k for k in missing if k not in new]
+    summary = [k for k in missing if SUMMARY_KEY.match(k) and k not in new]  # summary tokens added
+    missing = [k for k in missing if k not in new and k not in summary]
     unexpected = sorted(k for k in set(saved) - used if not _other_ranks_expert(module, k))
     check_keys(f"init_from {folder}", missing, unexpected, may_differ=HEADS_PREFIX)
     module.load_state_dict(state, strict=False)
@@ -231,6 +232,9 @@ def load_module_weights(module: Any, init_from: str | Path) -> Path:
         log.info("init_from %s: modalities %s are new (the checkpoint has %s): %d tensors of %s keep their "
                  "fresh init; modality_type rows copied by name", folder, added, saved_modalities, len(new),
                  ", ".join(modules))
+    if summary:
+        log.info("init_from %s: the checkpoint has no summary tokens (model.summary_tokens); fresh init for %s",
+                 folder, ", ".join(summary))
     if missing:
         log.info("init_from %s: %d head tensors not in the checkpoint keep their fresh init: %s", folder,
                  len(missing), summarize_keys(missing))

@@ -36,6 +36,7 @@ FUSED_EXPERT_KEY = re.compile(r"^(.*)\.experts\.(w[123])$")  # dropless EP=1 / l
 MODALITY_TYPE = "modality_type.weight"  # VLMoE: one row per modality, in model.modalities order
 MODALITY_KEY = re.compile(r"^(?:model\.)?(?:embeddings|blocks\.\d+\.ffn)\.(\w+)\.")  # a modality's own tensors
 EMBEDDING_KEY = re.compile(r"^(?:model\.)?embeddings\.(\w+)\.")
+SUMMARY_KEY = re.compile(r"^(?:model\.)?summary\.\w+$")  # model.summary_tokens of a grid modality
 
 
 def modality_of(key: str) -> str | None:

@@ -307,24 +307,27 @@ def _signal_name(signum: int | None) -> str:
 
 
 def _tokens_in(batch: dict[str, Any], model_cfg: Any) -> int:
-    """Input tokens of a micro-batch (``train/tokens_per_s``): real text tokens, 1 + patches per image, and
-    per clip 1 + the audio patches of its real frames (those the model does not mask: a patch that starts
-    before ``audio_lengths``; every patch of the grid when the batch has no lengths)."""
+    """Input tokens of a micro-batch (``train/tokens_per_s``): real text tokens; per image its patches at the
+    batch's image size and ``lead_tokens`` (CLS, summary tokens); per clip ``lead_tokens`` + the audio patches
+    of its real frames (those the model does not mask: a patch that starts before ``audio_lengths``; every
+    patch of the grid when the batch has no lengths)."""
     tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-    images = sum(v.shape[0] for k, v in batch.items() if k.startswith("pixel_values"))
-    tokens += images * (model_cfg.num_patches + 1)
+    for key, pixels in batch.items():
+        if key.startswith("pixel_values"):
+            tokens += pixels.shape[0] * (model_cfg.lead_tokens + (pixels.shape[-1] // model_cfg.patch_size) ** 2)
     if "audio_values" in batch:
-        tokens += _audio_tokens(batch["audio_values"], batch.get("audio_lengths"), model_cfg.audio)
+        tokens += _audio_tokens(batch["audio_values"], batch.get("audio_lengths"), model_cfg)
     return tokens
 
 
-def _audio_tokens(features_btf: torch.Tensor, lengths_b: torch.Tensor | None, audio_cfg: Any) -> int:
+def _audio_tokens(features_btf: torch.Tensor, lengths_b: torch.Tensor | None, model_cfg: Any) -> int:
+    audio_cfg, lead = model_cfg.audio, model_cfg.lead_tokens
     freq, time_patches = audio_cfg.grid(features_btf.shape[1])
     if lengths_b is None:
-        return features_btf.shape[0] * (1 + freq * time_patches)
+        return features_btf.shape[0] * (lead + freq * time_patches)
     starts_t = torch.arange(time_patches, device=lengths_b.device) * audio_cfg.stride_time
     real_time_b = (starts_t[None] < lengths_b[:, None]).sum(dim=1)
-    return int((1 + freq * real_time_b).sum())
+    return int((lead + freq * real_time_b).sum())
 
 
 def _dtype(ds_config: dict[str, Any]) -> torch.dtype:
