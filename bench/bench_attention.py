@@ -15,6 +15,10 @@ Variants (all on the same input and weights, timed round-robin, median of ``--re
 - dense, mask: SDPA with the [B, 1, N, N] bool mask of ``blocks.attention_mask`` (what the model runs with padding);
 - dense, no mask: SDPA without a mask (its best case: the padding is then attended, so it is not the model's
   computation, only a floor for dense);
+- dense, eager: the dense_mask computation on SDPA's math backend (``sdpa_kernel(SDPBackend.MATH)``): scores and
+  probabilities materialised as [B, H, N, N] tensors, as eager attention (transformers' ``attn_implementation=
+  "eager"``, timm without fused attention) holds them; the model never runs this way, it shows what the N x N
+  activation memory of issue 22's premise is;
 - local: ``sparse_attention.build_local_layout`` (window ``--window`` x ``--window`` patches, CLS and text global),
   unshifted; local_shift: the shifted layout of odd blocks (Swin's cyclic shift: as many windows, plus a region
   mask). Both carry a [B*W, 1, L, L+G] mask here (the padded text is a global key some rows must not see).
@@ -39,6 +43,7 @@ Prints tables; writes JSON to bench/results/attention_<time>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -49,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -60,7 +66,7 @@ from pipeline.model.config import ModelConfig  # noqa: E402
 from pipeline.model.sparse_attention import attention_pairs, build_local_layout  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
 
-VARIANTS = ["dense_mask", "dense_nomask", "local", "local_shift"]
+VARIANTS = ["dense_mask", "dense_nomask", "dense_eager", "local", "local_shift"]
 TEXT_LEN, PADDED_TEXT = 32, 12
 MIB = 2**20
 
@@ -114,7 +120,7 @@ def setup(variant: str, cfg: ModelConfig, segments: list[Segment], valid_bn: tor
     cpu = torch.device("cpu")
     if variant == "dense_nomask":
         return None, None
-    if variant == "dense_mask":
+    if variant in ("dense_mask", "dense_eager"):
         return attention_mask(segments, valid_bn, batch, False, cpu), None
     return None, build_local_layout(cfg, segments, valid_bn, batch, False, cpu, None, variant == "local_shift")
 
@@ -137,8 +143,9 @@ class Case:
         start = time.perf_counter()
         mask, layout = setup(variant, self.cfg, self.segments, self.valid_bn, self.batch)
         built = time.perf_counter()
-        out_bnd = self.attn(self.x_bnd, mask, layout=layout)
-        out_bnd.sum().backward()
+        with sdpa_kernel(SDPBackend.MATH) if variant == "dense_eager" else contextlib.nullcontext():
+            out_bnd = self.attn(self.x_bnd, mask, layout=layout)
+            out_bnd.sum().backward()
         end = time.perf_counter()
         return built - start, end - start
 
