@@ -55,6 +55,13 @@ VARIANTS: dict[str, tuple[dict[str, Any], float]] = {
     "local128_noshift": ({"image_size": 128, "attention": "local", "attention_window": 4,
                           "attention_shift": False}, 1.0),
     "local128_w8": ({"image_size": 128, "attention": "local", "attention_window": 8}, 1.0),
+    # the last block dense (ViTDet keeps a few global blocks)
+    "local128_g3": ({"image_size": 128, "attention": "local", "attention_window": 4,
+                     "attention_global_layers": [3]}, 1.0),
+    # 4 summary tokens after the image CLS: global tokens every window reads and writes in every block
+    "local128_s4": ({"image_size": 128, "attention": "local", "attention_window": 4, "summary_tokens": 4}, 1.0),
+    "local128_g3_s4": ({"image_size": 128, "attention": "local", "attention_window": 4,
+                        "attention_global_layers": [3], "summary_tokens": 4}, 1.0),
     # control: one window over the whole grid is dense attention computed by the local path (same maths, other
     # float rounding), so its gap to dense128 is the run-to-run noise of this bench at one seed
     "local128_w16": ({"image_size": 128, "attention": "local", "attention_window": 16}, 1.0),
