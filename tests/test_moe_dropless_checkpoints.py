@@ -305,3 +305,34 @@ def test_dropless_ep2_run_merges_evaluates_exports_and_inits_at_another_ep_size(
         assert torch.equal(state[key], merged[key][2:4]), key
     router = next(k for k in merged if k.endswith("router.gate.weight"))
     assert torch.equal(state[router], merged[router])
+
+
+@pytest.mark.slow
+def test_universal_command_prepares_a_resume_at_another_ep_size(dropless_run, tmp_path):
+    """``python -m pipeline.run.universal`` on the EP=2 ZeRO-2 run: a new run folder whose checkpoint is
+    DeepSpeed's universal one (zero/ with the Adam moments) plus the step's run state and RNG, marked so that
+    the resume there loads it with checkpoint.load_universal (and only that resume). A gshard run and a ZeRO-0
+    run are refused with the reason. (The resume's arithmetic: tests/dist/moe_dropless.py, universal.)"""
+    from pipeline.run.universal import MARKER, refusal, universal_resume_config
+
+    run, _, _ = dropless_run
+    out = tmp_path / "ep1"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run.universal", str(run), "--output", str(out)],
+                          cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = out / "checkpoints" / "step_000002"
+    for name in ("COMPLETE", MARKER, "run_state.json", "rng/rank_00001.pt", "mp_rank_00_model_states.pt"):
+        assert (folder / name).exists(), name
+    moments = folder / "zero" / "model.blocks.1.ffn.image.experts.w1" / "exp_avg.pt"
+    assert moments.is_file() and (out / "resolved_recipe.yaml").is_file()
+    engine = {"zero_optimization": {"stage": 2}, "checkpoint": {"tag_validation": "warn"}}
+    assert universal_resume_config(out, engine)["checkpoint"] == {"tag_validation": "warn", "load_universal": True}
+    assert universal_resume_config(run, engine) is engine
+    again = subprocess.run([sys.executable, "-m", "pipeline.run.universal", str(run), "--output", str(out)],
+                           cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "is not an empty folder" in again.stderr
+    recipe = yaml.safe_load((run / "resolved_recipe.yaml").read_text())
+    gshard = {**recipe, "model": {**recipe["model"], "moe": {**recipe["model"]["moe"], "impl": "gshard"}}}
+    assert "per-expert parameters DeepSpeed's universal checkpoint skips" in refusal(gshard, engine)
+    assert "ZeRO stage 0" in refusal(recipe, {"zero_optimization": {"stage": 0}})
+    assert refusal(recipe, engine) is None

@@ -27,6 +27,7 @@ from pipeline.recipe import InitConfig, dump_recipe, load_recipe
 from pipeline.routing_pictures import log_routing_images
 from pipeline.run.run_dir import RunDir
 from pipeline.run.step_guard import NonFiniteTraining, StepGuard
+from pipeline.run.universal import universal_resume_config
 from pipeline.tasks import DistInfo
 from pipeline.run.tb_logging import (MetricsSink, TrainWindow, console_line, expert_load_scalars,
                                      measure_peak_tflops)
@@ -88,7 +89,8 @@ class Trainer:
         frozen = apply_freeze(task, recipe.freeze)
         if frozen:
             log.info("frozen %d parameters (%s)", len(frozen), ", ".join(recipe.freeze))
-        engine, _ = build_engine(task, recipe, ds_config)
+        # a checkpoint from pipeline.run.universal loads with checkpoint.load_universal (that load only)
+        engine, _ = build_engine(task, recipe, universal_resume_config(run_dir, ds_config) if resuming else ds_config)
         torch.manual_seed(recipe.train.seed + 7919 * (dist.rank + 1))  # per-rank masking/negatives/noise
         state = RunState(world_size=dist.world_size)
         saved = checkpoint.resume(engine, run_dir, dist) if resume else None
