@@ -15,7 +15,8 @@ DATA_PREP = ["pairs", "vqa", "retrieval", "nlvr2", "classify", "synth", "tokeniz
              "snli_ve", "clotho", "audiocaps", "wavcaps", "audio_pairs", "esc50"]
 COMMANDS = [["pipeline.train"], ["pipeline.plan"], ["pipeline.evaluate"], ["pipeline.export"], ["pipeline.predict"],
             ["pipeline.explain"], ["launch.demo_report"],
-            ["pipeline.run.hardware"], ["pipeline.run.convert_moe"], ["pipeline.run.universal"], ["data_prep"], *[["data_prep", name] for name in DATA_PREP]]
+            ["pipeline.run.hardware"], ["pipeline.run.convert_moe"], ["pipeline.run.universal"], ["data_prep"],
+            *[["data_prep", name] for name in DATA_PREP]]
 
 # run the module as ``python -m`` would, then print the heavy modules it imported and what it printed
 PROBE = """
