@@ -51,16 +51,14 @@ class RunState:
 
 class Trainer:
     def __init__(self, recipe: Any, ds_config: dict[str, Any], run_dir: Path, dist: Dist,
-                 engine: Any, task: Any, state: RunState):
+                 engine: Any, task: Any, state: RunState, peak_tflops: float):
         self.recipe, self.model_cfg, self.ds_config = recipe, recipe.model, ds_config
         self.run_dir, self.dist, self.engine, self.task, self.state = run_dir, dist, engine, task, state
         self.run = RunDir(run_dir)
         self.sink = MetricsSink(self.run, dist.is_main)
         self.stop_signal: int | None = None
         self.flops_per_sample = _train_flops_per_sample(recipe)
-        # best of a few trials: a trial slowed by a busy host under-states the peak and inflates MFU
-        self.peak_tflops = recipe.train.peak_tflops or max(
-            measure_peak_tflops(dist.device, _dtype(ds_config)) for _ in range(PEAK_TRIALS))
+        self.peak_tflops = peak_tflops
         self.warned_mfu = False
         self.window = TrainWindow()
         self.worker_skips: dict[int, int] = {}
@@ -92,6 +90,11 @@ class Trainer:
         # a checkpoint from pipeline.run.universal loads with checkpoint.load_universal (that load only)
         engine, _ = build_engine(task, recipe, universal_resume_config(run_dir, ds_config) if resuming else ds_config)
         torch.manual_seed(recipe.train.seed + 7919 * (dist.rank + 1))  # per-rank masking/negatives/noise
+        # best of a few trials: a trial slowed by a busy host under-states the peak and inflates MFU. Measured
+        # BEFORE the resume restores the RNG (its operands come from the global RNG): measuring after it gave a
+        # resumed run other MLM masks and ITM negatives than the uninterrupted run
+        peak = recipe.train.peak_tflops or max(
+            measure_peak_tflops(dist.device, _dtype(ds_config)) for _ in range(PEAK_TRIALS))
         state = RunState(world_size=dist.world_size)
         saved = checkpoint.resume(engine, run_dir, dist) if resume else None
         if saved is not None:
@@ -100,7 +103,7 @@ class Trainer:
         elif recipe.init_from:
             checkpoint.load_weights(engine, recipe.init_from)
         barrier()
-        return cls(recipe, ds_config, run_dir, dist, engine, task, state)
+        return cls(recipe, ds_config, run_dir, dist, engine, task, state, peak)
 
     def close(self) -> None:
         self.loader_iter = None  # shuts the DataLoader workers down now, not in interpreter teardown
