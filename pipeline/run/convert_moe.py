@@ -18,7 +18,6 @@ gshard one does (tests/test_moe_dropless_checkpoints.py).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import shutil
@@ -101,11 +100,10 @@ def convert(checkpoint: str | Path, output: Path) -> Path:
 
     from pipeline.recipe import read_yaml
     from pipeline.run.checkpoint_merge import DENSE_FILE, merge_moe_checkpoint
-    from pipeline.run.run_dir import DS_CONFIG, RECIPE, RunDir
+    from pipeline.run.run_dir import DS_CONFIG, RECIPE, RunDir, require_empty_output
 
     run, tag = RunDir.resolve(checkpoint)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ConfigError(f"--output {output}: exists and is not an empty folder")
+    require_empty_output(output)
     recipe = dropless_recipe(read_yaml(run.saved_recipe(f"convert_moe {checkpoint}")))
     state = gshard_to_dropless(merge_moe_checkpoint(run.checkpoint(tag)))
     target = RunDir(output)
@@ -125,20 +123,9 @@ def convert(checkpoint: str | Path, output: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.run.convert_moe", description=__doc__.split("\n\n")[0],
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", metavar="RUN_OR_CKPT", help="RUN_DIR (newest complete checkpoint) or RUN_DIR/TAG")
-    p.add_argument("--output", required=True, help="run folder to write (created; must be empty if it exists)")
-    args = p.parse_args(argv)  # --help exits here, before torch is imported
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        folder = convert(args.checkpoint, Path(args.output))
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"pipeline.run.convert_moe: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {folder}", flush=True)
-    return 0
+    from pipeline.run.run_dir import run_folder_command
+
+    return run_folder_command("python -m pipeline.run.convert_moe", __doc__, convert, argv)
 
 
 if __name__ == "__main__":

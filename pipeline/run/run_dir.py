@@ -18,6 +18,7 @@ import dataclasses
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from pipeline.config_utils import ConfigError
 
@@ -166,3 +167,33 @@ class RunDir:
         if path.name == CHECKPOINTS and not holds_a_run:
             return cls(path.parent), None
         return cls(path), None
+
+
+def require_empty_output(output: Path) -> None:
+    """ConfigError unless ``output`` (a run folder a command is about to write) is absent or an empty folder."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ConfigError(f"--output {output}: exists and is not an empty folder")
+
+
+def run_folder_command(prog: str, doc: str, convert: Callable[[str, Path], Path], argv: list[str] | None,
+                       hint: str = "") -> int:
+    """The command line of a tool that writes a new run folder from a run's checkpoint (``convert_moe``,
+    ``universal``): ``PROG RUN_OR_CKPT --output DIR``; ``doc``'s first paragraph is the description, the rest the
+    epilog. Prints ``wrote FOLDER`` (+ ``hint``) and returns 0, or the error and 2."""
+    import argparse
+    import logging
+    import sys
+
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], epilog="\n\n".join(doc.split("\n\n")[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", metavar="RUN_OR_CKPT", help="RUN_DIR (newest complete checkpoint) or RUN_DIR/TAG")
+    p.add_argument("--output", required=True, help="run folder to write (created; must be empty if it exists)")
+    args = p.parse_args(argv)  # --help exits here, before torch is imported
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        folder = convert(args.checkpoint, Path(args.output))
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {folder}{hint}", flush=True)
+    return 0

@@ -21,7 +21,6 @@ size, or convert them first (``python -m pipeline.run.convert_moe``, weights onl
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -58,11 +57,10 @@ def convert(checkpoint: str | Path, output: Path) -> Path:
     checkpoint folder. ConfigError when the run cannot be converted or ``output`` is in use."""
     from pipeline.recipe import read_yaml
     from pipeline.run.checkpoint import RUN_STATE
-    from pipeline.run.run_dir import DS_CONFIG, RECIPE, RunDir
+    from pipeline.run.run_dir import DS_CONFIG, RECIPE, RunDir, require_empty_output
 
     run, tag = RunDir.resolve(checkpoint)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ConfigError(f"--output {output}: exists and is not an empty folder")
+    require_empty_output(output)
     source = run.checkpoint(tag)
     ds_config_path = run.ds_config_of(tag)
     ds_config = json.loads(ds_config_path.read_text()) if ds_config_path.is_file() else None
@@ -110,21 +108,10 @@ def universal_resume_config(run_dir: Path, ds_config: dict[str, Any]) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.run.universal", description=__doc__.split("\n\n")[0],
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", metavar="RUN_OR_CKPT", help="RUN_DIR (newest complete checkpoint) or RUN_DIR/TAG")
-    p.add_argument("--output", required=True, help="run folder to write (created; must be empty if it exists)")
-    args = p.parse_args(argv)  # --help exits here, before torch is imported
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        folder = convert(args.checkpoint, Path(args.output))
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"pipeline.run.universal: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {folder}; resume it with --resume auto (and --set model.moe.ep_size=NEW_EP) in {args.output}",
-          flush=True)
-    return 0
+    from pipeline.run.run_dir import run_folder_command
+
+    return run_folder_command("python -m pipeline.run.universal", __doc__, convert, argv,
+                              "; resume it in the --output folder with --resume auto (and --set model.moe.ep_size=...)")
 
 
 if __name__ == "__main__":
